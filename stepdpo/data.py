@@ -1,0 +1,160 @@
+"""Plain dataclasses that flow through the pipeline, and JSONL I/O with located errors.
+
+Problem  -> a math problem with its gold solution split into steps.
+StepPair -> a preference pair: prompt, shared prefix steps, chosen and rejected continuations,
+            and (after scoring) one score in [0, 1] per continuation step.
+
+Text layout seen by the model (see `prompt_text` / `response_text`):
+
+    prompt   = format_prompt(question) + "".join(step + "\n" for step in prefix)
+    response = "\n".join(steps)            (the tokenizer's EOS is appended as a token)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+STEP_SEP = "\n"
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
+
+
+def format_prompt(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question.strip())
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str  # final answer as text ("52", "\\frac{1}{2}")
+    steps: list[str]  # gold solution, one reasoning step per entry (may be empty if unknown)
+    meta: dict[str, Any] = field(default_factory=dict)  # dataset-specific (level, subject, ops...)
+
+    @property
+    def solution(self) -> str:
+        return STEP_SEP.join(self.steps)
+
+
+@dataclass
+class StepPair:
+    id: str
+    question: str
+    answer: str
+    prefix: list[str]  # shared steps before the divergence (context, weight 0)
+    chosen: list[str]  # chosen continuation steps
+    rejected: list[str]  # rejected continuation steps
+    chosen_scores: list[float] | None = None  # one per chosen step, in [0, 1]
+    rejected_scores: list[float] | None = None  # one per rejected step, in [0, 1]
+    source: str = ""  # how the pair was built: on_policy, perturb, prm800k, file...
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        return prompt_text(self.question, self.prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepPair":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def prompt_text(question: str, prefix: list[str] | tuple[str, ...] = ()) -> str:
+    return format_prompt(question) + "".join(s + STEP_SEP for s in prefix)
+
+
+def response_text(steps: list[str]) -> str:
+    return STEP_SEP.join(steps)
+
+
+def step_spans(steps: list[str]) -> list[tuple[int, int]]:
+    """Character span of each step in `response_text(steps)`.
+
+    Step i covers [start_i, start_{i+1}): the separator after a step belongs to that step, so
+    every character of the response lies in exactly one step. An empty step has an empty span.
+    """
+    spans, pos = [], 0
+    for i, s in enumerate(steps):
+        end = pos + len(s) + (len(STEP_SEP) if i < len(steps) - 1 else 0)
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+# ----------------------------------------------------------------------------- JSONL I/O
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, row). Blank lines are skipped; bad JSON names file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (check the dataset path in your config)")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same directory and rename: never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_field(row: dict, key: str, typ: type | tuple[type, ...], where: str, *, nonempty: bool = True) -> Any:
+    """Return row[key], or raise ValueError naming `where` (file:line), the field and the fix."""
+    if key not in row:
+        raise ValueError(f"{where}: field '{key}' missing (keys: {sorted(row)})")
+    v = row[key]
+    if not isinstance(v, typ):
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ValueError(f"{where}: field '{key}' must be {names}, got {type(v).__name__}")
+    if nonempty and isinstance(v, (str, list)) and not (v.strip() if isinstance(v, str) else v):
+        raise ValueError(f"{where}: field '{key}' must be non-empty")
+    return v
+
+
+def check_scores(scores: Any, n_steps: int, where: str, key: str) -> list[float] | None:
+    if scores is None:
+        return None
+    if not isinstance(scores, list):
+        raise ValueError(f"{where}: field '{key}' must be a list of numbers, got {type(scores).__name__}")
+    if len(scores) != n_steps:
+        raise ValueError(f"{where}: field '{key}' has {len(scores)} scores for {n_steps} steps")
+    out = []
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s <= 1.0:
+            raise ValueError(f"{where}: field '{key}[{i}]' must be a finite number in [0, 1], got {s!r}")
+        out.append(float(s))
+    return out

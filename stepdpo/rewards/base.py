@@ -1,0 +1,46 @@
+"""The one interface every reward source implements.
+
+A scorer takes a batch of `ScoreRequest`s (question, the steps of one solution, the reference
+answer) and returns one `ScoreResult` per request: a score in [0, 1] for every step, or
+`scores=None` with an `error` when it could not score (that pair is then excluded and counted,
+never silently scored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    question: str
+    steps: tuple[str, ...]  # full solution steps (prefix + continuation)
+    answer: str = ""  # reference final answer, if known
+    meta: tuple[tuple[str, Any], ...] = ()  # hashable dataset metadata (e.g. arith ops)
+
+    def meta_dict(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+
+@dataclass
+class ScoreResult:
+    scores: list[float] | None  # one per step, in [0, 1]; None when scoring failed
+    first_error: int | None = None  # index of the first wrong step, None if all correct/unknown
+    provenance: str = ""  # e.g. "rule:arith", "openai:gpt-4o-mini", "prm800k"
+    error: str | None = None  # why scores is None
+    usage: dict[str, int] = field(default_factory=dict)  # token usage, for cost accounting
+
+
+@runtime_checkable
+class StepScorer(Protocol):
+    name: str
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...
+
+
+def first_error_of(scores: Sequence[float], threshold: float = 0.5) -> int | None:
+    for i, s in enumerate(scores):
+        if s < threshold:
+            return i
+    return None
