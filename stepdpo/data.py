@@ -158,3 +158,15 @@ def check_scores(scores: Any, n_steps: int, where: str, key: str) -> list[float]
             raise ValueError(f"{where}: field '{key}[{i}]' must be a finite number in [0, 1], got {s!r}")
         out.append(float(s))
     return out
+
+
+@dataclass
+class DatasetBundle:
+    """What a `dataset` config option builds: problems to train/evaluate on, and optionally
+    ready-made preference pairs (PRM800K labels, Step-DPO files, user pair files)."""
+
+    name: str
+    train: list[Problem]
+    eval: list[Problem]
+    pairs: list[StepPair] | None = None
+    answer_format: str = "plain"  # how answers are written in responses: plain | gsm8k | boxed

@@ -1,0 +1,132 @@
+"""`dataset=arith`: a built-in generator of multi-step arithmetic problems with checkable steps.
+
+    Question: Start with 23, add 45, multiply by 3, subtract 17. What is the result?
+    Answer:
+    23 + 45 = 68
+    68 * 3 = 204
+    204 - 17 = 187
+    The answer is 187
+
+Every step is checkable (`check_steps`): step i is correct when it reads
+"<value_{i-1}> <op_i> <operand_i> = <value_i>" with the true running values, and the last step
+reads "The answer is <answer>". Deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from .data import DatasetBundle, Problem
+
+OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b), "*": ("multiply by", lambda a, b: a * b)}
+STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+ANSWER_RE = re.compile(r"^\s*The answer is\s*(-?\d+)\s*\.?\s*$")
+
+
+def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, max_operand: int,
+                 max_multiplier: int, max_value: int, split: str) -> Problem:
+    start = rng.randint(1, max_operand)
+    value, ops, steps = start, [], []
+    for _ in range(rng.randint(min_ops, max_ops)):
+        choices = ["+"]
+        if value > 1:
+            choices.append("-")
+        if value * 2 <= max_value:
+            choices.append("*")
+        op = rng.choice(choices)
+        if op == "+":
+            b = rng.randint(1, max(1, min(max_operand, max_value - value)))
+        elif op == "-":
+            b = rng.randint(1, min(max_operand, value - 1))
+        else:
+            b = rng.randint(2, max(2, min(max_multiplier, max_value // value)))
+        new = OPS[op][1](value, b)
+        steps.append(f"{value} {op} {b} = {new}")
+        ops.append([op, b])
+        value = new
+    words = ", ".join(f"{OPS[op][0]} {b}" for op, b in ops)
+    question = f"Start with {start}, {words}. What is the result?"
+    steps.append(f"The answer is {value}")
+    return Problem(id=f"arith-{split}-{idx}", question=question, answer=str(value), steps=steps,
+                   meta={"kind": "arith", "start": start, "ops": ops})
+
+
+def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: int = 3, max_operand: int = 50,
+         max_multiplier: int = 5, max_value: int = 300, seed: int = 0) -> DatasetBundle:
+    """Generate disjoint train/eval splits (eval questions never appear in train)."""
+    if not 1 <= min_ops <= max_ops:
+        raise ValueError(f"dataset.min_ops/max_ops: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+    if max_operand < 2 or max_multiplier < 2 or max_value < max_operand:
+        raise ValueError("dataset: need max_operand >= 2, max_multiplier >= 2 and max_value >= max_operand")
+    rng = random.Random(seed)
+    kw = dict(min_ops=min_ops, max_ops=max_ops, max_operand=max_operand, max_multiplier=max_multiplier,
+              max_value=max_value)
+    seen: set[str] = set()
+    out: dict[str, list[Problem]] = {"eval": [], "train": []}
+    for split, n in (("eval", n_eval), ("train", n_train)):
+        tries = 0
+        while len(out[split]) < n:
+            tries += 1
+            if tries > 50 * n + 1000:
+                raise ValueError(f"dataset=arith: can't generate {n} distinct {split} problems; widen the ranges")
+            p = make_problem(rng, len(out[split]), split=split, **kw)
+            if p.question in seen:
+                continue
+            seen.add(p.question)
+            out[split].append(p)
+    return DatasetBundle(name="arith", train=out["train"], eval=out["eval"], answer_format="plain")
+
+
+def true_values(meta: dict) -> list[int]:
+    """Running values after each op: [v1, ..., vn]."""
+    v, vals = meta["start"], []
+    for op, b in meta["ops"]:
+        v = OPS[op][1](v, b)
+        vals.append(v)
+    return vals
+
+
+def check_steps(meta: dict, steps: list[str]) -> list[float]:
+    """1.0 for each correct step, 0.0 otherwise (see the module docstring for 'correct')."""
+    vals = true_values(meta)
+    prev = [meta["start"]] + vals
+    scores = []
+    for i, s in enumerate(steps):
+        ok = False
+        if i < len(vals):
+            m = STEP_RE.match(s)
+            if m:
+                a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+                want_op, want_b = meta["ops"][i]
+                ok = a == prev[i] and op == want_op and b == want_b and c == vals[i]
+        elif i == len(vals):
+            m = ANSWER_RE.match(s)
+            ok = bool(m) and int(m[1]) == vals[-1]
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+def corrupt(problem: Problem, rng: random.Random) -> tuple[list[str], int] | None:
+    """Corrupt one arithmetic step's result and carry the error through: (steps, wrong_index).
+
+    The wrong value is used (with correct arithmetic) by every later step, so the final answer
+    is wrong too. Returns None if the problem has no arithmetic step.
+    """
+    ops = problem.meta["ops"]
+    if not ops:
+        return None
+    k = rng.randrange(len(ops))
+    vals = true_values(problem.meta)
+    delta = rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if vals[k] + d >= 0] or [1])
+    v = ([problem.meta["start"]] + vals)[k]
+    steps = list(problem.steps[:k])
+    for i in range(k, len(ops)):
+        op, b = ops[i]
+        new = OPS[op][1](v, b) + (delta if i == k else 0)
+        steps.append(f"{v} {op} {b} = {new}")
+        v = new
+    steps.append(f"The answer is {v}")
+    if v == vals[-1]:  # the error cancelled out (e.g. multiplied by 0): not a valid rejected sample
+        return None
+    return steps, k

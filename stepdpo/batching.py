@@ -1,0 +1,126 @@
+"""Tokenize pairs once, then collate length-grouped, dynamically padded `PreferenceBatch`es."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .data import StepPair, prompt_text, response_text, step_spans
+from .weights import NORMALISE, first_error, get_scheme, normalise_mean_one, step_token_weights
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenized pair. Response ids end with EOS; weights/focus align with response ids."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_w: list[float]
+    rejected_w: list[float]
+    chosen_focus: list[float]  # 1 on the chosen step that faces the first wrong rejected step
+    rejected_focus: list[float]  # 1 on the first wrong rejected step
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class PreferenceBatch:
+    input_ids: torch.Tensor  # (2B, T) chosen rows first, then rejected rows; right-padded
+    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
+    labels: torch.Tensor  # (2B, T) token ids on response tokens, -100 on prompt/pad
+    token_weights: torch.Tensor  # (2B, T) float, 0 on prompt/pad
+    focus: torch.Tensor  # (2B, T) float, 1 on the first-error step tokens (metrics only)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def _encode_response(tokenizer, steps: list[str], step_w: list[float]) -> tuple[list[int], list[float], list[tuple]]:
+    text = response_text(steps)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
+    return ids, step_token_weights(offsets, step_spans(steps), step_w), offsets
+
+
+def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weighting_kwargs: dict | None = None,
+                max_length: int | None = None) -> Example:
+    """Tokenize a scored pair; compute token weights with the chosen scheme."""
+    cs = pair.chosen_scores if pair.chosen_scores is not None else [1.0] * len(pair.chosen)
+    rs = pair.rejected_scores if pair.rejected_scores is not None else [0.0] * len(pair.rejected)
+    cw, rw = get_scheme(weighting)(cs, rs, **(weighting_kwargs or {}))
+    cf, rf = first_error(cs, rs)
+    prompt_ids = tokenizer(prompt_text(pair.question, pair.prefix), add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + list(prompt_ids)
+    c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
+    r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
+    if weighting in NORMALISE:
+        c_w, r_w = normalise_mean_one(c_w), normalise_mean_one(r_w)
+    c_f = step_token_weights(c_off, step_spans(pair.chosen), cf)
+    r_f = step_token_weights(r_off, step_spans(pair.rejected), rf)
+    if max_length is not None:
+        over = len(prompt_ids) + max(len(c_ids), len(r_ids)) - max_length
+        if over > 0:  # keep the responses whole; drop the oldest prompt tokens (validation counts this)
+            if over >= len(prompt_ids):
+                raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
+            prompt_ids = prompt_ids[over:]
+    return Example(list(prompt_ids), c_ids, r_ids, c_w, r_w, c_f, r_f)
+
+
+def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
+    """An SFT example as a degenerate pair: only the chosen side is used (weights 1)."""
+    pair = StepPair(id="", question=question, answer="", prefix=[], chosen=steps, rejected=steps)
+    return encode_pair(pair, tokenizer)
+
+
+def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False) -> PreferenceBatch:
+    """Right-pad to the longest row in this batch (dynamic padding, never to max_length)."""
+    sides = [("chosen_ids", "chosen_w", "chosen_focus")]
+    if not sft:
+        sides.append(("rejected_ids", "rejected_w", "rejected_focus"))
+    rows = [(ex.prompt_ids, getattr(ex, i), getattr(ex, w), getattr(ex, f)) for i, w, f in sides for ex in examples]
+    T = max(len(p) + len(r) for p, r, _, _ in rows)
+    n = len(rows)
+    ids = torch.full((n, T), pad_id, dtype=torch.long)
+    labels = torch.full((n, T), IGNORE, dtype=torch.long)
+    attn = torch.zeros((n, T), dtype=torch.long)
+    w = torch.zeros((n, T), dtype=torch.float32)
+    foc = torch.zeros((n, T), dtype=torch.float32)
+    for i, (p, r, rw, rf) in enumerate(rows):
+        L = len(p) + len(r)
+        ids[i, :L] = torch.tensor(p + r)
+        attn[i, :L] = 1
+        labels[i, len(p):L] = torch.tensor(r)
+        w[i, len(p):L] = torch.tensor(rw)
+        foc[i, len(p):L] = torch.tensor(rf)
+    return PreferenceBatch(ids, attn, labels, w, foc)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,
+                           mega: int = 32, drop_last: bool = False) -> list[list[int]]:
+    """Shuffle, then sort within mega-batches of `mega * batch_size` by length so each batch holds
+    similar lengths (little padding), then shuffle the batch order. Deterministic in (seed, epoch)."""
+    rng = random.Random(seed * 100003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    batches = []
+    step = mega * batch_size
+    for s in range(0, len(idx), step):
+        chunk = sorted(idx[s:s + step], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,166 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and `build()`, a restricted instantiate.
+
+Groups whose implementation varies (dataset, pairs, reward, model, lora, logger) carry a
+`_target_`; `validate_targets` binds every key against the target's signature before anything
+is loaded, so a typo fails in seconds naming the group and key. `trainer`, `sft` and `eval` are
+typed dataclasses: Hydra rejects unknown keys and wrong types while composing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger")
+ALLOWED_PREFIXES = ("stepdpo.", "peft.", "torch.optim.")
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+@dataclass
+class TrainerConfig:
+    """One training stage. `conf/trainer/*.yaml` fill this in; every field is documented there."""
+
+    loss: str = "dpo"  # sft | dpo
+    weighting: str = "uniform"  # uniform | first_error | score | module:function
+    weighting_kwargs: dict = field(default_factory=dict)
+    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    nll_alpha: float = 0.0
+    token_reduction: str = "sum"  # sum | mean
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit (GPU)
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_steps: int = 100
+    batch_size: int = 8  # pairs (or SFT examples) per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    n: Optional[int] = None  # how many held-out problems (None = all of the dataset's eval split)
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    before: bool = True  # also evaluate before the preference stage
+    maj_k: int = 0  # >0: also sampled majority vote over k samples
+    temperature: float = 0.7  # for maj@k sampling
+    n_samples_saved: int = 50  # generations written to samples.jsonl
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    validate_only: bool = False  # build and validate pairs, report, exit without training
+    dataset: Any = MISSING
+    pairs: Any = MISSING
+    reward: Any = MISSING
+    model: Any = MISSING
+    lora: Any = MISSING
+    sft: TrainerConfig = field(default_factory=lambda: TrainerConfig(loss="sft"))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="stepdpo_schema", node=Config)
+
+
+TRAINER_CHOICES = {
+    "loss": ("sft", "dpo"),
+    "loss_type": ("sigmoid", "robust", "hinge", "ipo"),
+    "token_reduction": ("sum", "mean"),
+    "optimizer": ("adamw", "paged_adamw_8bit"),
+    "schedule": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "bf16"),
+}
+
+
+def validate_trainer(node: Any, group: str) -> None:
+    for key, allowed in TRAINER_CHOICES.items():
+        v = node[key]
+        if v not in allowed:
+            raise ValueError(f"{group}.{key}: {v!r} is not one of {allowed}")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length"):
+        if node[key] < (0 if key == "max_steps" else 1):
+            raise ValueError(f"{group}.{key}: must be >= {0 if key == 'max_steps' else 1}, got {node[key]}")
+    if node.beta <= 0:
+        raise ValueError(f"{group}.beta: must be > 0, got {node.beta}")
+    if node.lr <= 0:
+        raise ValueError(f"{group}.lr: must be > 0, got {node.lr}")
+    from .weights import get_scheme
+
+    try:
+        get_scheme(node.weighting)
+    except ValueError as e:
+        raise ValueError(f"{group}.weighting: {e}") from None
+
+
+def _import(path: str) -> Any:
+    mod, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"_target_ {path!r} can't be imported ({e})") from None
+
+
+def check_target(node: Any, group: str) -> Any:
+    """Check one `_target_` node: allowed module, importable, every key a real parameter."""
+    if not isinstance(node, (DictConfig, dict)) or "_target_" not in node:
+        raise ValueError(f"{group}: expected a config with a _target_, got {node!r}")
+    target = node["_target_"]
+    if not target.startswith(ALLOWED_PREFIXES):
+        raise ValueError(f"{group}._target_: {target!r} is outside the allowed packages {ALLOWED_PREFIXES}")
+    obj = _import(target)
+    sig = inspect.signature(obj)
+    params = {n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD and n != "_" for n, p in sig.parameters.items())
+    for key in node:
+        if key in HYDRA_KEYS or takes_any:
+            continue
+        if key not in params:
+            raise ValueError(f"{group}.{key}: unknown key for {target}; allowed keys: {sorted(params)}")
+    return obj
+
+
+def validate_targets(cfg: DictConfig) -> None:
+    for g in TARGET_GROUPS:
+        check_target(cfg[g], g)
+    validate_trainer(cfg.sft, "sft")
+    validate_trainer(cfg.trainer, "trainer")
+
+
+def build(node: Any, group: str = "?", **runtime) -> Any:
+    """`hydra.utils.instantiate` limited to stepdpo.*, peft.*, torch.optim.*; errors name the group."""
+    from hydra.utils import instantiate
+
+    check_target(node, group)
+    try:
+        return instantiate(node, _recursive_=False, _convert_="all", **runtime)
+    except Exception as e:  # instantiate wraps user errors; surface the group and the real cause
+        cause = e.__cause__ or e
+        if isinstance(cause, (ValueError, TypeError)):
+            raise type(cause)(f"{group}: {cause}") from cause
+        raise
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,177 @@
+"""Models and tokenizers: a tiny Llama built from a config, Hugging Face loading, 4-bit and LoRA.
+
+The `model` config group builds a `ModelSpec` (where the weights come from), the `lora` group a
+`LoraSpec` (how they are fine-tuned). `load_policy` combines the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# Printable ASCII (letters, digits, punctuation, space) plus newline and tab: enough for
+# arithmetic, GSM8K and most of MATH's LaTeX. Anything else maps to <unk>.
+CHARSET = sorted(set(string.printable) - {"\x0b", "\x0c", "\r"})
+
+
+def char_tokenizer():
+    """A character-level tokenizer built locally with the `tokenizers` library (no download).
+
+    One token per character, so offsets map exactly onto step spans. Wrapped as a
+    `PreTrainedTokenizerFast` so it behaves like any Hugging Face tokenizer (offsets, padding,
+    save_pretrained / from_pretrained).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARSET:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@dataclass
+class ModelSpec:
+    """Where the policy's weights come from. Built by the `model` group."""
+
+    name: str
+    path: str | None = None  # HF hub id or local directory; None => tiny model from `tiny` kwargs
+    tiny: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs for the built-in model
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (compute/storage dtype of the base)
+    trust_remote_code: bool = False
+    local_files_only: bool = False
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
+
+
+@dataclass
+class LoraSpec:
+    """How the policy is fine-tuned. Built by the `lora` group."""
+
+    name: str  # none | lora | qlora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    load_in_4bit: bool = False  # bitsandbytes nf4
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    compute_dtype: str = "float32"  # bf16 on GPUs that support it
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def tiny_llama(tokenizer=None, **kw):
+    """A small LlamaForCausalLM from a config (random init) and its char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or char_tokenizer()
+    cfg = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512)
+    cfg.update(kw)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, **cfg)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | None = None):
+    """Load (model, tokenizer). `path` overrides spec.path (e.g. an SFT checkpoint directory).
+
+    With `quant.load_in_4bit`, the weights are loaded through bitsandbytes nf4; a tiny model is
+    first written to disk so that exactly the same `from_pretrained` path is exercised on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = path or spec.path
+    if src is None:
+        model, tok = tiny_llama(**spec.tiny)
+        if not (quant and quant.load_in_4bit):
+            return model, tok
+        raise ValueError("load_base: a tiny model must be saved before 4-bit loading (pass path=)")
+    if spec.path and not path and not Path(src).exists() and spec.local_files_only:
+        raise ValueError(f"model.path: {src!r} is not a directory and model.local_files_only=true")
+    kwargs: dict[str, Any] = dict(trust_remote_code=spec.trust_remote_code, local_files_only=spec.local_files_only)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if quant is not None and quant.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=_dtype(quant.compute_dtype),
+        )
+        kwargs["device_map"] = {"": _device_index()}
+    else:
+        kwargs["dtype"] = _dtype(spec.dtype)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code,
+                                        local_files_only=spec.local_files_only)
+    if tok.pad_token is None:  # Llama-3 and others ship without a pad token
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    return model, tok
+
+
+def _device_index():
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
+    """Wrap `model` for training according to the lora group. Returns (model, ref_model).
+
+    - none:  full fine-tune; the reference is a frozen deep copy (fine for unquantized models).
+    - lora / qlora: a peft LoRA adapter; the reference is the same model with the adapter
+      disabled (`model.disable_adapter()`), so ref_model is None.
+    """
+    if not spec.enabled:
+        if spec.load_in_4bit:
+            raise ValueError("lora=none with lora.load_in_4bit=true: 4-bit weights can't be fully fine-tuned; use lora=qlora")
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+        model.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model, ref
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    tm = spec.target_modules
+    if not isinstance(tm, str):
+        tm = list(tm)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=tm,
+                     task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, cfg), None
+
+
+def count_params(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable}

@@ -1,0 +1,50 @@
+"""`reward=rule`: rule-based step checks, no model and no network.
+
+- arith problems (meta kind "arith"): every step checked exactly (`stepdpo.arith.check_steps`).
+- GSM8K-style steps with `<<a=b>>` calculator annotations: a step scores 1 when all of its
+  annotations recompute, 0 otherwise (`stepdpo.perturb.score_gsm8k_steps`).
+- the final step, whatever the dataset: its extracted answer must match the reference answer
+  under math-verify; if it does not, the final step scores 0. Steps the rules cannot judge get
+  `unknown_score`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..answers import answers_match, extract_answer
+from .base import ScoreRequest, ScoreResult, first_error_of
+
+
+class RuleScorer:
+    name = "rule"
+
+    def __init__(self, unknown_score: float = 1.0, check_annotations: bool = True):
+        if not 0.0 <= unknown_score <= 1.0:
+            raise ValueError(f"reward.unknown_score must be in [0, 1], got {unknown_score}")
+        self.unknown_score = unknown_score
+        self.check_annotations = check_annotations
+
+    def score_one(self, req: ScoreRequest) -> ScoreResult:
+        meta = req.meta_dict()
+        steps = list(req.steps)
+        if meta.get("kind") == "arith":
+            from ..arith import check_steps
+
+            scores = check_steps(meta, steps)
+            return ScoreResult(scores, first_error_of(scores), "rule:arith")
+        scores = [self.unknown_score] * len(steps)
+        prov = "rule:answer"
+        if self.check_annotations and any("<<" in s for s in steps):
+            from ..perturb import score_gsm8k_steps
+
+            scores = [min(a, b) for a, b in zip(scores, score_gsm8k_steps(steps))]
+            prov = "rule:gsm8k"
+        if steps and req.answer:
+            pred = extract_answer(steps[-1]) or extract_answer("\n".join(steps))
+            if not answers_match(pred, req.answer):
+                scores[-1] = 0.0
+        return ScoreResult(scores, first_error_of(scores), prov)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        return [self.score_one(r) for r in requests]

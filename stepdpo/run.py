@@ -1,0 +1,230 @@
+"""`python -m stepdpo.run`: the one entrypoint. Builds the pieces from config, runs the stages.
+
+    dataset -> [SFT warm-up] -> eval before -> pairs -> step scores -> token weights
+            -> preference training (LoRA) -> eval after -> adapter + reports in the run dir
+
+Returns the held-out accuracy after training (the sweep metric, e.g. for Optuna).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config import build, register_configs, to_container, validate_targets
+
+log = logging.getLogger("stepdpo")
+register_configs()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None) -> dict:
+    from .data import write_jsonl
+    from .evaluate import math_accuracy
+    from .pairs import request_for
+
+    t = time.perf_counter()
+    e = cfg.eval
+    metrics, records = math_accuracy(model, tokenizer, problems, max_new_tokens=e.max_new_tokens,
+                                     batch_size=e.batch_size, maj_k=e.maj_k, temperature=e.temperature, seed=cfg.seed)
+    keep = records[: e.n_samples_saved]
+    if scorer is not None and keep and not getattr(scorer, "uses_labels", False):
+        for r, res in zip(keep, scorer.score([request_for(r["question"], r["steps"], r["gold"], r["meta"]) for r in keep])):
+            r["step_scores"] = res.scores
+    write_jsonl(out / f"samples_{name}.jsonl", keep)
+    metrics["seconds"] = time.perf_counter() - t
+    tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items()}, step=step)
+    tracker.log_table(f"samples/{name}", [{k: r.get(k) for k in ("question", "output", "pred", "gold", "correct", "step_scores")} for r in keep])
+    log.info("eval %s: acc=%.4f (n=%d, %.1fs)", name, metrics["acc"], metrics["n"], metrics["seconds"])
+    return metrics
+
+
+def run(cfg: DictConfig, out: Path) -> float:
+    import torch
+
+    from .batching import encode_pair, encode_sft
+    from .data import write_json, write_jsonl
+    from .model import add_lora, count_params, load_base
+    from .pairs import request_for, score_pairs
+    from .train import train
+
+    t_start = time.perf_counter()
+    validate_targets(cfg)  # every key of every group, before anything is loaded
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model_spec = build(cfg.model, "model")
+    lora_spec = build(cfg.lora, "lora")
+    scorer = build(cfg.reward, "reward")
+    pair_fn = build(cfg.pairs, "pairs")
+    bundle = build(cfg.dataset, "dataset")
+    log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
+             f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
+    eval_problems = bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval
+
+    if getattr(scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
+        src = bundle.pairs or []
+        reqs = [request_for(p.question, p.prefix + side, p.answer, p.meta) for p in src for side in (p.chosen, p.rejected)]
+        if not src:  # on-policy: k samples per problem, roughly gold-sized
+            k, n = cfg.pairs.get("k", 1), cfg.pairs.get("n_problems", len(bundle.train))
+            reqs = [request_for(p.question, p.steps, p.answer, p.meta) for p in bundle.train[:n] for _ in range(k)]
+        est = scorer.estimate(reqs)
+        print(json.dumps({"dry_run": est}, indent=2))
+        write_json(out / "dry_run.json", est)
+        return float("nan")
+
+    tracker = build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg))
+    summary: dict = {}
+    try:
+        model, tok = load_base(model_spec)
+        summary.update(count_params(model))
+        step = 0
+        # ---------------------------------------------------------------- SFT warm-up (full fine-tune)
+        if cfg.sft.max_steps > 0:
+            t = time.perf_counter()
+            sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
+            train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft")
+            step += cfg.sft.max_steps
+            summary["time/sft_s"] = time.perf_counter() - t
+        base_path = model_spec.path
+        if cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
+            base_path = str(out / "base_model")
+            model.save_pretrained(base_path)
+            tok.save_pretrained(base_path)
+        if lora_spec.load_in_4bit:  # reload the weights through bitsandbytes nf4
+            del model
+            model, tok = load_base(model_spec, path=base_path, quant=lora_spec)
+        policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+        summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
+
+        results = {}
+        if cfg.eval.before:
+            results["before"] = evaluate_stage("before", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
+
+        # ---------------------------------------------------------------- pairs and step scores
+        t = time.perf_counter()
+        if cfg.trainer.loss == "sft":
+            examples = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
+            pair_report: dict = {"pairs": 0}
+        else:
+            if bundle.pairs is not None:
+                pairs, pair_report = list(bundle.pairs), {"source": "dataset"}
+            else:
+                res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed)
+                pairs, pair_report = res if isinstance(res, tuple) else (res, {})
+            pairs, score_report = score_pairs(pairs, scorer)
+            pair_report.update(score_report)
+            pairs, val_report = validate(pairs, tok, cfg)
+            pair_report.update(val_report)
+            pair_report["pairs"] = len(pairs)
+            write_jsonl(out / "pairs.jsonl", (p.to_dict() for p in pairs))
+            if hasattr(scorer, "summary"):
+                summary["judge"] = scorer.summary()
+                tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
+            examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting,
+                                    weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
+                                    max_length=cfg.trainer.max_length) for p in pairs]
+            import itertools
+
+            weights = list(itertools.chain.from_iterable(e.chosen_w + e.rejected_w for e in examples))
+            if weights:
+                tracker.log_histogram("pairs/token_weights", weights, step)
+        summary["pairs"] = pair_report
+        summary["time/pairs_s"] = time.perf_counter() - t
+        log.info("pairs: %s", pair_report)
+        if cfg.validate_only:
+            write_json(out / "validation.json", pair_report)
+            print(json.dumps({"validation": pair_report}, indent=2))
+            return float("nan")
+
+        # ---------------------------------------------------------------- preference (or SFT) training
+        t = time.perf_counter()
+        eval_fn = (lambda s: {f"eval/during/{k}": v for k, v in evaluate_stage(
+            f"step{s}", policy, tok, eval_problems, cfg, tracker, step + s, out).items()})
+        train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed,
+              prefix="dpo" if cfg.trainer.loss != "sft" else "train_sft", eval_fn=eval_fn, step_offset=step)
+        step += cfg.trainer.max_steps
+        summary["time/train_s"] = time.perf_counter() - t
+        adapter_dir = out / ("adapter" if lora_spec.enabled else "model")
+        policy.save_pretrained(adapter_dir)
+        tok.save_pretrained(adapter_dir)
+        write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": lora_spec.name,
+                                                   "load_in_4bit": lora_spec.load_in_4bit})
+        tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
+        results["after"] = evaluate_stage("after", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
+        summary["time/total_s"] = time.perf_counter() - t_start
+        summary["eval"] = results
+        write_json(out / "eval.json", results)
+        write_json(out / "summary.json", {**tracker.summary_data, **summary})
+        tracker.summary({k: v for k, v in _flat(summary).items()})
+        print_table(results, cfg.trainer, summary["time/total_s"])
+        return float(results["after"]["acc"])
+    finally:
+        tracker.close()
+        if hasattr(scorer, "close"):
+            scorer.close()
+
+
+def validate(pairs, tok, cfg):
+    """Run the data validator (field checks, lengths) with the dataset's on_invalid policy."""
+    try:
+        from .validate import validate_pairs
+    except ImportError:  # TODO(data): remove once stepdpo.validate lands
+        return pairs, {}
+
+    on_invalid = cfg.dataset.get("on_invalid", "error")
+    return validate_pairs(pairs, tokenizer=tok, max_length=cfg.trainer.max_length, on_invalid=on_invalid,
+                          source=f"dataset={cfg.dataset._target_}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def print_table(results: dict, tcfg, seconds: float) -> None:
+    name = "sft" if tcfg.loss == "sft" else f"{tcfg.loss}/{tcfg.weighting}"
+    lines = ["", f"{'stage':<24}{'accuracy':>10}{'n':>6}"]
+    for stage, m in results.items():
+        label = "before" if stage == "before" else f"after ({name})"
+        lines.append(f"{label:<24}{m['acc']:>10.4f}{m['n']:>6}")
+    lines.append(f"total time {seconds:.1f}s")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, out)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # bad input: one clear line, no traceback wall (HYDRA_FULL_ERROR=1 shows it)
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

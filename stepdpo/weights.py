@@ -1,0 +1,105 @@
+"""Step scores -> per-step weights -> per-token weights. Pure functions.
+
+Weighting schemes (`trainer.weighting`), for a pair with chosen scores c_1..c_n and rejected
+scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
+
+- `uniform`: every response step weight 1 on both sides. With uniform weights the stepwise loss
+  is exactly standard DPO.
+- `first_error` (Step-DPO): let k be the first wrong step of the rejected continuation. The
+  rejected step k and the chosen step k (clipped to the chosen's last step) weigh 1; steps
+  before k weigh 0 (shared correct context); steps after k weigh `after_error` (0 reproduces
+  Step-DPO; 1 keeps every token from the error on). A rejected response with no wrong step falls
+  back to uniform weights.
+- `score`: chosen step i weighs c_i, rejected step j weighs 1 - r_j (good steps pushed up, bad
+  steps pushed down, in proportion to the scorer's confidence). Each response's weights are then
+  normalised to mean 1 over its tokens, so beta keeps the meaning it has in DPO.
+
+A user-defined scheme is any function `fn(chosen_scores, rejected_scores, **kwargs) ->
+(chosen_step_weights, rejected_step_weights)`, named as `trainer.weighting=my_pkg.module:fn`.
+
+Token weights: token t covering response characters [s, e) gets the overlap-weighted mean of the
+weights of the steps it overlaps; a zero-width token (EOS) gets the weight of the last step.
+Prompt and padding tokens weigh 0 (that is done in batching, by construction).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+WRONG = 0.5
+StepWeights = tuple[list[float], list[float]]
+
+
+def uniform(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeights:
+    return [1.0] * len(chosen), [1.0] * len(rejected)
+
+
+def first_error(chosen: Sequence[float], rejected: Sequence[float], *, after_error: float = 0.0, **_) -> StepWeights:
+    k = next((i for i, s in enumerate(rejected) if s < WRONG), None)
+    if k is None or not chosen:
+        return uniform(chosen, rejected)
+
+    def row(n: int, at: int) -> list[float]:
+        return [0.0 if i < at else 1.0 if i == at else after_error for i in range(n)]
+
+    return row(len(chosen), min(k, len(chosen) - 1)), row(len(rejected), k)
+
+
+def score(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeights:
+    return [float(s) for s in chosen], [1.0 - float(s) for s in rejected]
+
+
+SCHEMES: dict[str, Callable[..., StepWeights]] = {"uniform": uniform, "first_error": first_error, "score": score}
+NORMALISE = {"score"}  # schemes whose token weights are normalised to mean 1 per response
+
+
+def get_scheme(name: str) -> Callable[..., StepWeights]:
+    if name in SCHEMES:
+        return SCHEMES[name]
+    if ":" in name:
+        mod, _, fn = name.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"trainer.weighting: can't import {name!r} ({e})") from None
+    raise ValueError(f"trainer.weighting: unknown scheme {name!r}; choose one of {sorted(SCHEMES)} or 'module:function'")
+
+
+def step_token_weights(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
+                       step_weights: Sequence[float]) -> list[float]:
+    """Weight of each response token from the weights of the steps its characters fall in.
+
+    offsets: (start, end) character offsets of each response token in the response text.
+    spans:   (start, end) of each step in the same text (`stepdpo.data.step_spans`).
+    """
+    if len(spans) != len(step_weights):
+        raise ValueError(f"step_token_weights: {len(spans)} step spans but {len(step_weights)} step weights")
+    last = step_weights[-1] if len(step_weights) else 0.0
+    out = []
+    for s, e in offsets:
+        if e <= s:
+            out.append(float(last) if s >= (spans[-1][1] if spans else 0) else _at(s, spans, step_weights, last))
+            continue
+        tot = 0.0
+        for (a, b), w in zip(spans, step_weights):
+            ov = min(e, b) - max(s, a)
+            if ov > 0:
+                tot += ov * w
+        out.append(tot / (e - s))
+    return out
+
+
+def _at(pos: int, spans, weights, default: float) -> float:
+    for (a, b), w in zip(spans, weights):
+        if a <= pos < b:
+            return float(w)
+    return float(default)
+
+
+def normalise_mean_one(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    if total <= 0:
+        return weights
+    k = len(weights) / total
+    return [w * k for w in weights]
