@@ -1,0 +1,59 @@
+"""Scores -> step weights -> token weights, through a real tokenizer's offsets."""
+
+import pytest
+
+from stepdpo.batching import collate, encode_pair
+from stepdpo.data import StepPair, response_text, step_spans
+from stepdpo.model import char_tokenizer
+from stepdpo.weights import first_error, get_scheme, score, step_token_weights, uniform
+
+
+def test_schemes():
+    assert uniform([1, 1], [1, 0, 0]) == ([1.0, 1.0], [1.0, 1.0, 1.0])
+    assert first_error([1, 1, 1], [1, 0, 0]) == ([0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+    assert first_error([1, 1, 1], [1, 0, 0], after_error=0.5) == ([0.0, 1.0, 0.5], [0.0, 1.0, 0.5])
+    assert first_error([1], [1, 1, 0]) == ([1.0], [0.0, 0.0, 1.0])  # chosen index clipped
+    assert first_error([1, 1], [1, 1]) == ([1.0, 1.0], [1.0, 1.0])  # no error: uniform
+    assert score([1.0, 0.5], [1.0, 0.0]) == ([1.0, 0.5], [0.0, 1.0])
+    with pytest.raises(ValueError, match="unknown scheme"):
+        get_scheme("nope")
+    assert get_scheme("stepdpo.weights:uniform") is uniform
+
+
+def test_token_straddling_two_steps_gets_overlap_mean():
+    spans = [(0, 4), (4, 8)]  # "abc\n" "defg"
+    w = step_token_weights([(0, 2), (2, 6), (6, 8), (8, 8)], spans, [1.0, 0.0])
+    assert w == [1.0, 0.5, 0.0, 0.0]  # the (8, 8) zero-width EOS gets the last step's weight
+
+
+def test_empty_step_has_no_tokens():
+    steps = ["12 + 3 = 15", "", "The answer is 15"]
+    spans = step_spans(steps)
+    assert spans[1][1] - spans[1][0] == 1  # only its separator
+    assert response_text(steps)[spans[2][0]:spans[2][1]] == "The answer is 15"
+    tok = char_tokenizer()
+    text = response_text(steps)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    w = step_token_weights(enc["offset_mapping"], spans, [0.0, 5.0, 1.0])
+    assert w.count(5.0) == 1  # just the newline that belongs to the empty step
+    assert len(w) == len(text)
+
+
+def test_prompt_and_padding_weigh_zero_and_steps_align():
+    tok = char_tokenizer()
+    pair = StepPair(id="p", question="Start with 2, add 3.", answer="5", prefix=["x"],
+                    chosen=["2 + 3 = 5", "The answer is 5"], rejected=["2 + 3 = 6", "The answer is 6", "extra"],
+                    chosen_scores=[1.0, 1.0], rejected_scores=[0.0, 0.0, 0.0])
+    ex = encode_pair(pair, tok, weighting="first_error")
+    # chosen: step 0 (9 chars + newline) weighs 1, the rest (and EOS) 0
+    assert ex.chosen_w[:10] == [1.0] * 10 and set(ex.chosen_w[10:]) == {0.0}
+    assert len(ex.chosen_w) == len(ex.chosen_ids) == len("2 + 3 = 5\nThe answer is 5") + 1
+    b = collate([ex, ex], tok.pad_token_id)
+    n_prompt = len(ex.prompt_ids)
+    assert b.input_ids.shape[0] == 4
+    assert (b.token_weights[:, :n_prompt] == 0).all()
+    assert (b.labels[:, :n_prompt] == -100).all()
+    # rows 0-1 chosen (shorter than rejected): padding at the end weighs 0 and is ignored
+    L = n_prompt + len(ex.chosen_ids)
+    assert (b.token_weights[0, L:] == 0).all() and (b.labels[0, L:] == -100).all() and (b.attention_mask[0, L:] == 0).all()
+    assert b.token_weights[2, n_prompt:n_prompt + 10].tolist() == [1.0] * 10
