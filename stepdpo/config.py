@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -60,6 +60,7 @@ class EvalConfig:
     maj_k: int = 0  # >0: also sampled majority vote over k samples
     temperature: float = 0.7  # for maj@k sampling
     n_samples_saved: int = 50  # generations written to samples.jsonl
+    stop: List[str] = field(default_factory=list)  # extra stop strings besides EOS, e.g. ["\n\nQuestion:"]
 
 
 @dataclass

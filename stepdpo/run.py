@@ -35,13 +35,14 @@ def seed_everything(seed: int) -> None:
 
 def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None) -> dict:
     from .data import write_jsonl
-    from .evaluate import math_accuracy
+    from .evaluate import math_accuracy, stop_from_config
     from .pairs import request_for
 
     t = time.perf_counter()
     e = cfg.eval
     metrics, records = math_accuracy(model, tokenizer, problems, max_new_tokens=e.max_new_tokens,
-                                     batch_size=e.batch_size, maj_k=e.maj_k, temperature=e.temperature, seed=cfg.seed)
+                                     batch_size=e.batch_size, maj_k=e.maj_k, temperature=e.temperature, seed=cfg.seed,
+                                     stop=stop_from_config(e.stop))
     keep = records[: e.n_samples_saved]
     if scorer is not None and keep and not getattr(scorer, "uses_labels", False):
         for r, res in zip(keep, scorer.score([request_for(r["question"], r["steps"], r["gold"], r["meta"]) for r in keep])):
