@@ -221,6 +221,10 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg, out)
     except (ValueError, TypeError, FileNotFoundError) as e:
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper/launcher marks this job failed and the others run (SystemExit would end the sweep)
         # bad input: one clear line, no traceback wall (HYDRA_FULL_ERROR=1 shows it)
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
