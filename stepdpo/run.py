@@ -173,6 +173,9 @@ def run(cfg: DictConfig, out: Path) -> float:
         write_json(out / "summary.json", {**tracker.summary_data, **summary})
         tracker.summary({k: v for k, v in _flat(summary).items()})
         print_table(results, cfg.trainer, summary["time/total_s"])
+        from .plots import plot_run
+
+        plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
         return float(results["after"]["acc"])
     finally:
         tracker.close()
