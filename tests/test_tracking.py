@@ -131,6 +131,7 @@ def test_disabled_mode_and_bad_mode(tmp_path):
         WandbTracker(str(tmp_path / "e"), {}, mode="onlin")
 
 
+@pytest.mark.slow
 def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     _, run_dir = run_cli(tmp_path, "logger=wandb", "sft.max_steps=4", "sft.log_every=2", f"+model.tiny.hf_token={SECRET}")
     run = finished_run(run_dir)
@@ -150,6 +151,7 @@ def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     assert no_secret_below(run_dir / "wandb") == []
 
 
+@pytest.mark.slow
 def test_multirun_groups_runs_and_closes_failed_job(tmp_path, one_thread):
     """Job 1 fails inside run() (bad model shape): its run is still finished, marked failed."""
     proc, sweep = run_cli(tmp_path, "logger=wandb", "sft.max_steps=2", "eval.before=false",

@@ -1,0 +1,123 @@
+"""Sweeps: basic, joblib (`hydra/launcher=parallel`), submitit local and Optuna (`hydra/sweeper=tune`)
+multiruns of the real entrypoint, each collected by scripts/collect_sweep.py.
+
+Every job uses conftest's FAST overrides (tiny model, 2 DPO steps); runs are kept to 2-4 jobs.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+spec = importlib.util.spec_from_file_location("collect_sweep", ROOT / "scripts" / "collect_sweep.py")
+collect_sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(collect_sweep)
+
+SHORT = ["sft.max_steps=4"]  # the warm-up is irrelevant to sweep plumbing
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls; parallel jobs must not fight over 2 cores
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], evals: dict | None) -> None:
+    d = sweep / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if evals is not None:
+        (d / "eval.json").write_text(json.dumps(evals))
+
+
+def test_collect_sweep_mean_std_over_seeds(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    accs = {("0.1", 0): 0.2, ("0.1", 1): 0.4, ("0.1", 2): 0.6, ("0.3", 0): 0.5, ("0.3", 1): 0.5}
+    for i, ((beta, seed), acc) in enumerate(accs.items()):
+        fake_job(sweep, i, ["dataset.n_eval=16", f"trainer.beta={beta}", f"seed={seed}"],
+                 {"before": {"acc": 0.1, "n": 16, "seconds": 1.0}, "after": {"acc": acc, "n": 16, "maj@4": acc / 2, "acc/level/1": 1.0}})
+    fake_job(sweep, 5, ["dataset.n_eval=16", "trainer.beta=0.3", "seed=2"], None)  # a failed job: no eval.json
+
+    assert collect_sweep.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("|")]
+    assert lines[0] == "| trainer.beta | seeds | before/acc | after/acc | after/maj@4 | gain/acc | failed |"
+    assert lines[2] == "| 0.1 | 3 | 0.1000 ± 0.0000 | 0.4000 ± 0.2000 | 0.2000 ± 0.1000 | 0.3000 ± 0.2000 | 0 |"
+    assert lines[3] == "| 0.3 | 2 | 0.1000 ± 0.0000 | 0.5000 ± 0.0000 | 0.2500 ± 0.0000 | 0.4000 ± 0.0000 | 1 |"
+    assert len(lines) == 4  # header, rule, one row per beta
+    res = json.loads((sweep / "sweep_results.json").read_text())
+    assert res["varying"] == ["trainer.beta"] and res["n_jobs"] == 6 and res["n_failed"] == 1
+    assert res["groups"][1]["failed"] == ["5"]
+    rows = list(csv.DictReader((sweep / "sweep_results.csv").open()))
+    assert [r["trainer.beta"] for r in rows] == ["0.1", "0.3"]
+    assert float(rows[0]["after/acc_mean"]) == pytest.approx(0.4) and rows[0]["after/acc/level/1_mean"] == "1"
+    assert (sweep / "sweep_results.png").read_bytes().startswith(b"\x89PNG")
+    assert (sweep / "sweep_results.md").read_text().splitlines() == lines
+
+
+def test_collect_sweep_errors(tmp_path, capsys):
+    assert collect_sweep.main([str(tmp_path)]) == 2
+    assert "no job directories" in capsys.readouterr().err
+
+
+def _check_sweep(sweep: Path, n_jobs: int, rows: list[str], seeds: int) -> dict:
+    for i in range(n_jobs):
+        ev = json.loads((sweep / str(i) / "eval.json").read_text())
+        assert {"before", "after"} <= set(ev) and 0 <= ev["after"]["acc"] <= 1
+    res = collect_sweep.collect(sweep)
+    assert res["n_jobs"] == n_jobs and res["n_failed"] == 0
+    assert [" ".join(g["settings"].values()) for g in res["groups"]] == rows
+    assert all(len(g["seeds"]) == seeds for g in res["groups"])
+    return res
+
+
+@pytest.mark.slow
+def test_basic_launcher_beta_by_seed(tmp_path):
+    _, sweep = run_cli(tmp_path, *SHORT, "trainer.beta=0.1,0.3", "seed=0,1", multirun=True)
+    res = _check_sweep(sweep, 4, ["0.1", "0.3"], seeds=2)
+    assert res["varying"] == ["trainer.beta"]
+    assert (sweep / "0" / "training_curves.png").stat().st_size > 0 and (sweep / "0" / "accuracy.png").exists()
+
+
+@pytest.mark.slow
+def test_failed_job_does_not_end_the_sweep(tmp_path):
+    proc, sweep = run_cli(tmp_path, *SHORT, "trainer.beta=-1,0.1", multirun=True, check=False)
+    assert proc.returncode != 0 and "trainer.beta: must be > 0" in proc.stderr
+    assert (sweep / "1" / "eval.json").exists()  # the job after the bad one still ran
+    res = collect_sweep.collect(sweep)
+    assert res["n_failed"] == 1 and [g["failed"] for g in res["groups"]] == [["0"], []]
+
+
+@pytest.mark.slow
+def test_joblib_launcher_parallel(tmp_path):
+    proc, sweep = run_cli(tmp_path, *SHORT, "hydra/launcher=parallel", "seed=0,1", multirun=True)
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    _check_sweep(sweep, 2, [""], seeds=2)  # only the seed varies: one group
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher(tmp_path):
+    proc, sweep = run_cli(tmp_path, *SHORT, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1",
+                          multirun=True)
+    assert "Submitit 'local' sweep" in proc.stdout + proc.stderr
+    assert (sweep / ".submitit").is_dir()
+    _check_sweep(sweep, 2, [""], seeds=2)
+
+
+@pytest.mark.slow
+def test_optuna_sweeper_two_trials(tmp_path):
+    _, sweep = run_cli(tmp_path, *SHORT, "hydra/sweeper=tune", "hydra.sweeper.n_trials=2", multirun=True)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"trainer.beta", "trainer.lr"}
+    assert 0.05 <= best["best_params"]["trainer.beta"] <= 0.5
+    res = collect_sweep.collect(sweep)
+    assert res["n_jobs"] == 2 and res["n_failed"] == 0 and res["varying"] == ["trainer.beta", "trainer.lr"]
+    assert len(res["groups"]) == 2 and all(len(g["seeds"]) == 1 for g in res["groups"])
+    accs = [json.loads((sweep / str(i) / "eval.json").read_text())["after"]["acc"] for i in range(2)]
+    assert best["best_value"] == max(accs)  # the sweeper maximised what run() returned
