@@ -111,9 +111,13 @@ class JsonlTracker:
         self.step = 0  # last step logged; tables without a step go there
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Scalars go to metrics.jsonl; sequences/tensors (e.g. per-pair margins) become histograms."""
         self.step = max(self.step, step)
-        self._f.write(json.dumps({"step": step, **{k: _num(v) for k, v in metrics.items()}}) + "\n")
+        scalars, arrays = _split(metrics)
+        self._f.write(json.dumps({"step": step, **scalars}) + "\n")
         self._f.flush()
+        for k, v in arrays.items():
+            self.log_histogram(k, v, step)
 
     def summary(self, data: dict[str, Any]) -> None:
         self.summary_data.update(data)
@@ -179,8 +183,8 @@ class WandbTracker(JsonlTracker):
         self._wandb = wandb
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        super().log(metrics, step)
-        self.run.log({k: _num(v) for k, v in metrics.items()}, step=step)
+        super().log(metrics, step)  # histograms of array values are sent from there
+        self.run.log(_split(metrics)[0], step=step)
 
     def summary(self, data: dict[str, Any]) -> None:
         super().summary(data)
@@ -249,6 +253,23 @@ def _flat_values(values) -> list:
     elif hasattr(values, "ravel"):  # numpy
         values = values.ravel().tolist()
     return [x for x in values if x is not None and math.isfinite(float(x))]
+
+
+def _split(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scalars, arrays): 0-d tensors and numpy scalars become numbers; lists, tuples and tensors
+    or arrays with more than one element are histogram data."""
+    scalars, arrays = {}, {}
+    for k, v in metrics.items():
+        if isinstance(v, (list, tuple)) or (getattr(v, "ndim", 0) > 0 and _numel(v) > 1):
+            arrays[k] = v
+        else:
+            scalars[k] = _num(v)
+    return scalars, arrays
+
+
+def _numel(v: Any) -> int:
+    n = v.numel() if hasattr(v, "numel") else v.size
+    return int(n() if callable(n) else n)
 
 
 def _num(v: Any) -> Any:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 from stepdpo.tracking import (JsonlTracker, WandbTracker, read_wandb_run, redact, redact_argv, sweep_group)
@@ -70,12 +71,14 @@ def test_jsonl_tracker_files(tmp_path):
     t = JsonlTracker(str(tmp_path))
     t.log({"train/loss": 1.5}, step=3)
     t.log_histogram("pairs/token_weights", [0.0, 0.5, 1.0, 1.0], step=3, bins=4)
+    t.log({"dpo/rewards/margins": torch.tensor([0.5, -0.5]), "dpo/loss": torch.tensor(0.25)}, step=4)
     t.close()
     t.close()  # idempotent
-    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(line) == {"step": 3, "train/loss": 1.5}
-    (h,) = [json.loads(x) for x in (tmp_path / "histograms.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 3, "train/loss": 1.5}, {"step": 4, "dpo/loss": 0.25}]
+    h, m = [json.loads(x) for x in (tmp_path / "histograms.jsonl").read_text().splitlines()]
     assert h["name"] == "pairs/token_weights" and h["n"] == 4 and h["counts"] == [1, 0, 1, 2]
+    assert (m["name"], m["step"], m["n"], m["min"], m["max"]) == ("dpo/rewards/margins", 4, 2, -0.5, 0.5)
     assert t.summary_data["git_commit"]  # the tests run inside the git checkout
 
 
@@ -84,7 +87,7 @@ def test_wandb_offline_run_has_config_metrics_tables_artifact(tmp_path):
     t = WandbTracker(str(tmp_path), cfg, mode="offline", group="unit", name="roundtrip", tags=["test"])
     t.log({"dpo/loss": 0.69, "dpo/rewards/margin": 0.0}, step=1)
     t.log_histogram("pairs/token_weights", [0.0, 1.0, 1.0], step=1)
-    t.log({"dpo/loss": 0.5, "dpo/rewards/margin": 0.2}, step=2)
+    t.log({"dpo/loss": 0.5, "dpo/rewards/margin": 0.2, "dpo/rewards/margins": [0.1, 0.3]}, step=2)  # list: histogram
     t.log_table("samples/after", [{"question": "q", "output": "o", "step_scores": [1.0, 0.0]}])
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
@@ -101,6 +104,7 @@ def test_wandb_offline_run_has_config_metrics_tables_artifact(tmp_path):
     by_step = {h["_step"]: h for h in run["history"]}
     assert by_step[1]["dpo/loss"] == pytest.approx(0.69) and by_step[2]["dpo/rewards/margin"] == pytest.approx(0.2)
     assert by_step[1]["pairs/token_weights"]["_type"] == "histogram"
+    assert by_step[2]["dpo/rewards/margins"]["_type"] == "histogram"
     assert by_step[2]["samples/after"]["_type"] == "table-file"  # at the last step, not dropped as out of order
     assert run["summary"]["eval/after/acc"] == 0.25 and run["summary"]["eval/before/acc"] == 0.125
     (model,) = [a for a in run["artifacts"] if a["type"] == "model"]
