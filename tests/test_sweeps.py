@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,37 @@ def test_collect_sweep_mean_std_over_seeds(tmp_path, capsys):
 def test_collect_sweep_errors(tmp_path, capsys):
     assert collect_sweep.main([str(tmp_path)]) == 2
     assert "no job directories" in capsys.readouterr().err
+
+
+def test_slurm_config_renders_sbatch(tmp_path, monkeypatch):
+    """conf/hydra/launcher/slurm.yaml through submitit's SlurmExecutor, as the plugin's launch() passes it
+    (hydra_submitit_launcher/submitit_launcher.py), up to the sbatch script; nothing is submitted."""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from stepdpo.config import register_configs
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit checks that it runs on a cluster
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    ex = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / ".submitit" / "%j"),
+                               slurm_max_num_timeout=params.pop("max_num_timeout"))
+    params.pop("submitit_folder")
+    params["name"] = "run"  # ${hydra.job.name}, set by Hydra at launch
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    ex.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})  # unknown keys raise
+    sbatch = ex._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--time=240", "--cpus-per-task=8", "--mem=48GB"):
+        assert f"#SBATCH {line}" in sbatch, sbatch
 
 
 def _check_sweep(sweep: Path, n_jobs: int, rows: list[str], seeds: int) -> dict:
