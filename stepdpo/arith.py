@@ -25,15 +25,17 @@ ANSWER_RE = re.compile(r"^\s*The answer is\s*(-?\d+)\s*\.?\s*$")
 
 
 def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, max_operand: int,
-                 max_multiplier: int, max_value: int, split: str) -> Problem:
-    start = rng.randint(1, max_operand)
+                 max_multiplier: int, max_value: int, split: str, ops: str = "+-*") -> Problem:
+    start = rng.randint(1, max(max_operand, max_value // 2))
     value, ops, steps = start, [], []
     for _ in range(rng.randint(min_ops, max_ops)):
-        choices = ["+"]
-        if value > 1:
+        choices = ["+"] if "+" in ops and value < max_value else []
+        if value > 1 and "-" in ops:
             choices.append("-")
-        if value * 2 <= max_value:
+        if value * 2 <= max_value and "*" in ops:
             choices.append("*")
+        if not choices:
+            choices = ["-"] if value > 1 else ["+"]
         op = rng.choice(choices)
         if op == "+":
             b = rng.randint(1, max(1, min(max_operand, max_value - value)))
@@ -53,15 +55,17 @@ def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, ma
 
 
 def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: int = 3, max_operand: int = 50,
-         max_multiplier: int = 5, max_value: int = 300, seed: int = 0) -> DatasetBundle:
+         max_multiplier: int = 5, max_value: int = 300, ops: str = "+-*", seed: int = 0) -> DatasetBundle:
     """Generate disjoint train/eval splits (eval questions never appear in train)."""
     if not 1 <= min_ops <= max_ops:
         raise ValueError(f"dataset.min_ops/max_ops: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+    if not ops or set(ops) - set(OPS):
+        raise ValueError(f"dataset.ops: {ops!r} must be a non-empty combination of '+', '-', '*'")
     if max_operand < 2 or max_multiplier < 2 or max_value < max_operand:
         raise ValueError("dataset: need max_operand >= 2, max_multiplier >= 2 and max_value >= max_operand")
     rng = random.Random(seed)
     kw = dict(min_ops=min_ops, max_ops=max_ops, max_operand=max_operand, max_multiplier=max_multiplier,
-              max_value=max_value)
+              max_value=max_value, ops=ops)
     seen: set[str] = set()
     out: dict[str, list[Problem]] = {"eval": [], "train": []}
     for split, n in (("eval", n_eval), ("train", n_train)):
