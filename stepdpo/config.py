@@ -95,7 +95,16 @@ TRAINER_CHOICES = {
 }
 
 
+def check_keys(node: Any, schema: type, group: str) -> None:
+    """Hydra's `+key=value` can append to a typed node; refuse keys the schema doesn't have."""
+    allowed = set(schema.__dataclass_fields__)
+    for key in node:
+        if key not in allowed:
+            raise ValueError(f"{group}.{key}: unknown key; allowed keys: {sorted(allowed)}")
+
+
 def validate_trainer(node: Any, group: str) -> None:
+    check_keys(node, TrainerConfig, group)
     for key, allowed in TRAINER_CHOICES.items():
         v = node[key]
         if v not in allowed:
@@ -147,6 +156,8 @@ def validate_targets(cfg: DictConfig) -> None:
         check_target(cfg[g], g)
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
+    check_keys(cfg.eval, EvalConfig, "eval")
+    check_keys({k: None for k in cfg if k != "hydra"}, Config, "config")
 
 
 def build(node: Any, group: str = "?", **runtime) -> Any:

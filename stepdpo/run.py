@@ -70,6 +70,11 @@ def run(cfg: DictConfig, out: Path) -> float:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model_spec = build(cfg.model, "model")
     lora_spec = build(cfg.lora, "lora")
+    if lora_spec.load_in_4bit and model_spec.path is None:
+        for key in ("hidden_size", "intermediate_size"):
+            if model_spec.tiny.get(key, 64) % 64:
+                raise ValueError(f"model.tiny.{key}={model_spec.tiny[key]}: lora=qlora quantizes in blocks of 64 "
+                                 "input features; use a multiple of 64")
     scorer = build(cfg.reward, "reward")
     pair_fn = build(cfg.pairs, "pairs")
     bundle = build(cfg.dataset, "dataset")
@@ -88,6 +93,9 @@ def run(cfg: DictConfig, out: Path) -> float:
         write_json(out / "dry_run.json", est)
         return float("nan")
 
+    from .data import atomic_write_text
+
+    atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg))
     summary: dict = {}
     try:

@@ -1,0 +1,75 @@
+"""Every config option binds to its target; bad config fails fast, naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from stepdpo.config import TARGET_GROUPS, check_target, register_configs, validate_targets
+
+from conftest import ROOT, run_cli
+
+CONF = ROOT / "conf"
+register_configs()
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", TARGET_GROUPS)
+def test_every_option_binds_to_its_target(group):
+    opts = _options(group)
+    assert opts, f"conf/{group} has no options"
+    for opt in opts:
+        node = OmegaConf.load(CONF / group / f"{opt}.yaml")
+        check_target(node, f"{group}={opt}")  # importable, allowed package, every key a real parameter
+
+
+def test_every_yaml_opens_with_the_command_that_uses_it():
+    for path in CONF.rglob("*.yaml"):
+        first = path.read_text().lstrip().splitlines()[0]
+        assert first.startswith("#"), f"{path.relative_to(ROOT)} must open with a comment giving its command"
+
+
+@pytest.mark.parametrize("trainer", _options("trainer"))
+def test_default_composition_validates(trainer):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"trainer={trainer}"])
+    validate_targets(cfg)
+    assert cfg.trainer.loss in ("sft", "dpo")
+
+
+def test_unknown_key_in_target_group_names_it():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+reward.bogus_knob=1"])
+    with pytest.raises(ValueError, match=r"reward\.bogus_knob: unknown key"):
+        validate_targets(cfg)
+
+
+def test_bad_choice_names_allowed_values():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["trainer.loss_type=kto"])
+    with pytest.raises(ValueError, match=r"trainer\.loss_type: 'kto' is not one of"):
+        validate_targets(cfg)
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("+trainer.bogus=1", "trainer.bogus: unknown key"),  # typed schema: unknown key
+    ("trainer=nope", "trainer/nope"),         # unknown group option (Hydra lists the available ones)
+    ("trainer.beta=abc", "trainer.beta"),     # wrong type
+    ("+dataset.bogus=1", "dataset.bogus: unknown key"),
+    ("trainer.weighting=nope", "unknown scheme"),
+])
+def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):
+    proc, run_dir = run_cli(tmp_path, override, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert expect in proc.stdout + proc.stderr
+    assert not (run_dir / "base_model").exists()  # failed before any model was built
+
+
+def test_qlora_block_size_checked_before_loading(tmp_path):
+    proc, run_dir = run_cli(tmp_path, "lora=qlora", "model.tiny.hidden_size=96", check=False, timeout=120)
+    assert proc.returncode != 0 and "model.tiny.hidden_size=96" in proc.stderr + proc.stdout
+    assert not (run_dir / "base_model").exists()

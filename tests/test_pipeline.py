@@ -1,0 +1,95 @@
+"""`python -m stepdpo.run` end to end at tiny sizes: the run directory, the adapter, generation."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    proc, run_dir = run_cli(tmp_path_factory.mktemp("default"))
+    return proc, run_dir
+
+
+def test_run_dir_has_everything(default_run):
+    proc, run_dir = default_run
+    for name in ("config_resolved.yaml", ".hydra/config.yaml", "metrics.jsonl", "eval.json", "summary.json",
+                 "pairs.jsonl", "samples_before.jsonl", "samples_after.jsonl", "adapter/adapter_config.json",
+                 "adapter/stepdpo.json", "base_model/config.json"):
+        assert (run_dir / name).exists(), name
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert set(ev) == {"before", "after"} and ev["after"]["n"] == 16
+    assert "accuracy" in proc.stdout and "before" in proc.stdout  # the printed table
+    pairs = _read_jsonl(run_dir / "pairs.jsonl")
+    assert len(pairs) >= 16  # min_pairs top-up
+    for p in pairs:
+        assert len(p["chosen_scores"]) == len(p["chosen"]) and len(p["rejected_scores"]) == len(p["rejected"])
+        assert p["chosen"] != p["rejected"]
+        assert min(p["rejected_scores"]) < 0.5  # every rejected continuation has a located wrong step
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    dpo = [m for m in metrics if "dpo/loss" in m]
+    assert len(dpo) == 2  # trainer.max_steps=2, log_every=1
+    for key in ("dpo/rewards/margin", "dpo/rewards/accuracy", "dpo/rewards/first_error_margin", "dpo/lr",
+                "dpo/grad_norm", "dpo/tokens_per_s", "dpo/peak_rss_mb", "dpo/tokens/weighted_rejected"):
+        assert key in dpo[-1], key
+    assert any("sft/loss" in m for m in metrics)
+
+
+def test_lora_changed_base_did_not(default_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir = default_run
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at 0: training moved it
+    merged_free = model.get_base_model().state_dict()
+    for k, v in base_sd.items():
+        k2 = k.replace(".weight", ".base_layer.weight") if k.replace(".weight", ".base_layer.weight") in merged_free else k
+        assert torch.equal(merged_free[k2], v), k  # base weights untouched
+
+
+def test_generate_from_run(default_run):
+    from stepdpo.generate import main
+
+    _, run_dir = default_run
+    assert main([str(run_dir), "Start with 3, add 4. What is the result?", "--max-new-tokens", "8"]) == 0
+
+
+def test_generate_names_bad_run_dir(tmp_path, capsys):
+    from stepdpo.generate import main
+
+    assert main([str(tmp_path), "q"]) == 2
+    assert "stepdpo run directory" in capsys.readouterr().err
+
+
+def test_qlora_end_to_end(tmp_path):
+    """bitsandbytes nf4 4-bit base + LoRA, forward and backward on the CPU."""
+    import bitsandbytes as bnb
+
+    from stepdpo.generate import load_trained
+
+    proc, run_dir = run_cli(tmp_path, "lora=qlora", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128")
+    assert (run_dir / "adapter/adapter_config.json").exists()
+    assert json.loads((run_dir / "adapter/stepdpo.json").read_text())["load_in_4bit"] is True
+    model, _ = load_trained(run_dir)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    dpo = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "dpo/loss" in m]
+    assert len(dpo) == 2 and all(m["dpo/grad_norm"] > 0 for m in dpo)
+
+
+def test_full_finetune_and_sft_main_stage(tmp_path):
+    proc, run_dir = run_cli(tmp_path / "none", "lora=none")
+    assert (run_dir / "model/config.json").exists()
+    proc, run_dir = run_cli(tmp_path / "sft", "trainer=sft")
+    assert not (run_dir / "pairs.jsonl").exists()
+    assert any("train_sft/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
