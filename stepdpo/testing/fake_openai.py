@@ -22,6 +22,7 @@ Faults, one per chat request, taken in arrival order from `inject(...)` or chose
 `fault_for(body) -> str | None`:
     "429"           HTTP 429 with Retry-After: `retry_after` seconds
     "500", "503"    HTTP 5xx
+    "400", "401"    a bad request / a rejected API key
     "slow"          answer after `slow_seconds` (longer than a short client timeout)
     "disconnect"    close the connection without answering
     "invalid_json"  200, but the message content isn't JSON
@@ -385,6 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(f.latency)
         if fault == "429":
             return self._error(429, "rate limited (injected)", headers={"Retry-After": f.retry_after})
+        if fault in ("400", "401"):
+            return self._error(int(fault), f"injected {fault}")
         if fault in ("500", "502", "503"):
             return self._error(int(fault), f"server error (injected {fault})")
         if fault == "disconnect":
