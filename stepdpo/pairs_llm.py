@@ -109,7 +109,7 @@ def parse_flawed(text: str, gold: Sequence[str]) -> dict[str, Any]:
     return {"wrong_step": k0, "steps": [s.strip() for s in steps]}
 
 
-def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None, model: str = "gpt-4o-mini",
+def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None, llm_model: str = "gpt-4o-mini",
                     seed: int = 0, n_problems: int | None = None, avoid_last: bool = True,
                     api_key_env: str = "OPENAI_API_KEY", structured: bool = True, temperature: float | None = 0.7,
                     max_tokens: int | None = None, concurrency: int = 16, timeout: float = 60.0,
@@ -122,19 +122,20 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
 
     `problems` without gold steps are skipped. The target step t is drawn per problem from
     `seed` (uniform over the steps, or all but the last with `avoid_last` when there are two or
-    more). Extra runtime keyword arguments (model/tokenizer/scorer from the pipeline) are ignored.
+    more). Extra runtime keyword arguments (model/tokenizer/scorer from the pipeline) are ignored;
+    that is why the LLM's name is `llm_model`: the pipeline passes its policy as `model=`.
     With `return_report`, returns (pairs, report): counts of problems, skips, failures by
     reason, pairs, and the engine summary (requests, cache hits, tokens, cost).
     """
     if n_problems is not None and (isinstance(n_problems, bool) or not isinstance(n_problems, int)
                                    or n_problems < 1):
         raise ValueError(f"pairs.n_problems: must be a positive integer or null (all), got {n_problems!r}")
-    engine = LLMEngine(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
+    engine = LLMEngine(base_url=base_url, model=llm_model, api_key_env=api_key_env, concurrency=concurrency,
                        timeout=timeout, max_retries=max_retries, parse_retries=parse_retries,
                        backoff_base=backoff_base, backoff_max=backoff_max, temperature=temperature,
                        max_tokens=max_tokens, cache_path=cache_path, mode=mode, poll_interval=poll_interval,
                        batch_max_wait=batch_max_wait, prices=prices, progress=progress, desc="flawed pairs",
-                       where="pairs")
+                       where="pairs", model_key="llm_model")
     try:
         rng = random.Random(seed)
         pool = list(problems)
@@ -153,7 +154,7 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
         jobs = []
         for p, target in chosen_probs:
             gold = [str(s).strip() for s in p.steps if str(s).strip()]
-            key = cache_key("flaw", model, FLAW_PROMPT_VERSION, _TEMPLATE_ID, structured, temperature, p.question,
+            key = cache_key("flaw", llm_model, FLAW_PROMPT_VERSION, _TEMPLATE_ID, structured, temperature, p.question,
                             gold, target)
             jobs.append(LLMJob(key=key, label=p.id, messages=flaw_messages(p.question, gold, target,
                                                                            structured=structured),
@@ -173,7 +174,7 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
                 id=f"{p.id}-llm", question=p.question, answer=p.answer, prefix=gold[:k0], chosen=gold[k0:],
                 rejected=flawed[k0:], chosen_scores=[1.0] * len(gold[k0:]), rejected_scores=[0.0] * len(flawed[k0:]),
                 source="llm", meta={"problem_id": p.id, "wrong_step": k0, "target_step": target - 1,
-                                    "generated_by": f"openai:{model}", "prompt_version": FLAW_PROMPT_VERSION}))
+                                    "generated_by": f"openai:{llm_model}", "prompt_version": FLAW_PROMPT_VERSION}))
         report["pairs"] = len(pairs)
         summary = engine.summary()
         log.info("pairs=llm: %s; requests %d, cache hits %d, cost %s USD", dict(report), summary["requests"],

@@ -267,13 +267,13 @@ class LLMEngine:
                  max_tokens: int | None = None, cache_path: str | os.PathLike | None = None,
                  mode: str = "online", poll_interval: float = 30.0, batch_max_wait: float | None = None,
                  batch_discount: float = 0.5, prices: dict | None = None, progress: bool = True,
-                 desc: str = "llm", where: str = "reward"):
+                 desc: str = "llm", where: str = "reward", model_key: str = "model"):
         import openai  # late import: only the LLM-backed options need the client
 
         self._openai = openai
         w = where
         if not isinstance(model, str) or not model:
-            raise ValueError(f"{w}.model: must be a model name, got {model!r}")
+            raise ValueError(f"{w}.{model_key}: must be a model name, got {model!r}")
         if base_url is not None and not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"{w}.base_url: must start with http:// or https://, got {base_url!r}")
         if mode not in ("online", "batch"):
