@@ -193,13 +193,11 @@ def run(cfg: DictConfig, out: Path) -> float:
 
 def validate(pairs, tok, cfg):
     """Run the data validator (field checks, lengths) with the dataset's on_invalid policy."""
-    try:
-        from .validate import validate_pairs
-    except ImportError:  # TODO(data): remove once stepdpo.validate lands
-        return pairs, {}
+    from .validate import validate_pairs
 
     on_invalid = cfg.dataset.get("on_invalid", "error")
     return validate_pairs(pairs, tokenizer=tok, max_length=cfg.trainer.max_length, on_invalid=on_invalid,
+                          truncation=cfg.dataset.get("truncation", "error"),
                           source=f"dataset={cfg.dataset._target_}")
 
 
