@@ -109,11 +109,12 @@ def test_every_fault_ends_in_a_score_or_a_counted_failure(fake):
     fake.slow_seconds = 1.0
     reqs = make_requests(24)
     always = {"(#5)": "invalid_json", "(#6)": "wrong_count", "(#7)": "429", "(#8)": "500", "(#9)": "400",
-              "(#10)": "refusal"}
+              "(#10)": "refusal", "(#22)": "html"}
 
     # transient faults, once each (on a request's first attempt): all recoverable with retries
     once = {"(#11)": "429", "(#12)": "500", "(#13)": "503", "(#14)": "slow", "(#15)": "disconnect",
-            "(#16)": "invalid_json", "(#17)": "wrong_count", "(#18)": "429", "(#19)": "slow"}
+            "(#16)": "invalid_json", "(#17)": "wrong_count", "(#18)": "429", "(#19)": "slow", "(#20)": "html",
+            "(#21)": "garbled"}
     seen: set[str] = set()
 
     def fault_for(body):
@@ -139,14 +140,14 @@ def test_every_fault_ends_in_a_score_or_a_counted_failure(fake):
         else:
             assert r.scores == expected(q) and r.error is None
     assert failed == {"(#5)": "invalid_json", "(#6)": "step_count", "(#7)": "http_429", "(#8)": "http_500",
-                      "(#9)": "http_400", "(#10)": "refusal"}
+                      "(#9)": "http_400", "(#10)": "refusal", "(#22)": "invalid_response"}
     s = j.summary()
     assert s["succeeded"] + s["failures"] == len(reqs) and s["failures"] == len(failed)
     assert s["failures_by_reason"] == {"invalid_json": 1, "step_count": 1, "http_429": 1, "http_500": 1,
-                                       "http_400": 1, "refusal": 1}
+                                       "http_400": 1, "refusal": 1, "invalid_response": 1}
     assert s["retries"] >= 3 * 2 + 5  # the always-429/500 requests used all retries, plus the transients
     assert {"http_429", "http_500", "timeout", "connection"} <= set(s["retries_by_reason"])
-    assert s["parse_retries"] >= 3
+    assert s["parse_retries"] >= 5
 
 
 def test_failure_message_names_request_reason_and_response():

@@ -29,6 +29,8 @@ Faults, one per chat request, taken in arrival order from `inject(...)` or chose
     "wrong_count"   200, judge JSON with one step too few
     "bad_prefix"    200, flaw JSON whose steps before the wrong step differ from the original
     "refusal"       200, a refusal message and no content
+    "html"          200 with an HTML page (a proxy error page)
+    "garbled"       200, Content-Type JSON, a truncated body
 
 `python -m stepdpo.testing.fake_openai --latency 0.1` serves from a separate process and prints
 one JSON line with its base_url (the benchmark uses this so the server doesn't share a GIL with
@@ -42,6 +44,7 @@ import email.parser
 import email.policy
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -287,16 +290,24 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, obj: Any = None, *, raw: bytes | None = None, headers: dict | None = None) -> None:
+    def setup(self) -> None:
+        super().setup()
+        # No Nagle: a response must not wait ~40 ms for the client's delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _send(self, status: int, obj: Any = None, *, raw: bytes | None = None, headers: dict | None = None,
+              ctype: str | None = None) -> None:
         data = raw if raw is not None else json.dumps(obj).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
+            ctype = ctype or ("application/octet-stream" if raw is not None else "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, str(v))
-            self.end_headers()
-            self.wfile.write(data)
+            self._headers_buffer.append(b"\r\n")  # end_headers() without its flush: one write below
+            self.wfile.write(b"".join(self._headers_buffer) + data)
+            self._headers_buffer = []
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             self.close_connection = True
 
@@ -397,6 +408,11 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
+        if fault == "html":
+            return self._send(200, raw=b"<html><body>502 Bad Gateway</body></html>", ctype="text/html")
+        if fault == "garbled":
+            data = b'{"id": "chatcmpl-x", "choices": [{"message": '
+            return self._send(200, raw=data, ctype="application/json")
         if fault == "slow":
             time.sleep(f.slow_seconds)
         self._send(200, f.complete(body, fault))
