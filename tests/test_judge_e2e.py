@@ -1,0 +1,54 @@
+"""`python -m stepdpo.run reward=openai` end to end against the fake OpenAI server (127.0.0.1).
+
+The run must finish; every pair in the run dir must carry the judge's step scores and
+provenance; the judge summary (requests, cost) must be in summary.json; `reward.dry_run=true`
+must print the estimate and stop without calling the API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepdpo.data import read_jsonl
+from stepdpo.testing.fake_openai import FakeOpenAI
+
+from conftest import run_cli
+
+SPEED = ["eval.before=false", "reward.progress=false", "reward.backoff_base=0.01", "reward.timeout=10"]
+
+
+@pytest.mark.slow
+def test_run_with_the_llm_judge(tmp_path):
+    cache = tmp_path / "judge.sqlite"
+    with FakeOpenAI() as fake:
+        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.base_url={fake.base_url}",
+                                f"reward.cache_path={cache}", *SPEED)
+        chat = fake.counts["chat"]
+    pairs = [row for _, row in read_jsonl(run_dir / "pairs.jsonl")]
+    assert pairs
+    for p in pairs:
+        assert p["meta"]["scored_by"] == "openai" and p["meta"]["provenance"] == "openai:gpt-4o-mini"
+        assert len(p["chosen_scores"]) == len(p["chosen"]) and len(p["rejected_scores"]) == len(p["rejected"])
+        assert all(0.0 <= s <= 1.0 for s in p["chosen_scores"] + p["rejected_scores"])
+    # the fake judge checks arithmetic: corrupted rejected continuations get a low score somewhere
+    assert any(min(p["rejected_scores"], default=1.0) < 0.5 for p in pairs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    j = summary["judge"]
+    assert j["requests"] > 0 and j["succeeded"] == j["requests"] and j["failures"] == 0
+    assert j["cost_usd"] > 0 and j["prompt_tokens"] > 0 and j["model"] == "gpt-4o-mini"
+    assert 0 < j["api_calls"] <= chat
+    assert len(list(read_jsonl(run_dir / "pairs.jsonl"))) == summary["pairs"]["pairs"]
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_estimate_and_calls_nothing(tmp_path):
+    with FakeOpenAI() as fake:
+        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.base_url={fake.base_url}",
+                                f"reward.cache_path={tmp_path / 'judge.sqlite'}", "reward.dry_run=true", *SPEED)
+        assert fake.counts["chat"] == 0
+    est = json.loads((run_dir / "dry_run.json").read_text())
+    assert est["calls_needed"] > 0 and est["est_cost_usd"] > 0 and est["est_prompt_tokens"] > 0
+    assert '"dry_run"' in proc.stdout
+    assert not (run_dir / "summary.json").exists()  # stopped before training
