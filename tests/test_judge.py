@@ -326,6 +326,28 @@ def test_batch_answers_that_fail_validation_get_another_round(fake, tmp_path):
     assert fake.counts["batches_created"] == 2 and j.summary()["parse_retries"] == 2
 
 
+def test_batch_error_lines_are_retried_then_counted(fake, tmp_path):
+    seen = set()
+
+    def faults(body):  # (#1): a 500 line once (transient); (#2): 500 every time; (#3): never a valid answer
+        user = body["messages"][-1]["content"]
+        if "(#1)" in user and "(#1)" not in seen:
+            seen.add("(#1)")
+            return "500"
+        return "500" if "(#2)" in user else "invalid_json" if "(#3)" in user else None
+
+    fake.fault_for = faults
+    reqs = make_requests(5)
+    j = judge(fake, tmp_path, mode="batch", poll_interval=0.01, parse_retries=2)
+    res = j.score(reqs)
+    ok = [r.scores is not None for r in res]
+    assert ok == [True, True, False, False, True]
+    assert res[2].error.startswith("p2: batch_http_500: ") and res[3].error.startswith("p3: invalid_json: ")
+    s = j.summary()
+    assert s["failures_by_reason"] == {"batch_http_500": 1, "invalid_json": 1} and s["succeeded"] == 3
+    assert fake.counts["batches_created"] == 3  # first round, then two retry rounds for what was left
+
+
 # ----------------------------------------------------------------------------- estimate / dry run / misc
 
 

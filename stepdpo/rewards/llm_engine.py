@@ -93,7 +93,7 @@ class LLMOutcome:
     reason: str | None = None  # short failure tag, counted in summary()["failures_by_reason"]
     usage: dict[str, int] = field(default_factory=dict)  # tokens paid for this job in this run
     cached: bool = False
-    parse_failed: bool = False  # the answer arrived but didn't validate (batch mode retries these)
+    retry_later: bool = False  # didn't validate, or a transient error in a batch line: batch mode tries again
 
 
 @dataclass
@@ -478,9 +478,9 @@ class LLMEngine:
         return LLMOutcome(value=value, usage=usage)
 
     @staticmethod
-    def _failure(job: LLMJob, reason: str, snippet: str, usage: dict | None = None, parse: bool = False) -> LLMOutcome:
+    def _failure(job: LLMJob, reason: str, snippet: str, usage: dict | None = None, retry: bool = False) -> LLMOutcome:
         return LLMOutcome(error=f"{job.label}: {reason}: {_snippet(snippet)}", reason=reason, usage=usage or {},
-                          parse_failed=parse)
+                          retry_later=retry)
 
     @staticmethod
     def _message_text(choice_message: Any) -> tuple[str, str | None]:
@@ -528,7 +528,7 @@ class LLMEngine:
                         last = (e.reason, text)
             if attempt < self.parse_retries:
                 self.stats.parse_retries += 1
-        return self._failure(job, *last, usage, parse=True)
+        return self._failure(job, *last, usage, retry=True)
 
     async def _run_online(self, jobs: list[LLMJob]) -> dict[str, LLMOutcome]:
         out: dict[str, LLMOutcome] = {}
@@ -564,7 +564,7 @@ class LLMEngine:
             for rnd in range(self.parse_retries + 1):
                 todo = jobs
                 if rnd > 0:  # answers that didn't validate get another round (a new, smaller batch)
-                    todo = [j for j in jobs if out[j.key].parse_failed]
+                    todo = [j for j in jobs if out[j.key].retry_later]
                     self.stats.parse_retries += len(todo)
                 if not todo:
                     break
@@ -638,16 +638,18 @@ class LLMEngine:
         resp = row.get("response") or {}
         body = resp.get("body") or {}
         if row.get("error") or resp.get("status_code") != 200:
+            status = resp.get("status_code")
             err = row.get("error") or body.get("error") or body
-            return self._failure(job, f"batch_http_{resp.get('status_code', 'error')}", json.dumps(err))
+            transient = status in RETRY_STATUS or (isinstance(status, int) and status >= 500)
+            return self._failure(job, f"batch_http_{status or 'error'}", json.dumps(err), retry=transient)
         usage = self._add_usage(body.get("usage"), batch=True)
         choices = body.get("choices") or []
         if not choices:
-            return self._failure(job, "no_choices", json.dumps(body), usage, parse=True)
+            return self._failure(job, "no_choices", json.dumps(body), usage, retry=True)
         text, refusal = self._message_text(choices[0].get("message") or {})
         if refusal:
-            return self._failure(job, "refusal", refusal, usage, parse=True)
+            return self._failure(job, "refusal", refusal, usage, retry=True)
         try:
             return self._success(job, self._parse(job, text), usage)
         except ParseError as e:
-            return self._failure(job, e.reason, text, usage, parse=True)
+            return self._failure(job, e.reason, text, usage, retry=True)

@@ -255,8 +255,9 @@ class FakeOpenAI:
                 "usage": usage}
 
     def run_batch(self, batch: dict) -> None:
+        """Answer every line of the input file: 200s go to the output file, errors to the error file."""
         lines = self.files[batch["input_file_id"]]["data"].decode("utf-8").splitlines()
-        out, n_ok = [], 0
+        ok, errors = [], []
         for line in lines:
             if not line.strip():
                 continue
@@ -267,13 +268,14 @@ class FakeOpenAI:
                         "body": {"error": {"message": f"injected {fault}", "type": "server_error"}}}
             else:
                 resp = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": self.complete(req["body"], fault)}
-                n_ok += 1
-            out.append(json.dumps({"id": f"batch_req_{uuid.uuid4().hex[:12]}", "custom_id": req["custom_id"],
-                                   "response": resp, "error": None}))
-        fid = self.add_file(("\n".join(out) + "\n").encode(), "batch_output.jsonl", "batch_output")
-        now = int(time.time())
-        batch.update(status="completed", output_file_id=fid, completed_at=now,
-                     request_counts={"total": len(out), "completed": n_ok, "failed": len(out) - n_ok})
+            row = json.dumps({"id": f"batch_req_{uuid.uuid4().hex[:12]}", "custom_id": req["custom_id"],
+                              "response": resp, "error": None})
+            (ok if resp["status_code"] == 200 else errors).append(row)
+        out_id = self.add_file(("\n".join(ok) + "\n").encode(), "batch_output.jsonl", "batch_output") if ok else None
+        err_id = self.add_file(("\n".join(errors) + "\n").encode(), "batch_errors.jsonl", "batch_output") \
+            if errors else None
+        batch.update(status="completed", output_file_id=out_id, error_file_id=err_id, completed_at=int(time.time()),
+                     request_counts={"total": len(ok) + len(errors), "completed": len(ok), "failed": len(errors)})
 
     def add_file(self, data: bytes, filename: str, purpose: str) -> str:
         fid = f"file-{uuid.uuid4().hex[:16]}"
