@@ -29,7 +29,8 @@ from .steps import (annotation_matches, annotations, check_annotation, evaluate_
 _NUM = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\.\d+)(?![\w]|[.,]\d)")
 # a visible computation outside annotations: "12 * 3 = 36"
 _VISIBLE_EQ = re.compile(r"((?:\d[\d.,]*|\(|\))(?:\s*[-+*/x×÷()]\s*\(?\s*\d[\d.,]*\)?)+)\s*=\s*\$?\s*(\d[\d.,]*)(?!\s*<<)")
-MAX_TRIES_PER_PROBLEM = 6
+MAX_TRIES_PER_SITE = 3  # new values tried per annotation
+MAX_TRIES_PER_PROBLEM = 12
 
 
 def score_gsm8k_steps(steps: Sequence[str]) -> list[float]:
@@ -136,7 +137,7 @@ def corrupt_solution(question: str, steps: list[str], answer: str,
             continue  # the same number means something else elsewhere: can't tell uses apart
         if old in _numbers(steps[k][:a]):
             continue
-        for new in _candidates(old, rng, all_nums):
+        for new in _candidates(old, rng, all_nums)[:MAX_TRIES_PER_SITE]:
             tries += 1
             if tries > MAX_TRIES_PER_PROBLEM:
                 return None
@@ -154,8 +155,10 @@ def corrupt_solution(question: str, steps: list[str], answer: str,
                     ok = False
                     break
                 out.append(r)
-            if not ok or out[-1] == steps[-1]:
-                continue  # the error never reached the final answer
+            if not ok:
+                continue
+            if out[-1] == steps[-1]:
+                break  # the error never reaches the final answer from this step: try another annotation
             if any(not check_annotation(e, c) for st in out[k + 1:] for e, c in annotations(st)):
                 continue
             if check_annotation(expr, format_number(new)):

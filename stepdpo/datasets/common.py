@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -111,18 +112,31 @@ class InvalidRows:
 
 def reason_of(message: str) -> str:
     """A short reason key from a located error: "f.jsonl:3: field 'x' missing (keys...)" -> "field 'x' missing"."""
-    parts = message.split(": ", 2)
-    body = parts[-1] if len(parts) >= 2 and parts[0].count(":") <= 1 else message
-    for stop in (" (", ", got", ":"):
-        if stop in body:
-            body = body.split(stop, 1)[0]
+    m = re.match(r"(?:.*?:\d+|.*?\[\d+\]): (.*)$", message, re.DOTALL)
+    body = m.group(1) if m else message
+    for stop in (" (", ", got", "; "):
+        body = body.split(stop, 1)[0]
     return body.strip()[:80]
 
 
 # ----------------------------------------------------------------------------- reading rows
 
 
-def _convert_one(row: dict, idx: int, *, convert: Callable, source: str, from_text: bool, opts: dict) -> dict:
+def code_version(convert: Callable) -> str:
+    """Hash of the source files a conversion depends on. `datasets` fingerprints a module-level
+    function by name, not code, so without this an edited converter would reuse a stale cached map."""
+    import hashlib
+    import sys
+
+    h = hashlib.sha1()
+    for mod in (sys.modules[convert.__module__], sys.modules[__name__], sys.modules["stepdpo.steps"],
+                sys.modules["stepdpo.data"]):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _convert_one(row: dict, idx: int, *, convert: Callable, source: str, from_text: bool, opts: dict,
+                 code_version: str = "") -> dict:
     where = f"{source}:{idx + 1}" if from_text else f"{source}[{idx}]"
     if from_text:
         line = row["text"]
@@ -150,9 +164,11 @@ def convert_rows(ds, convert: Callable, *, source: str, from_text: bool = True, 
 
     Returns [(where, converted, error)] per non-blank row: `converted` is None when `error` is set.
     `from_text`: rows are JSONL lines from `read_text` (else dict rows, e.g. from the Hub).
+    The map is cached by `datasets`, keyed on the file, the options and the converter's source.
     """
     mapped = ds.map(_convert_one, with_indices=True, remove_columns=ds.column_names,
-                    fn_kwargs={"convert": convert, "source": source, "from_text": from_text, "opts": opts},
+                    fn_kwargs={"convert": convert, "source": source, "from_text": from_text, "opts": opts,
+                               "code_version": code_version(convert)},
                     desc=desc or f"reading {Path(source).name}")
     out = []
     for where, o, e in zip(mapped["_where"], mapped["_out"], mapped["_err"]):

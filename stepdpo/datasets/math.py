@@ -67,7 +67,7 @@ def read_problems(path: Path, invalid: InvalidRows, *, split: str = "train", **o
 
 def load(*, path: str = "../shared/data/math500/test.jsonl", eval_path: str | None = None,
          eval_fraction: float | None = 0.2, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", step_mode: str = "auto", step_pattern: str | None = None, single_line: bool = True,
+         on_invalid: str = "error", step_mode: str = "sentences", step_pattern: str | None = None, single_line: bool = True,
          levels: list[int] | None = None, subjects: list[str] | None = None) -> DatasetBundle:
     """MATH problems. `path`: a JSONL file (eval from `eval_path` or a held-out `eval_fraction`),
     or a directory with train.jsonl and test.jsonl. `levels`/`subjects` keep only those problems."""
