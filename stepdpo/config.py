@@ -67,6 +67,7 @@ class EvalConfig:
 class Config:
     seed: int = 0
     validate_only: bool = False  # build and validate pairs, report, exit without training
+    sft_cache_dir: Optional[str] = None  # share SFT warm-ups between runs (keyed by model, data, sft, seed)
     dataset: Any = MISSING
     pairs: Any = MISSING
     reward: Any = MISSING

@@ -67,7 +67,6 @@ def run(cfg: DictConfig, out: Path) -> float:
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model_spec = build(cfg.model, "model")
     lora_spec = build(cfg.lora, "lora")
     if lora_spec.load_in_4bit and model_spec.path is None:
@@ -103,12 +102,19 @@ def run(cfg: DictConfig, out: Path) -> float:
         summary.update(count_params(model))
         step = 0
         # ---------------------------------------------------------------- SFT warm-up (full fine-tune)
-        if cfg.sft.max_steps > 0:
+        cached = sft_cache_path(cfg)
+        if cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
+            log.info("sft: reusing the cached warm-up at %s", cached)
+            model, tok = load_base(model_spec, path=str(cached))
+            summary["sft_cached"] = str(cached)
+        elif cfg.sft.max_steps > 0:
             t = time.perf_counter()
             sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
             train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft")
-            step += cfg.sft.max_steps
             summary["time/sft_s"] = time.perf_counter() - t
+            if cached is not None:
+                save_atomic_dir(model, tok, cached)
+        step += cfg.sft.max_steps
         base_path = model_spec.path
         if cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
             base_path = str(out / "base_model")
@@ -189,6 +195,34 @@ def run(cfg: DictConfig, out: Path) -> float:
         tracker.close()
         if hasattr(scorer, "close"):
             scorer.close()
+
+
+def sft_cache_path(cfg: DictConfig) -> Path | None:
+    """`sft_cache_dir/<hash>` of everything the warm-up depends on (model, data, SFT config, seed),
+    so the jobs of a sweep that differ only after the warm-up share one SFT run."""
+    if not cfg.sft_cache_dir or cfg.sft.max_steps == 0:
+        return None
+    import hashlib
+
+    key = {k: to_container(cfg[k]) for k in ("model", "dataset", "sft")}
+    key["seed"] = cfg.seed
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.sft_cache_dir).expanduser() / digest
+
+
+def save_atomic_dir(model, tok, dest: Path) -> None:
+    """save_pretrained into a temp dir beside `dest`, then rename: parallel jobs never see half a model."""
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(dest)
+    except OSError:  # another job got there first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def validate(pairs, tok, cfg):

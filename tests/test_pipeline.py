@@ -93,3 +93,17 @@ def test_full_finetune_and_sft_main_stage(tmp_path):
     proc, run_dir = run_cli(tmp_path / "sft", "trainer=sft")
     assert not (run_dir / "pairs.jsonl").exists()
     assert any("train_sft/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def test_sft_warmup_is_shared_through_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
+    _, second = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "trainer=dpo")
+    assert len(list(cache.iterdir())) == 1
+    s2 = json.loads((second / "summary.json").read_text())
+    assert "sft_cached" in s2 and "time/sft_s" not in s2
+    assert not any("sft/loss" in m for m in _read_jsonl(second / "metrics.jsonl"))
+    before = [json.loads((d / "eval.json").read_text())["before"]["acc"] for d in (first, second)]
+    assert before[0] == before[1]  # the same SFT model
+    assert [json.loads(line)["output"] for line in (first / "samples_before.jsonl").read_text().splitlines()] == \
+           [json.loads(line)["output"] for line in (second / "samples_before.jsonl").read_text().splitlines()]
