@@ -348,6 +348,15 @@ def test_batch_error_lines_are_retried_then_counted(fake, tmp_path):
     assert fake.counts["batches_created"] == 3  # first round, then two retry rounds for what was left
 
 
+def test_batch_upload_that_keeps_failing_is_counted_not_raised(fake, tmp_path):
+    fake.files_status = 503
+    j = judge(fake, tmp_path, mode="batch", poll_interval=0.01, max_retries=2)
+    res = j.score(make_requests(3))
+    assert all(r.scores is None and r.error.split(": ")[1] == "batch_http_503" for r in res)
+    assert j.summary()["failures_by_reason"] == {"batch_http_503": 3} and j.summary()["retries"] == 2
+    assert fake.counts["POST /v1/files"] == 3 and fake.counts["batches_created"] == 0
+
+
 # ----------------------------------------------------------------------------- estimate / dry run / misc
 
 

@@ -287,8 +287,16 @@ class LLMEngine:
                 raise ValueError(f"{w}.{name}: must be a number of seconds > 0, got {v!r}")
         if not isinstance(backoff_base, (int, float)) or backoff_base < 0:
             raise ValueError(f"{w}.backoff_base: must be >= 0 seconds, got {backoff_base!r}")
-        if not 0.0 <= batch_discount <= 1.0:
+        if isinstance(batch_discount, bool) or not isinstance(batch_discount, (int, float)) \
+                or not 0.0 <= batch_discount <= 1.0:
             raise ValueError(f"{w}.batch_discount: must be in [0, 1] (0.5 = half price), got {batch_discount!r}")
+        if batch_max_wait is not None and (not isinstance(batch_max_wait, (int, float)) or batch_max_wait <= 0):
+            raise ValueError(f"{w}.batch_max_wait: must be seconds > 0 or null (wait until done), got {batch_max_wait!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"{w}.max_tokens: must be a positive integer or null, got {max_tokens!r}")
+        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
+            raise ValueError(f"{w}.temperature: must be a number >= 0 or null (server default), got {temperature!r}")
         if not isinstance(api_key_env, str) or not api_key_env:
             raise ValueError(f"{w}.api_key_env: must name an environment variable, got {api_key_env!r}")
         self.base_url = base_url
@@ -306,13 +314,16 @@ class LLMEngine:
         self.poll_interval = float(poll_interval)
         self.batch_max_wait = batch_max_wait
         self.batch_discount = float(batch_discount)
-        self.prices = check_prices({**DEFAULT_PRICES, **(prices or {})}, f"{w}.prices")
+        self.prices = {**DEFAULT_PRICES, **check_prices(prices or {}, f"{w}.prices")}
         self.progress = progress
         self.desc = desc
         self.cache = JudgeCache(cache_path)
         self.stats = _Stats()
         self._key_source = resolve_api_key(api_key_env)[1]  # where, never the key itself
         self._rng = random.Random()
+        if base_url is None and self._key_source == "placeholder":
+            log.warning("%s: no API key in $%s or ./.env; api.openai.com will refuse requests (set %s.base_url "
+                        "for a local server)", desc, api_key_env, w)
 
     def __repr__(self) -> str:
         return (f"LLMEngine(model={self.model!r}, base_url={self.base_url!r}, mode={self.mode!r}, "
@@ -568,7 +579,11 @@ class LLMEngine:
                     self.stats.parse_retries += len(todo)
                 if not todo:
                     break
-                got = await self._one_batch(client, todo, by_key)
+                try:
+                    got = await self._one_batch(client, todo, by_key)
+                except _Failure as f:  # files/batches endpoints kept failing: these jobs fail, counted
+                    out.update({j.key: self._failure(j, f"batch_{f.reason}", f.snippet) for j in todo})
+                    break
                 out.update(got)
                 if any(o.reason == "batch_pending" for o in got.values()):
                     break  # gave up waiting: a re-run resumes this batch
@@ -614,14 +629,17 @@ class LLMEngine:
         finally:
             bar.close()
         out: dict[str, LLMOutcome] = {}
-        for fid, is_err in ((b.output_file_id, False), (b.error_file_id, True)):
+        for fid in (b.output_file_id, b.error_file_id):  # answers, then per-request errors
             if not fid:
                 continue
             content = await self._retrying(lambda: client.files.content(fid), count_calls=False)
-            for line in content.content.decode("utf-8").splitlines():
-                if not line.strip():
+            for line in content.content.decode("utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    row = None  # a damaged line: its job ends as batch_missing below
+                if not isinstance(row, dict):
                     continue
-                row = json.loads(line)
                 job = by_key.get(row.get("custom_id"))
                 if job is None or job.key in out:
                     continue

@@ -152,6 +152,7 @@ class FakeOpenAI:
         self.retry_after = retry_after
         self.batch_polls = batch_polls  # GETs of a batch before it completes
         self.hold_batches = False  # True: batches stay in_progress (to test resuming)
+        self.files_status: int | None = None  # e.g. 500: POST /v1/files answers with this error
         self.faults: deque[str] = deque()
         self.fault_for: Callable[[dict], str | None] | None = None
         self.counts: Counter = Counter()
@@ -355,6 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/chat/completions":
             return self._chat(raw)
         if path == "/v1/files":
+            if f.files_status:
+                return self._error(f.files_status, f"upload failed (injected {f.files_status})")
             ctype = self.headers.get("Content-Type", "")
             msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
