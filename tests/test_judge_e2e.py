@@ -2,7 +2,8 @@
 
 The run must finish; every pair in the run dir must carry the judge's step scores and
 provenance; the judge summary (requests, cost) must be in summary.json; `reward.dry_run=true`
-must print the estimate and stop without calling the API.
+must print the estimate and stop without calling the API; `pairs=llm` builds its pairs from
+LLM-written flawed solutions through the same server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from stepdpo.data import read_jsonl
 from stepdpo.testing.fake_openai import FakeOpenAI
 
-from conftest import run_cli
+from conftest import FAST, run_cli
 
 SPEED = ["eval.before=false", "reward.progress=false", "reward.backoff_base=0.01", "reward.timeout=10"]
 
@@ -52,3 +53,22 @@ def test_dry_run_prints_the_estimate_and_calls_nothing(tmp_path):
     assert est["calls_needed"] > 0 and est["est_cost_usd"] > 0 and est["est_prompt_tokens"] > 0
     assert '"dry_run"' in proc.stdout
     assert not (run_dir / "summary.json").exists()  # stopped before training
+
+
+@pytest.mark.slow
+def test_run_with_llm_written_pairs_judged_by_the_llm(tmp_path):
+    cache = tmp_path / "judge.sqlite"
+    fast = [o for o in FAST if not o.startswith("pairs.")]  # on_policy knobs; pairs=llm has its own
+    with FakeOpenAI() as fake:
+        proc, run_dir = run_cli(tmp_path, *fast, "pairs=llm", f"pairs.base_url={fake.base_url}", "pairs.n_problems=8",
+                                f"pairs.cache_path={cache}", "pairs.progress=false", "reward=openai",
+                                f"reward.base_url={fake.base_url}", f"reward.cache_path={cache}", *SPEED, fast=False)
+    pairs = [row for _, row in read_jsonl(run_dir / "pairs.jsonl")]
+    assert len(pairs) == 8
+    for p in pairs:
+        assert p["source"] == "llm" and p["meta"]["generated_by"] == "openai:gpt-4o-mini"
+        assert p["meta"]["scored_by"] == "openai"  # then graded step by step by the judge
+        assert min(p["rejected_scores"]) < 0.5 <= min(p["chosen_scores"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pairs"]["llm"]["requests"] == 8 and summary["pairs"]["llm"]["failures"] == 0
+    assert summary["judge"]["requests"] == 16  # chosen + rejected of each pair

@@ -14,6 +14,10 @@ Why SQLite and how it stays safe with several processes writing at once:
 - autocommit, one transaction per result: a run killed half-way keeps everything it finished,
   and the re-run only asks for what is missing.
 
+Keep the file on a local disk or a filesystem with working POSIX locks: WAL needs shared
+memory between the processes, which NFS does not give (on a cluster, point STEPDPO_CACHE_DIR at
+node-local or Lustre/GPFS storage, or give each node its own cache).
+
 Only *validated* answers are stored; failures are not, so a re-run retries them. Keys are
 opaque (see `stepdpo.rewards.llm_engine.cache_key`); values are JSON. Nothing secret is stored:
 no API key, no request headers.
