@@ -26,6 +26,7 @@ from ..data import Problem, StepPair
 log = logging.getLogger(__name__)
 
 ON_INVALID = ("error", "skip")
+TRUNCATION = ("error", "drop", "truncate_left")  # used when run.py validates the pairs (stepdpo.validate)
 N_EXAMPLES = 5  # bad-row messages kept per report
 
 
@@ -36,6 +37,12 @@ def check_on_invalid(on_invalid: str, key: str = "dataset.on_invalid") -> str:
     if on_invalid not in ON_INVALID:
         raise ValueError(f"{key}: {on_invalid!r} is not one of {ON_INVALID}")
     return on_invalid
+
+
+def check_policies(on_invalid: str, truncation: str) -> None:
+    """The two bad-data options every loader takes (truncation is applied later, by stepdpo.validate)."""
+    check_on_invalid(on_invalid)
+    check_choice(truncation, TRUNCATION, "dataset.truncation")
 
 
 def check_count(n: int | None, key: str) -> int | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import annotations, segment, strip_annotation_marks, strip_thousands
-from .common import (InvalidRows, check_count, convert_rows, holdout, problem_from, read_converted, split_files,
-                     subsample)
+from .common import (InvalidRows, check_count, check_policies, convert_rows, holdout, problem_from, read_converted,
+                     split_files, subsample)
 
 HUB_ID = "openai/gsm8k"
 
@@ -54,9 +54,11 @@ def read_problems(path: Path, invalid: InvalidRows, *, split: str = "train", **o
 
 def load(*, path: str | None = "../shared/data/gsm8k", eval_path: str | None = None,
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", strip_annotations: bool = False, answer_step: bool = True) -> DatasetBundle:
+         on_invalid: str = "error", truncation: str = "error", strip_annotations: bool = False,
+         answer_step: bool = True) -> DatasetBundle:
     """GSM8K problems. `path`: a directory with train.jsonl/test.jsonl, a JSONL file (then give
     `eval_path` or `eval_fraction`), or None for the Hub's openai/gsm8k."""
+    check_policies(on_invalid, truncation)
     check_count(n_train, "dataset.n_train")
     check_count(n_eval, "dataset.n_eval")
     opts = {"strip_annotations": strip_annotations, "answer_step": answer_step}

@@ -19,8 +19,8 @@ from pathlib import Path
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import MODES, segment
-from .common import (InvalidRows, check_choice, check_count, holdout, problem_from, read_converted, split_files,
-                     subsample)
+from .common import (InvalidRows, check_choice, check_count, check_policies, holdout, problem_from, read_converted,
+                     split_files, subsample)
 
 
 def convert(row: dict, where: str, *, split: str = "train", step_mode: str = "auto", step_pattern: str | None = None,
@@ -67,10 +67,12 @@ def read_problems(path: Path, invalid: InvalidRows, *, split: str = "train", **o
 
 def load(*, path: str = "../shared/data/math500/test.jsonl", eval_path: str | None = None,
          eval_fraction: float | None = 0.2, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", step_mode: str = "sentences", step_pattern: str | None = None, single_line: bool = True,
+         on_invalid: str = "error", truncation: str = "error", step_mode: str = "sentences",
+         step_pattern: str | None = None, single_line: bool = True,
          levels: list[int] | None = None, subjects: list[str] | None = None) -> DatasetBundle:
     """MATH problems. `path`: a JSONL file (eval from `eval_path` or a held-out `eval_fraction`),
     or a directory with train.jsonl and test.jsonl. `levels`/`subjects` keep only those problems."""
+    check_policies(on_invalid, truncation)
     check_count(n_train, "dataset.n_train")
     check_count(n_eval, "dataset.n_eval")
     check_choice(step_mode, MODES, "dataset.step_mode")

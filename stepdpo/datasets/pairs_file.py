@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..data import DatasetBundle, Problem, StepPair, check_field, check_scores
 from ..steps import MODES, clean_steps, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, dedupe_problems, eval_problems_from,
-                     holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,10 @@ def read_problems(path: Path, invalid: InvalidRows, *, split: str = "eval", sing
 
 def load(*, path: str = "???", eval_path: str | None = None, eval_fraction: float | None = 0.1,
          n_train: int | None = None, n_eval: int | None = None, seed: int = 0, on_invalid: str = "error",
-         step_mode: str = "lines", step_pattern: str | None = None, single_line: bool = True,
+         truncation: str = "error", step_mode: str = "lines", step_pattern: str | None = None, single_line: bool = True,
          max_pairs: int | None = None, answer_format: str = "plain") -> DatasetBundle:
     """Pairs from a JSONL file (see the module docstring for the row layout)."""
+    check_policies(on_invalid, truncation)
     for key, n in (("n_train", n_train), ("n_eval", n_eval), ("max_pairs", max_pairs)):
         check_count(n, f"dataset.{key}")
     check_fraction(eval_fraction, "dataset.eval_fraction")

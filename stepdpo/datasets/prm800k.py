@@ -37,8 +37,8 @@ from typing import Any
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import MODES, clean_step, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, dedupe_problems, eval_problems_from,
-                     holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +283,14 @@ def build_whole_solution_pairs(rows: list[dict]) -> list[StepPair]:
 
 def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/data/math500/test.jsonl",
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", rating_scores: dict | None = None, step_pairs: bool = True,
+         on_invalid: str = "error", truncation: str = "error", rating_scores: dict | None = None, step_pairs: bool = True,
          whole_solution_pairs: bool = False, max_pairs_per_step: int | None = 4, max_pairs: int | None = None,
          skip_flagged: bool = True, use_human_completions: bool = True, drop_quality_control: bool = True,
          drop_initial_screening: bool = True, bad_problem: str = "drop_problem", give_up: str = "keep_steps",
          answer_style: str = "boxed", single_line: bool = True, solution_step_mode: str = "sentences",
          dedupe: bool = True) -> DatasetBundle:
     """PRM800K problems and pairs (see the module docstring and conf/dataset/prm800k.yaml)."""
+    check_policies(on_invalid, truncation)
     build_whole = whole_solution_pairs
     for key, n in (("n_train", n_train), ("n_eval", n_eval), ("max_pairs", max_pairs),
                    ("max_pairs_per_step", max_pairs_per_step)):

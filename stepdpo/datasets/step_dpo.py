@@ -29,8 +29,8 @@ from pathlib import Path
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import STEP_MARKER, clean_steps, segment
-from .common import (InvalidRows, check_count, check_fraction, convert_rows, dedupe_problems, eval_problems_from,
-                     holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems,
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,13 @@ def convert(row: dict, where: str, *, full_continuation: bool = False, chosen_sc
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise ValueError(f"{where}: field 'answer' must be a string, got {type(answer).__name__}")
     answer = str(answer).strip() if answer is not None else (last_boxed(full_chosen or chosen_step) or "").strip()
-    gold = prefix + clean_steps(segment(_with_lead(lead, full_chosen), "markers"), single_line=single_line) \
-        if full_chosen else []
+    gold = []  # the problem's gold solution: prefix + the whole chosen continuation
+    if full_chosen:
+        gold = prefix + clean_steps(segment(_with_lead(lead, full_chosen), "markers"), single_line=single_line)
     meta = {"where": where, "dataset": row.get("dataset")}
     pid = "step_dpo-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
-    pair = {"id": f"step_dpo-{where.rsplit(':', 1)[-1].strip('[]')}", "question": prompt, "answer": answer, "prefix": prefix, "chosen": chosen, "rejected": rejected,
+    pair = {"id": f"step_dpo-{where.rsplit(':', 1)[-1].strip('[]')}", "question": prompt, "answer": answer,
+            "prefix": prefix, "chosen": chosen, "rejected": rejected,
             "chosen_scores": [chosen_score] * len(chosen), "rejected_scores": [rejected_score] * len(rejected),
             "source": "step_dpo", "meta": {**meta, "problem_id": pid}}
     problem = {"id": pid, "question": prompt, "answer": answer, "steps": gold,
@@ -133,10 +135,11 @@ def _read(path: str | None, hub_id: str, on_invalid: str, opts: dict) -> list[di
 
 def load(*, path: str | None = "???", hub_id: str = HUB_ID, eval_path: str | None = "../shared/data/math500/test.jsonl",
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", full_continuation: bool = False, chosen_score: float = 1.0,
+         on_invalid: str = "error", truncation: str = "error", full_continuation: bool = False, chosen_score: float = 1.0,
          rejected_score: float = 0.0, single_line: bool = True, max_pairs: int | None = None) -> DatasetBundle:
     """Step-DPO pairs and their problems. `path`: a local .jsonl/.parquet file (or a directory with
     train.jsonl/train.parquet); None downloads `hub_id` from the Hugging Face Hub."""
+    check_policies(on_invalid, truncation)
     for key, n in (("n_train", n_train), ("n_eval", n_eval), ("max_pairs", max_pairs)):
         check_count(n, f"dataset.{key}")
     check_fraction(eval_fraction, "dataset.eval_fraction")
