@@ -434,3 +434,33 @@ def test_dataset_configs_build(name, overrides, monkeypatch):
     assert (bundle.pairs is not None) == (name in ("prm800k", "step_dpo", "pairs"))
     fn = build(cfg.pairs, "pairs")
     assert callable(fn)
+
+
+# ----------------------------------------------------------------------------- Hub paths (network replaced)
+
+
+def test_hub_paths_with_a_stand_in_for_the_hub(monkeypatch):
+    """path=null reads the Hub through datasets.load_dataset; here it returns local rows instead."""
+    import datasets
+
+    calls = []
+    gsm = [{"question": "What is 2+3?", "answer": "2+3 = <<2+3=5>>5\n#### 5"},
+           {"question": "What is 4*2?", "answer": "4*2 = <<4*2=8>>8\n#### 8"}]
+    sdpo = [json.loads(line) for line in (FIX / "step_dpo" / "train.jsonl").read_text().splitlines()]
+
+    def fake_load_dataset(name, *args, split=None, **kw):
+        calls.append((name, args, split))
+        if name == "openai/gsm8k":
+            return datasets.DatasetDict({"train": datasets.Dataset.from_list(gsm),
+                                         "test": datasets.Dataset.from_list(gsm[:1])})
+        assert name == step_dpo.HUB_ID and split == "train"
+        return datasets.Dataset.from_list(sdpo)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    b = gsm8k.load(path=None)
+    assert calls[0] == ("openai/gsm8k", ("main",), None)
+    assert [p.id for p in b.train] == ["gsm8k-train-0", "gsm8k-train-1"] and [p.answer for p in b.eval] == ["5"]
+    assert b.train[1].meta["where"] == "openai/gsm8k:train[1]"
+    s = step_dpo.load(path=None, eval_path=None)
+    assert len(s.pairs) == 4 and s.pairs[0].meta["where"] == f"{step_dpo.HUB_ID}:train[0]"
+    assert s.pairs[0].id == "step_dpo-0"

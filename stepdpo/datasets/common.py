@@ -142,6 +142,18 @@ def code_version(convert: Callable) -> str:
     return h.hexdigest()
 
 
+def row_number(where: str) -> str:
+    """"data/x.jsonl:12" -> "12", "openai/gsm8k:train[12]" -> "12" (for ids derived from the origin)."""
+    m = re.search(r"(\d+)\]?$", where)
+    return m.group(1) if m else where
+
+
+def row_stem(where: str) -> str:
+    """"data/phase1_train.jsonl:12" -> "phase1_train" (the file or Hub split a row came from)."""
+    head = re.sub(r"(:\d+|\[\d+\])$", "", where)
+    return Path(head.replace(":", "/")).stem
+
+
 def _convert_one(row: dict, idx: int, *, convert: Callable, source: str, from_text: bool, opts: dict,
                  code_version: str = "") -> dict:
     where = f"{source}:{idx + 1}" if from_text else f"{source}[{idx}]"

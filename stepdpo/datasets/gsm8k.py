@@ -17,7 +17,7 @@ from pathlib import Path
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import annotations, segment, strip_annotation_marks, strip_thousands
 from .common import (InvalidRows, check_count, check_policies, convert_rows, holdout, problem_from, read_converted,
-                     split_files, subsample)
+                     row_number, split_files, subsample)
 
 HUB_ID = "openai/gsm8k"
 
@@ -43,7 +43,7 @@ def convert(row: dict, where: str, *, split: str = "train", strip_annotations: b
             "n_annotations": sum(len(annotations(s)) for s in raw)}
     if strip_annotations:  # keep them for rule checks and corruption (stepdpo.perturb)
         meta["annotated_steps"] = raw + ([f"#### {final}"] if answer_step else [])
-    n = where.rsplit(":", 1)[-1].strip("[]") if ":" in where else where
+    n = row_number(where)
     return {"id": f"gsm8k-{split}-{n}", "question": question.strip(), "answer": strip_thousands(final),
             "steps": steps, "meta": meta}
 

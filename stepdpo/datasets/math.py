@@ -20,7 +20,7 @@ from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import MODES, segment
 from .common import (InvalidRows, check_choice, check_count, check_policies, holdout, problem_from, read_converted,
-                     split_files, subsample)
+                     row_number, split_files, subsample)
 
 
 def convert(row: dict, where: str, *, split: str = "train", step_mode: str = "auto", step_pattern: str | None = None,
@@ -48,7 +48,7 @@ def convert(row: dict, where: str, *, split: str = "train", step_mode: str = "au
     uid = row.get("unique_id")
     if uid is not None:
         meta["unique_id"] = str(uid)
-    n = where.rsplit(":", 1)[-1]
+    n = row_number(where)
     return {"id": str(uid) if uid is not None else f"math-{split}-{n}", "question": problem.strip(),
             "answer": answer, "steps": steps, "meta": meta}
 

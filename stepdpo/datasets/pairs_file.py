@@ -25,7 +25,8 @@ from pathlib import Path
 from ..data import DatasetBundle, Problem, StepPair, check_field, check_scores
 from ..steps import MODES, clean_steps, segment
 from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
+                     subsample)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def convert(row: dict, where: str, *, step_mode: str = "lines", step_pattern: st
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise ValueError(f"{where}: field 'id' must be a string, got {type(rid).__name__}")
     pid = "pairs-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
-    line = where.rsplit(":", 1)[-1]
+    line = row_number(where)
     pair = {"id": str(rid) if rid is not None else f"pairs-{line}", "question": prompt, "answer": answer,
             "prefix": prefix, "chosen": chosen, "rejected": rejected, "chosen_scores": cs, "rejected_scores": rs,
             "source": "file", "meta": {**meta, "where": where, "problem_id": pid}}

@@ -38,7 +38,8 @@ from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import MODES, clean_step, segment
 from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
+                     row_stem, subsample)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def convert(row: dict, where: str, *, rating_scores: dict, answer_style: str = "
         for c_text, r_text in itertools.product(dict.fromkeys(good), dict.fromkeys(bad)):
             if c_text == r_text or (max_pairs_per_step is not None and made >= max_pairs_per_step):
                 continue
-            pairs.append({"id": f"{pid}-{Path(where.rsplit(':', 1)[0]).stem}-{where.rsplit(':', 1)[-1]}-s{i}-{made}",
+            pairs.append({"id": f"{pid}-{row_stem(where)}-{row_number(where)}-s{i}-{made}",
                           "question": question, "answer": answer, "prefix": list(prefix), "chosen": [c_text],
                           "rejected": [r_text], "chosen_scores": [rs[1]], "rejected_scores": [rs[-1]],
                           "source": "prm800k", "meta": {**base_meta, "kind": "step", "step": i}})
@@ -291,7 +292,6 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
          dedupe: bool = True) -> DatasetBundle:
     """PRM800K problems and pairs (see the module docstring and conf/dataset/prm800k.yaml)."""
     check_policies(on_invalid, truncation)
-    build_whole = whole_solution_pairs
     for key, n in (("n_train", n_train), ("n_eval", n_eval), ("max_pairs", max_pairs),
                    ("max_pairs_per_step", max_pairs_per_step)):
         check_count(n, f"dataset.{key}")
@@ -300,7 +300,7 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
     check_choice(give_up, ("keep_steps", "drop_row"), "dataset.give_up")
     check_choice(answer_style, ("boxed", "keep"), "dataset.answer_style")
     check_choice(solution_step_mode, MODES, "dataset.solution_step_mode")
-    if not step_pairs and not build_whole:
+    if not step_pairs and not whole_solution_pairs:
         raise ValueError("dataset.step_pairs and dataset.whole_solution_pairs are both false: no pairs to build")
     if eval_path is not None and eval_fraction is not None:
         raise ValueError("dataset.eval_path and dataset.eval_fraction both set: keep one")
@@ -332,7 +332,7 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
     pairs: list[StepPair] = []
     if step_pairs:
         pairs += [StepPair.from_dict(p) for r in kept for p in r["step_pairs"]]
-    if build_whole:  # a give_up solution is never a "finished" chosen one (build_whole_solution_pairs checks finish)
+    if whole_solution_pairs:  # a give_up solution is never the finished, chosen one
         pairs += build_whole_solution_pairs(kept)
     if dedupe:
         pairs = _dedupe(pairs, counts)

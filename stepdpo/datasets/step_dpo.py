@@ -30,7 +30,8 @@ from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import STEP_MARKER, clean_steps, segment
 from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, subsample)
+                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
+                     subsample)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def convert(row: dict, where: str, *, full_continuation: bool = False, chosen_sc
         gold = prefix + clean_steps(segment(_with_lead(lead, full_chosen), "markers"), single_line=single_line)
     meta = {"where": where, "dataset": row.get("dataset")}
     pid = "step_dpo-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
-    pair = {"id": f"step_dpo-{where.rsplit(':', 1)[-1].strip('[]')}", "question": prompt, "answer": answer,
+    pair = {"id": f"step_dpo-{row_number(where)}", "question": prompt, "answer": answer,
             "prefix": prefix, "chosen": chosen, "rejected": rejected,
             "chosen_scores": [chosen_score] * len(chosen), "rejected_scores": [rejected_score] * len(rejected),
             "source": "step_dpo", "meta": {**meta, "problem_id": pid}}
