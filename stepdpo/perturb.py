@@ -28,7 +28,8 @@ from .steps import (annotation_matches, annotations, check_annotation, evaluate_
 # a number as written in text: 1,080 | 12 | 0.5 | .5 (no sign: negatives are left alone)
 _NUM = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\.\d+)(?![\w]|[.,]\d)")
 # a visible computation outside annotations: "12 * 3 = 36"
-_VISIBLE_EQ = re.compile(r"((?:\d[\d.,]*|\(|\))(?:\s*[-+*/x×÷()]\s*\(?\s*\d[\d.,]*\)?)+)\s*=\s*\$?\s*(\d[\d.,]*)(?!\s*<<)")
+_VISIBLE_EQ = re.compile(r"((?:\d[\d.,]*|\(|\))(?:\s*[-+*/x×÷()]\s*\(?\s*\d[\d.,]*\)?)+)"
+                         r"\s*=\s*\$?\s*(\d[\d.,]*)(?!\s*<<)")
 MAX_TRIES_PER_SITE = 3  # new values tried per annotation
 MAX_TRIES_PER_PROBLEM = 12
 

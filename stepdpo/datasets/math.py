@@ -97,6 +97,7 @@ def _filter(levels, subjects):
     if levels is not None and (not isinstance(levels, list) or not all(isinstance(x, int) for x in levels)):
         raise ValueError(f"dataset.levels: must be null or a list of integers like [1, 2, 3], got {levels!r}")
     if subjects is not None and (not isinstance(subjects, list) or not all(isinstance(x, str) for x in subjects)):
-        raise ValueError(f"dataset.subjects: must be null or a list of names like [Algebra, Geometry], got {subjects!r}")
+        raise ValueError(f"dataset.subjects: must be null or a list of names like [Algebra, Prealgebra], "
+                         f"got {subjects!r}")
     lv, sj = set(levels or ()), {s.lower() for s in subjects or ()}
     return lambda p: (not lv or p.meta.get("level") in lv) and (not sj or str(p.meta.get("subject", "")).lower() in sj)

@@ -58,7 +58,8 @@ def rating_map(rating_scores: dict | None) -> dict[int, float]:
     if rating_scores is None:
         return dict(DEFAULT_RATING_SCORES)
     if not isinstance(rating_scores, dict):
-        raise ValueError(f"dataset.rating_scores: must be a mapping like {{-1: 0.0, 0: 0.5, 1: 1.0}}, got {rating_scores!r}")
+        raise ValueError("dataset.rating_scores: must be a mapping like {-1: 0.0, 0: 0.5, 1: 1.0}, "
+                         f"got {rating_scores!r}")
     out = {}
     for k, v in rating_scores.items():
         try:
@@ -72,7 +73,8 @@ def rating_map(rating_scores: dict | None) -> dict[int, float]:
         out[key] = float(v)
     missing = set(RATINGS) - set(out)
     if missing:
-        raise ValueError(f"dataset.rating_scores: missing ratings {sorted(missing)}; give a score for each of {RATINGS}")
+        raise ValueError(f"dataset.rating_scores: missing ratings {sorted(missing)}; "
+                         f"give a score for each of {RATINGS}")
     if not out[-1] < out[1]:
         raise ValueError(f"dataset.rating_scores: the score of -1 ({out[-1]}) must be below that of +1 ({out[1]})")
     return out
@@ -107,7 +109,8 @@ def _human_text(h: Any, where: str, field: str) -> str | None:
         return h
     if isinstance(h, dict) and isinstance(h.get("text"), str):
         return h["text"]
-    raise ValueError(f"{where}: field '{field}' must be null, a string or an object with 'text', got {type(h).__name__}")
+    raise ValueError(f"{where}: field '{field}' must be null, a string or an object with 'text', "
+                     f"got {type(h).__name__}")
 
 
 def convert(row: dict, where: str, *, rating_scores: dict, answer_style: str = "boxed", single_line: bool = True,
@@ -284,8 +287,9 @@ def build_whole_solution_pairs(rows: list[dict]) -> list[StepPair]:
 
 def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/data/math500/test.jsonl",
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", truncation: str = "error", rating_scores: dict | None = None, step_pairs: bool = True,
-         whole_solution_pairs: bool = False, max_pairs_per_step: int | None = 4, max_pairs: int | None = None,
+         on_invalid: str = "error", truncation: str = "error", rating_scores: dict | None = None,
+         step_pairs: bool = True, whole_solution_pairs: bool = False, max_pairs_per_step: int | None = 4,
+         max_pairs: int | None = None,
          skip_flagged: bool = True, use_human_completions: bool = True, drop_quality_control: bool = True,
          drop_initial_screening: bool = True, bad_problem: str = "drop_problem", give_up: str = "keep_steps",
          answer_style: str = "boxed", single_line: bool = True, solution_step_mode: str = "sentences",
@@ -307,8 +311,8 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
     rs = rating_map(rating_scores)
     files = _files(path)
     rows, _ = read_rows(files, on_invalid, rating_scores=rs, answer_style=answer_style, single_line=single_line,
-                             skip_flagged=skip_flagged, use_human_completions=use_human_completions,
-                             max_pairs_per_step=max_pairs_per_step, solution_step_mode=solution_step_mode)
+                        skip_flagged=skip_flagged, use_human_completions=use_human_completions,
+                        max_pairs_per_step=max_pairs_per_step, solution_step_mode=solution_step_mode)
 
     counts: Counter = Counter(rows=len(rows))
     bad_questions = {r["problem"]["question"] for r in rows if r["flags"]["finish"] == "bad_problem"}

@@ -136,7 +136,8 @@ def _read(path: str | None, hub_id: str, on_invalid: str, opts: dict) -> list[di
 
 def load(*, path: str | None = "???", hub_id: str = HUB_ID, eval_path: str | None = "../shared/data/math500/test.jsonl",
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-         on_invalid: str = "error", truncation: str = "error", full_continuation: bool = False, chosen_score: float = 1.0,
+         on_invalid: str = "error", truncation: str = "error", full_continuation: bool = False,
+         chosen_score: float = 1.0,
          rejected_score: float = 0.0, single_line: bool = True, max_pairs: int | None = None) -> DatasetBundle:
     """Step-DPO pairs and their problems. `path`: a local .jsonl/.parquet file (or a directory with
     train.jsonl/train.parquet); None downloads `hub_id` from the Hugging Face Hub."""
