@@ -142,7 +142,8 @@ def score_pairs(pairs: Sequence[StepPair], scorer: StepScorer) -> tuple[list[Ste
         if rc.scores is None or rr.scores is None:
             failed.add(p.id)
             report["score_failed"] += 1
-            report[f"score_failed/{(rc.error or rr.error or '?').split(':')[0][:40]}"] += 1
+            parts = (rc.error or rr.error or "?").split(": ")  # "<id>: <reason>: <response head>"
+            report[f"score_failed/{(parts[1] if len(parts) > 1 else parts[0])[:40]}"] += 1
             continue
         n = len(p.prefix)
         p.chosen_scores, p.rejected_scores = rc.scores[n:], rr.scores[n:]

@@ -183,6 +183,8 @@ def run(cfg: DictConfig, out: Path) -> float:
         results["after"] = evaluate_stage("after", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
         summary["time/total_s"] = time.perf_counter() - t_start
         summary["eval"] = results
+        if hasattr(scorer, "summary"):  # again: eval samples were scored too
+            summary["judge"] = scorer.summary()
         write_json(out / "eval.json", results)
         write_json(out / "summary.json", {**tracker.summary_data, **summary})
         tracker.summary({k: v for k, v in _flat(summary).items()})
