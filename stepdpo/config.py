@@ -49,6 +49,11 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     eval_every: int = 0
+    save_every: int = 0  # checkpoint every N optimizer steps into <run dir>/checkpoints/<stage>/ (0 = never)
+    keep_checkpoints: int = 1  # newest checkpoints kept per stage (writes are atomic, so 1 is safe)
+    resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>; trainer.resume drives every stage
+    precompute_ref: bool = False  # reference log-probs computed once before training, cached on disk
+    ref_cache_dir: str = "~/.cache/stepdpo"  # where precomputed reference log-probs are cached (ref_logps/<hash>.pt)
 
 
 @dataclass
@@ -113,6 +118,9 @@ def validate_trainer(node: Any, group: str) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length"):
         if node[key] < (0 if key == "max_steps" else 1):
             raise ValueError(f"{group}.{key}: must be >= {0 if key == 'max_steps' else 1}, got {node[key]}")
+    if node.save_every < 0 or node.keep_checkpoints < 1:
+        raise ValueError(f"{group}.save_every must be >= 0 and {group}.keep_checkpoints >= 1; "
+                         f"got {node.save_every} and {node.keep_checkpoints}")
     if node.beta <= 0:
         raise ValueError(f"{group}.beta: must be > 0, got {node.beta}")
     if node.lr <= 0:

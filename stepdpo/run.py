@@ -59,14 +59,19 @@ def run(cfg: DictConfig, out: Path) -> float:
     import torch
 
     from .batching import encode_pair, encode_sft
-    from .data import write_json, write_jsonl
+    from .data import StepPair, read_jsonl, write_json, write_jsonl
     from .model import add_lora, count_params, load_base
     from .pairs import request_for, score_pairs
     from .train import train
+    from . import checkpoint, distributed
 
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
     seed_everything(cfg.seed)
+    rank, world = distributed.init()  # torchrun: DDP over `world` processes; rank 0 logs, evaluates, writes
+    if world > 1:
+        out = Path(distributed.broadcast(str(out)))  # ranks' clocks may name different run dirs: use rank 0's
+    resume = checkpoint.resolve_resume(cfg.trainer.resume, out)  # None, or where to continue from
     model_spec = build(cfg.model, "model")
     lora_spec = build(cfg.lora, "lora")
     if lora_spec.load_in_4bit and model_spec.path is None:
@@ -94,8 +99,10 @@ def run(cfg: DictConfig, out: Path) -> float:
 
     from .data import atomic_write_text
 
-    atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg))
+    if rank == 0:
+        atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = (build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg)) if rank == 0
+               else distributed.NullTracker())
     summary: dict = {}
     try:
         model, tok = load_base(model_spec)
@@ -103,32 +110,47 @@ def run(cfg: DictConfig, out: Path) -> float:
         step = 0
         # ---------------------------------------------------------------- SFT warm-up (full fine-tune)
         cached = sft_cache_path(cfg)
-        if cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
+        done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
+        if done is not None:
+            log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
+            model, tok = load_base(model_spec, path=str(done))
+        elif cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
             log.info("sft: reusing the cached warm-up at %s", cached)
             model, tok = load_base(model_spec, path=str(cached))
             summary["sft_cached"] = str(cached)
         elif cfg.sft.max_steps > 0:
             t = time.perf_counter()
             sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
-            train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft")
+            train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft", ckpt_dir=out / "checkpoints" / "sft",
+                  resume_from=resume.checkpoint("sft") if resume else None)
             summary["time/sft_s"] = time.perf_counter() - t
-            if cached is not None:
+            if cached is not None and rank == 0:
                 save_atomic_dir(model, tok, cached)
         step += cfg.sft.max_steps
         base_path = model_spec.path
-        if cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
+        if done is not None:
+            base_path = str(done)
+        elif cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
             base_path = str(out / "base_model")
-            model.save_pretrained(base_path)
-            tok.save_pretrained(base_path)
+            if rank == 0:
+                with checkpoint.atomic_dir(base_path) as tmp:  # its presence means "SFT done" to a resume
+                    model.save_pretrained(tmp)
+                    tok.save_pretrained(tmp)
+            distributed.barrier()
         if lora_spec.load_in_4bit:  # reload the weights through bitsandbytes nf4
             del model
             model, tok = load_base(model_spec, path=base_path, quant=lora_spec)
+        torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
         policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
         summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
 
         results = {}
-        if cfg.eval.before:
+        before = resume.artifact("eval_before.json") if resume else None
+        if before is not None:
+            results["before"] = json.loads(before.read_text())
+        elif cfg.eval.before and rank == 0:
             results["before"] = evaluate_stage("before", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
+            write_json(out / "eval_before.json", results["before"])
 
         # ---------------------------------------------------------------- pairs and step scores
         t = time.perf_counter()
@@ -136,20 +158,30 @@ def run(cfg: DictConfig, out: Path) -> float:
             examples = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
             pair_report: dict = {"pairs": 0}
         else:
-            if bundle.pairs is not None:
+            saved = resume.artifact("pairs.jsonl") if resume else None  # scored + validated by the resumed run
+            if saved is None and rank > 0:
+                distributed.barrier()  # torchrun: rank 0 builds the pairs, the others read them
+                saved = out / "pairs.jsonl"
+            if saved is not None:
+                pairs = [StepPair.from_dict(row) for _, row in read_jsonl(saved)]
+                pair_report = {"source": str(saved), "pairs": len(pairs)}
+            elif bundle.pairs is not None:
                 pairs, pair_report = list(bundle.pairs), {"source": "dataset"}
             else:
                 res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed)
                 pairs, pair_report = res if isinstance(res, tuple) else (res, {})
-            pairs, score_report = score_pairs(pairs, scorer)
-            pair_report.update(score_report)
-            pairs, val_report = validate(pairs, tok, cfg)
-            pair_report.update(val_report)
-            pair_report["pairs"] = len(pairs)
-            write_jsonl(out / "pairs.jsonl", (p.to_dict() for p in pairs))
-            if hasattr(scorer, "summary"):
-                summary["judge"] = scorer.summary()
-                tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
+            if saved is None:
+                pairs, score_report = score_pairs(pairs, scorer)
+                pair_report.update(score_report)
+                pairs, val_report = validate(pairs, tok, cfg)
+                pair_report.update(val_report)
+                pair_report["pairs"] = len(pairs)
+                write_jsonl(out / "pairs.jsonl", (p.to_dict() for p in pairs))
+                if world > 1:
+                    distributed.barrier()
+                if hasattr(scorer, "summary"):
+                    summary["judge"] = scorer.summary()
+                    tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
             examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting,
                                     weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
                                     max_length=cfg.trainer.max_length) for p in pairs]
@@ -170,9 +202,13 @@ def run(cfg: DictConfig, out: Path) -> float:
         t = time.perf_counter()
         eval_fn = (lambda s: {f"eval/during/{k}": v for k, v in evaluate_stage(
             f"step{s}", policy, tok, eval_problems, cfg, tracker, step + s, out).items()})
-        train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed,
-              prefix="dpo" if cfg.trainer.loss != "sft" else "train_sft", eval_fn=eval_fn, step_offset=step)
+        stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
+        train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
+              eval_fn=eval_fn if rank == 0 else None, step_offset=step, ckpt_dir=out / "checkpoints" / stage,
+              resume_from=resume.checkpoint(stage) if resume else None)
         step += cfg.trainer.max_steps
+        if rank > 0:  # rank 0 saves the adapter and evaluates
+            return float("nan")
         summary["time/train_s"] = time.perf_counter() - t
         adapter_dir = out / ("adapter" if lora_spec.enabled else "model")
         policy.save_pretrained(adapter_dir)
@@ -274,6 +310,10 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        from .distributed import cleanup
+
+        cleanup()  # torchrun: leave the process group
 
 
 if __name__ == "__main__":

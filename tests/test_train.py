@@ -1,0 +1,198 @@
+"""The training loop: selective log-probs, batch arithmetic, metrics, LoRA vs base, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stepdpo.batching import Example, collate
+from stepdpo.config import TrainerConfig
+from stepdpo.loss import token_logps
+from stepdpo.model import LoraSpec, add_lora, tiny_llama
+from stepdpo.train import BatchStream, TokenLogps, _HeadLogps, flat_token_logps, reference_logps, train
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+
+def make_examples(n: int, seed: int = 0, vocab: int = 90) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [1] + [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 9))]
+        c = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
+        r = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
+        cw = [rng.choice([0.0, 1.0]) for _ in c]
+        rw = [rng.choice([0.0, 1.0]) for _ in r]
+        out.append(Example(p, c, r, cw, rw, [float(w) for w in cw], [float(w) for w in rw]))
+    return out
+
+
+def lora_model(seed: int = 0, lora_seed: int | None = None):
+    torch.manual_seed(seed)
+    model, tok = tiny_llama(**TINY)
+    if lora_seed is not None:
+        torch.manual_seed(lora_seed)
+    policy, ref = add_lora(model, LoraSpec(name="lora", r=4, alpha=8))
+    return policy, ref, tok
+
+
+def cfg(**kw) -> TrainerConfig:
+    base = dict(max_steps=3, batch_size=4, log_every=1, lr=1e-2, device="cpu", warmup_steps=0, nll_alpha=0.0)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def test_selective_logps_equal_full_logits_values_and_grads():
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    batch = collate(make_examples(3), tok.pad_token_id)
+    lp = TokenLogps(model)
+    assert lp.parts is not None  # llama: the LM head runs only at response positions
+    fast = lp(batch.input_ids, batch.attention_mask, batch.labels)
+    full = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    assert fast.shape == full.shape == (6, batch.input_ids.shape[1] - 1)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+    w = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * w).sum(), list(model.parameters()))
+    full = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    g_full = torch.autograd.grad((full * w).sum(), list(model.parameters()))
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits, fp32 log-softmax statistics
+        fast16 = lp(batch.input_ids, batch.attention_mask, batch.labels)
+    assert fast16.dtype == torch.float32 and (fast16 - full).abs().max() < 0.05
+
+
+def test_head_logps_backward_matches_autograd_with_bias():
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, requires_grad=True)
+    W = torch.randn(13, 5, requires_grad=True)
+    b = torch.randn(13, requires_grad=True)
+    t = torch.randint(0, 13, (7,))
+    g = torch.randn(7)
+    got = torch.autograd.grad((_HeadLogps.apply(h, W, b, t) * g).sum(), (h, W, b))
+    want = torch.autograd.grad((flat_token_logps(h @ W.t() + b, t) * g).sum(), (h, W, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the reference pass keeps nothing for backward
+        torch.testing.assert_close(_HeadLogps.apply(h, W, b, t), flat_token_logps(h @ W.t() + b, t))
+
+
+def test_reference_is_the_adapter_disabled_policy():
+    policy, ref, tok = lora_model()
+    assert ref is None
+    with torch.no_grad():  # make the adapter matter
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    batch = collate(make_examples(2), tok.pad_token_id)
+    lp = TokenLogps(policy)
+    r = reference_logps(lp, None, batch)
+    with policy.disable_adapter(), torch.no_grad():
+        want = token_logps(policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    torch.testing.assert_close(r, want, rtol=0, atol=1e-6)
+    assert not r.requires_grad
+    assert (lp(batch.input_ids, batch.attention_mask, batch.labels) - r).abs().max() > 1e-4
+
+
+def test_batch_stream_is_deterministic_resumable_and_sharded():
+    lengths = [random.Random(i).randrange(5, 50) for i in range(22)]
+    s = BatchStream(lengths, 4, seed=3)
+    seq = [s.next() for _ in range(12)]  # 5 full batches per epoch (22 // 4): crosses two epochs
+    assert all(len(b) == 4 for b in seq)
+    assert len(set(sum(seq[:5], []))) == 20  # within an epoch, disjoint
+    s2 = BatchStream(lengths, 4, seed=3)
+    for _ in range(7):
+        s2.next()
+    state = s2.state_dict()
+    assert state == {"epoch": 1, "index": 2}
+    s3 = BatchStream(lengths, 4, seed=3)
+    s3.load_state_dict(state)
+    assert [s3.next() for _ in range(5)] == seq[7:12]
+    assert BatchStream(lengths, 4, seed=4).next() != seq[0] or BatchStream(lengths, 4, seed=4).next() != seq[1]
+    with pytest.raises(ValueError, match="fewer than one global batch of 32"):
+        BatchStream(lengths, 32, seed=0)
+
+
+def test_two_steps_change_the_adapter_not_the_base_and_log_every_metric():
+    policy, ref, tok = lora_model()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    rec = Recorder()
+    last = train(cfg(max_steps=2), policy, tok, make_examples(16), rec, ref_model=ref, prefix="dpo")
+    for n, p in policy.named_parameters():
+        changed = not torch.equal(p, before[n])
+        if "lora_B" in n:  # lora_A alone may stay put at step 1 (B = 0), B must move
+            assert changed, n
+        if "lora_" not in n:
+            assert not changed, f"base weight {n} changed"
+    assert [s for s, _ in rec.rows] == [1, 2]
+    issue_metrics = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+                     "tokens/weighted_chosen", "tokens/weighted_rejected", "rewards/first_error_margin",
+                     "logps/chosen_drift", "lr", "grad_norm", "tokens_per_s", "peak_rss_mb", "tokens/nonpad"]
+    for _, m in rec.rows:
+        for k in issue_metrics:
+            assert f"dpo/{k}" in m, k
+    assert last == rec.rows[-1][1]
+    m1 = rec.rows[0][1]
+    assert m1["dpo/loss"] == pytest.approx(0.6931471, abs=1e-6)  # policy == reference at step 1
+    assert m1["dpo/logps/chosen_drift"] == 0.0 and m1["dpo/tokens_per_s"] > 0
+
+
+def test_grad_accum_and_micro_batch_split_give_the_same_step():
+    """global batch 8 as 1 x 8, or 2 micro-batches of 4: same data, loss and update."""
+    results = []
+    for bs, ga in ((8, 1), (4, 2)):
+        policy, ref, tok = lora_model()
+        rec = Recorder()
+        train(cfg(max_steps=2, batch_size=bs, grad_accum=ga), policy, tok, make_examples(24), rec, ref_model=ref)
+        results.append((rec.rows, {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}))
+    (r1, p1), (r2, p2) = results
+    for (_, a), (_, b) in zip(r1, r2):
+        for k in ("train/loss", "train/rewards/margin", "train/grad_norm", "train/tokens/nonpad",
+                  "train/tokens/weighted_chosen"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    for n in p1:
+        torch.testing.assert_close(p1[n], p2[n], rtol=1e-5, atol=1e-6)
+
+
+def test_full_finetune_with_frozen_reference_copy_and_bf16():
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    policy, ref = add_lora(model, LoraSpec(name="none"))
+    w0 = ref.lm_head.weight.detach().clone()
+    rec = Recorder()
+    train(cfg(max_steps=2, precision="bf16"), policy, tok, make_examples(8), rec, ref_model=ref)
+    assert torch.equal(ref.lm_head.weight, w0)
+    assert not torch.equal(policy.lm_head.weight, w0)
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for _, m in rec.rows)
+
+
+def test_sft_stage_runs_on_the_same_loop():
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    rec = Recorder()
+    train(cfg(loss="sft", max_steps=3, lr=1e-2), model, tok, make_examples(12), rec, prefix="sft")
+    losses = [m["sft/loss"] for _, m in rec.rows]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_errors_name_the_problem():
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    with pytest.raises(ValueError, match="no training examples"):
+        train(cfg(), model, tok, [], Recorder())
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        policy, ref, tok = lora_model()
+        train(cfg(batch_size=4, grad_accum=2), policy, tok, make_examples(5), Recorder(), ref_model=ref)
+    with pytest.raises(ValueError, match="no reference"):
+        train(cfg(), model, tok, make_examples(8), Recorder())
