@@ -79,14 +79,13 @@ def all_gather(obj: Any) -> list[Any]:
 
 
 def reduce_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average per-rank metrics over ranks, except `tokens/*` counts, which are summed."""
+    """Sum per-rank metrics over ranks: each is a count, or this rank's share of a global-batch mean."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return sums
     keys = sorted(sums)
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    w = dist.get_world_size()
-    return {k: float(v) if k.startswith("tokens/") else float(v) / w for k, v in zip(keys, t.tolist())}
+    return dict(zip(keys, t.tolist()))
 
 
 def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -7,9 +7,11 @@ seed -> param groups -> optimizer + schedule -> [reference log-probs cache] -> [
 
 Batch arithmetic: one optimizer step consumes one *global batch* of batch_size * grad_accum *
 world_size pairs from a stream that is deterministic in (seed, epoch). Micro-batch a of rank r is
-global[(a * world + r) * batch_size :][:batch_size], so N processes trace the loss curve of one
-process with the same global batch (up to float summation order). The stream position is all a
-checkpoint needs to continue the data exactly (stepdpo/checkpoint.py).
+global[(a * world + r) * batch_size :][:batch_size]. Each micro-batch's loss is weighted by its share
+of the global batch (its pairs for DPO, its response tokens for SFT), so the step minimises the mean
+over the global batch however it is split: N processes, or grad_accum micro-batches, trace the loss
+curve of one process with the same global batch (up to float summation order). The stream
+position is all a checkpoint needs to continue the data exactly (stepdpo/checkpoint.py).
 
 Log-probs: the backbone runs over every token, the LM head only at response positions (labels !=
 -100), so no (N, T, V) logits tensor is ever built; see `TokenLogps`.
@@ -325,11 +327,14 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     for step in range(start + 1, cfg.max_steps + 1):
         sums: dict[str, float] = {}
         global_idx = stream.next()
+        if sft:  # SFT is a mean over the global batch's response tokens, however it is split
+            n_global = sum(len(examples[i].chosen_ids) - (not examples[i].prompt_ids) for i in global_idx)
         for a in range(cfg.grad_accum):
             lo = (a * world + rank) * cfg.batch_size
             idx = global_idx[lo:lo + cfg.batch_size]  # this rank's disjoint shard of the global batch
             batch = collate([examples[i] for i in idx], pad, sft=sft).to(device)
             mask = batch.labels[:, 1:] != IGNORE  # (N, T-1) response tokens
+            share = int(mask.sum()) / n_global if sft else len(idx) / len(global_idx)  # of the global mean
             sync = a == cfg.grad_accum - 1 or ddp is policy  # all-reduce gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with autocast:
@@ -347,19 +352,19 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                             pol_lp, ref_lp, batch.token_weights[:, 1:], mask, beta=cfg.beta, loss_type=cfg.loss_type,
                             label_smoothing=cfg.label_smoothing, nll_alpha=cfg.nll_alpha,
                             token_reduction=cfg.token_reduction, focus=batch.focus[:, 1:])
-                (loss / cfg.grad_accum).backward()
+                (loss * share * world).backward()  # DDP averages gradients over ranks; * world makes it a sum
             n_real = int(batch.attention_mask.sum())
             tokens += n_real
             m = {**m, "tokens/nonpad": n_real, "tokens/padded": batch.attention_mask.numel()}
-            for k, v in m.items():  # counts add up over micro-batches; everything else is a mean
-                sums[k] = sums.get(k, 0.0) + (float(v) if k.startswith("tokens/") else float(v) / cfg.grad_accum)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+            for k, v in m.items():  # counts add up; everything else is a mean over the global batch
+                sums[k] = sums.get(k, 0.0) + (float(v) if k.startswith("tokens/") else float(v) * share)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            red = distributed.reduce_metrics({**sums, "tokens/window": tokens}, device)  # over ranks
+            red = distributed.reduce_metrics({**sums, "tokens/window": tokens}, device)  # summed over ranks
             window, dt = red.pop("tokens/window"), time.perf_counter() - t0
             last = {f"{prefix}/{k}": v for k, v in red.items()}
             last.update({f"{prefix}/lr": sched.get_last_lr()[0], f"{prefix}/grad_norm": float(gnorm),

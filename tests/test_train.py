@@ -16,6 +16,16 @@ from stepdpo.train import BatchStream, TokenLogps, _HeadLogps, flat_token_logps,
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for
+    each other make them several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Recorder:
     def __init__(self):
         self.rows: list[tuple[int, dict]] = []
@@ -196,3 +206,16 @@ def test_errors_name_the_problem():
         train(cfg(batch_size=4, grad_accum=2), policy, tok, make_examples(5), Recorder(), ref_model=ref)
     with pytest.raises(ValueError, match="no reference"):
         train(cfg(), model, tok, make_examples(8), Recorder())
+
+
+def test_sft_loss_is_the_token_mean_of_the_global_batch_however_split():
+    results = []
+    for bs, ga in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model, tok = tiny_llama(**TINY)
+        rec = Recorder()
+        train(cfg(loss="sft", max_steps=2, batch_size=bs, grad_accum=ga), model, tok, make_examples(16), rec)
+        results.append(([m["train/loss"] for _, m in rec.rows], model.lm_head.weight.detach().clone()))
+    (l1, w1), (l2, w2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-6)

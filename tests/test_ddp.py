@@ -1,0 +1,114 @@
+"""torchrun / DDP on CPU (gloo): 2 processes trace the loss curve of 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import conftest
+from conftest import FAST, ROOT, run_cli
+from stepdpo.train import train
+from test_train import Recorder, cfg, lora_model, make_examples, one_thread, tiny_llama, TINY  # noqa: F401
+
+TESTS = Path(__file__).resolve().parent
+KEYS = ("loss", "grad_norm", "rewards/margin", "rewards/accuracy", "tokens/nonpad", "tokens/weighted_chosen")
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from stepdpo import distributed
+    from stepdpo.train import train
+    from test_train import Recorder, cfg, lora_model, make_examples, tiny_llama, TINY
+
+    out, cache = sys.argv[1], sys.argv[2]
+    rank, world = distributed.init()
+    assert world == 2, world
+    res = {}
+    for name, kw in (("dpo", dict(batch_size=2, grad_accum=2)),
+                     ("precompute", dict(batch_size=4, precompute_ref=True, ref_cache_dir=cache))):
+        policy, ref, tok = lora_model()
+        rec = Recorder()
+        train(cfg(max_steps=3, **kw), policy, tok, make_examples(24), rec, ref_model=ref)
+        res[name] = {"rows": [m for _, m in rec.rows],
+                     "params": {n: p.detach().tolist() for n, p in policy.named_parameters() if p.requires_grad}}
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    rec = Recorder()
+    train(cfg(loss="sft", max_steps=2, batch_size=4), model, tok, make_examples(24), rec)
+    res["sft"] = {"rows": [m for _, m in rec.rows], "params": {"lm_head": model.lm_head.weight.detach().tolist()}}
+    json.dump(res, open(f"{out}/rank{rank}.json", "w"))
+    distributed.cleanup()
+''')
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**conftest.test_env(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def close(a: dict, b: dict, prefix: str, rel: float = 1e-5) -> None:
+    for k in KEYS:
+        key = f"{prefix}/{k}"
+        if key in a:
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), key
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun(str(script), str(tmp_path), str(tmp_path / "cache"))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["dpo"]["params"] == r1["dpo"]["params"]  # DDP keeps the replicas identical
+
+    one = {}  # the same global batches, one process: 8 pairs as 2 x 4; 8 as 1 x 8; SFT 8 examples
+    for name, kw in (("dpo", dict(batch_size=4, grad_accum=2)),
+                     ("precompute", dict(batch_size=8, precompute_ref=True, ref_cache_dir=str(tmp_path / "cache1")))):
+        policy, ref, tok = lora_model()
+        rec = Recorder()
+        train(cfg(max_steps=3, **kw), policy, tok, make_examples(24), rec, ref_model=ref)
+        one[name] = ([m for _, m in rec.rows], {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad})
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    rec = Recorder()
+    train(cfg(loss="sft", max_steps=2, batch_size=8), model, tok, make_examples(24), rec)
+    one["sft"] = ([m for _, m in rec.rows], {"lm_head": model.lm_head.weight.detach()})
+
+    for name in ("dpo", "precompute", "sft"):
+        rows, params = one[name]
+        assert len(rows) == len(r0[name]["rows"])
+        for a, b in zip(rows, r0[name]["rows"]):
+            close(a, b, "train")
+        for n, p in params.items():
+            torch.testing.assert_close(torch.tensor(r0[name]["params"][n]), p, rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node=2 -m stepdpo.run` end to end (gloo): the DPO losses of a 2 x 2-pair
+    run equal a 1 x 4-pair run's; rank 0 alone writes the run dir."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    over = ["sft.max_steps=0", "trainer.max_steps=4", "eval.n=4", "eval.max_new_tokens=16", "eval.before=false"]
+    _, one = run_cli(tmp_path / "one", *over, "trainer.batch_size=4")
+    two = tmp_path / "two"
+    torchrun("-m", "stepdpo.run", f"hydra.run.dir={two}", *FAST, *over, "trainer.batch_size=2")
+
+    def dpo(run: Path) -> list[dict]:
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "dpo/loss" in r]
+
+    a, b = dpo(one), dpo(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 4
+    for x, y in zip(a, b):
+        close(x, y, "dpo")
+    assert (two / "adapter" / "adapter_model.safetensors").exists() and (two / "eval.json").exists()
+    assert json.loads((two / "eval.json").read_text())["after"]["n"] == 4
