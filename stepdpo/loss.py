@@ -37,20 +37,53 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1)
     """log p(label_t | <t) for every position, 0 where the label is IGNORE.
 
     logits: (N, T, V) from a causal LM over the full sequence; labels: (N, T) with IGNORE on
-    prompt/pad. Returns (N, T-1), aligned to labels[:, 1:]. Never materialises a full fp32
-    log-softmax: gather the label logit, subtract a row-chunked logsumexp (extra memory ~
-    chunk_rows/N of the logits tensor).
+    prompt/pad. Returns (N, T-1) fp32, aligned to labels[:, 1:]. Never materialises a full fp32
+    log-softmax: gather the label logit, subtract a chunked fp32 logsumexp (chunks of at most
+    `chunk_rows` sequences and ~1/32 of the positions, so the extra memory stays ~1/16 of the
+    logits even for bf16 logits). The backward writes the logits gradient chunk by chunk and keeps
+    no fp32 copy of the logits alive between forward and backward.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"token_logps: logits (N, T, V) and labels (N, T) expected, got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    logits = logits[:, :-1]  # (N, T-1, V) predicts labels[:, 1:]
-    labels = labels[:, 1:]
-    mask = labels != IGNORE
-    safe = labels.masked_fill(~mask, 0)
-    picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1).float()  # (N, T-1)
-    lse = torch.cat([torch.logsumexp(logits[i:i + chunk_rows].float(), dim=-1)
-                     for i in range(0, logits.shape[0], chunk_rows)])  # (N, T-1)
-    return (picked - lse) * mask
+    return _TokenLogps.apply(logits, labels, chunk_rows)
+
+
+def _chunks(N: int, T: int, V: int, chunk_rows: int):
+    """(row slice, position slice) chunks over (N, T-1) positions: ~1/32 of them, <= 4M elements."""
+    rows = max(1, min(chunk_rows, N))
+    cols = max(1, min(T - 1, -(-N * (T - 1) // (32 * rows)), (1 << 22) // max(1, V * rows)))
+    for i in range(0, N, rows):
+        for j in range(0, T - 1, cols):
+            yield slice(i, i + rows), slice(j, min(j + cols, T - 1))
+
+
+class _TokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, chunk_rows):
+        N, T, V = logits.shape
+        mask = labels[:, 1:] != IGNORE  # (N, T-1)
+        safe = labels[:, 1:].masked_fill(~mask, 0)
+        picked = logits[:, :-1].gather(2, safe.unsqueeze(-1)).squeeze(-1).float()  # (N, T-1)
+        lse = torch.empty_like(picked)
+        for r, c in _chunks(N, T, V, chunk_rows):
+            lse[r, c] = torch.logsumexp(logits[r, c].float(), dim=-1)
+        ctx.save_for_backward(logits, safe, mask, lse)
+        ctx.chunk_rows = chunk_rows
+        return (picked - lse) * mask
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # g: (N, T-1)
+        logits, safe, mask, lse = ctx.saved_tensors
+        N, T, V = logits.shape
+        g = (g * mask).float()
+        grad = torch.empty_like(logits)  # (N, T, V): d/dlogits = g * (onehot(label) - softmax)
+        grad[:, -1] = 0
+        for r, c in _chunks(N, T, V, ctx.chunk_rows):
+            p = (logits[r, c].float() - lse[r, c, None]).exp_()
+            p.mul_(-g[r, c, None]).scatter_add_(2, safe[r, c, None], g[r, c, None])
+            grad[r, c] = p
+        return grad, None, None
 
 
 def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor,

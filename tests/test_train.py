@@ -219,3 +219,22 @@ def test_sft_loss_is_the_token_mean_of_the_global_batch_however_split():
     (l1, w1), (l2, w2) = results
     assert l1 == pytest.approx(l2, rel=1e-5)
     torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_values_and_grads_match_log_softmax(dtype):
+    """loss.token_logps (the full-logits path, e.g. Gemma) has a chunked custom backward: check it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 17, dtype=dtype, requires_grad=True)
+    lab = torch.randint(0, 17, (3, 9))
+    lab[:, :3] = -100
+    lab[2, 6:] = -100
+    g = torch.randn(3, 8)
+    got = token_logps(x, lab)
+    want = torch.log_softmax(x[:, :-1].float(), -1).gather(2, lab[:, 1:].clamp_min(0)[..., None]).squeeze(-1)
+    want = want * (lab[:, 1:] != -100)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (ga,) = torch.autograd.grad((got * g).sum(), x)
+    (gb,) = torch.autograd.grad((want * g).sum(), x)
+    assert ga.dtype == dtype
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
