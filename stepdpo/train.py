@@ -246,6 +246,24 @@ def reference_logps(policy: TokenLogps, reference: TokenLogps | None, batch: Pre
         return (reference or policy)(batch.input_ids, batch.attention_mask, batch.labels)
 
 
+def precomputed_reference(cfg: TrainerConfig, policy: TokenLogps, reference: TokenLogps | None, ref_weights,
+                          tokenizer, examples: Sequence[Example], *, device, autocast, prefix: str):
+    """RefLogps for every example: loaded from cfg.ref_cache_dir by content hash, or computed and cached."""
+    from . import refcache
+
+    def compute() -> refcache.RefLogps:
+        with autocast:
+            return refcache.compute(lambda b: reference_logps(policy, reference, b), examples,
+                                    tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device)
+
+    t = time.perf_counter()
+    key = refcache.cache_key(ref_weights, tokenizer, examples, precision=cfg.precision)
+    table, hit = refcache.load_or_compute(cfg.ref_cache_dir, key, len(examples), compute)
+    log.info("%s: reference log-probs %s (%s, %.1fs)", prefix, "loaded" if hit else "computed", key,
+             time.perf_counter() - t)
+    return table
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -288,21 +306,10 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     reference = TokenLogps(ref_model) if ref_model is not None else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     pad = tokenizer.pad_token_id
-    ref_table = None
-    if cfg.precompute_ref and not sft:  # reference log-probs once, from the on-disk cache when possible
-        from . import refcache
-
-        def compute() -> refcache.RefLogps:
-            with autocast:
-                return refcache.compute(lambda b: reference_logps(policy, reference, b), examples, pad,
-                                        batch_size=cfg.batch_size, device=device)
-
-        t = time.perf_counter()
-        key = refcache.cache_key(ref_model if ref_model is not None else model, tokenizer, examples,
-                                 precision=cfg.precision)
-        ref_table, hit = refcache.load_or_compute(cfg.ref_cache_dir, key, len(examples), compute)
-        log.info("%s: reference log-probs %s (%s, %.1fs)", prefix, "loaded" if hit else "computed", key,
-                 time.perf_counter() - t)
+    ref_table = None  # trainer.precompute_ref: reference log-probs once, from the on-disk cache if there
+    if cfg.precompute_ref and not sft:
+        ref_table = precomputed_reference(cfg, policy, reference, model if ref_model is None else ref_model,
+                                          tokenizer, examples, device=device, autocast=autocast, prefix=prefix)
     meta = {"stage": prefix, "seed": seed, "n_examples": len(examples), "global_batch": stream.global_batch,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world}
     start = 0
