@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -37,6 +38,8 @@ from .batching import Example, PreferenceBatch, collate
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when the way log-probs are computed changes
+VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version", "use_cache",
+                        "_commit_hash", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
 
 
 @dataclass
@@ -82,8 +85,9 @@ def model_fingerprint(model) -> str:
     for name, t in sorted(items, key=lambda x: x[0]):
         _hash_tensor(h, name, t)
     cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(cfg.to_json_string(use_diff=False).encode())
+    if cfg is not None:  # the architecture; not bookkeeping that save_pretrained or loading fill in
+        d = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -106,8 +110,9 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
 
 def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for part in (f"v{VERSION}", precision, model_fingerprint(ref_model), tokenizer_fingerprint(tokenizer),
-                 examples_fingerprint(examples)):
+    parts = (f"v{VERSION}", precision, model_fingerprint(ref_model), tokenizer_fingerprint(tokenizer),
+             examples_fingerprint(examples))
+    for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
