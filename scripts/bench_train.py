@@ -383,6 +383,9 @@ def parse(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/OpenMP threads for both implementations (default: torch's). On a shared machine "
+                        "1 avoids OpenMP threads waiting on descheduled siblings, which swamps the measurement")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.trl_args = {}
@@ -395,6 +398,11 @@ def parse(argv=None):
 def main(argv=None) -> int:
     p, a = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
+        torch.set_num_threads(a.threads)
     if a.make_model or a.make_pairs:
         done = {}
         if a.make_model:
@@ -410,7 +418,10 @@ def main(argv=None) -> int:
         p.error("--model-dir and --pairs are required (make them with --make-model / --make-pairs)")
     if a.impl != "both":
         res = run_stepdpo(a) if a.impl == "stepdpo" else run_trl(a)
-        res.update(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, precompute_ref=a.precompute_ref)
+        import torch
+
+        res.update(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, precompute_ref=a.precompute_ref,
+                   threads=torch.get_num_threads())
         print(json.dumps(res), flush=True)
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -124,10 +124,11 @@ class _HeadLogps(torch.autograd.Function):
     """log softmax(h @ W^T + b)[target] for M response positions. h: (M, H), W: (V, H) -> (M,).
 
     Forward: one GEMM into an (M, V) buffer in the compute dtype (bf16 under autocast), then a
-    gather and a fp32 logsumexp over row chunks (extra memory ~ 1/32 of that buffer). Backward
+    gather and a fp32 logsumexp over row chunks (one fp32 temporary of 1/16 of the rows). Backward
     turns the buffer, chunk by chunk and in place, into dlogits = g * (onehot - softmax), then one
     GEMM per input gradient: neither an fp32 copy of the logits nor a separate logits-gradient
-    tensor is ever materialised, and nothing is recomputed.
+    tensor is ever materialised, and nothing is recomputed. The chunk loops are many small
+    memory-bound ops, so they run on one thread (`_one_thread`).
     """
 
     @staticmethod
@@ -138,8 +139,12 @@ class _HeadLogps(torch.autograd.Function):
             logits = _project(h.to(cd), weight, bias, cd)  # (M, V)
             picked = logits.gather(1, targets[:, None]).squeeze(1).float()  # (M,)
             lse = torch.empty_like(picked)
-            for s, e in _row_chunks(logits):
-                lse[s:e] = torch.logsumexp(logits[s:e].float(), dim=-1)
+            with _one_thread():
+                for s, e in _row_chunks(logits):
+                    x = logits[s:e].to(torch.float32, copy=True)  # the one temporary
+                    m = x.amax(-1, keepdim=True)
+                    lse[s:e] = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))
+                    del x  # before the next chunk's temporary exists
         if any(ctx.needs_input_grad[:3]):
             ctx.logits = logits
             ctx.save_for_backward(h, weight, bias, targets, lse)
@@ -151,10 +156,13 @@ class _HeadLogps(torch.autograd.Function):
         h, weight, bias, targets, lse = ctx.saved_tensors
         d, ctx.logits = ctx.logits, None  # (M, V): overwritten with dlogits below
         cd = d.dtype
-        for s, e in _row_chunks(d):
-            p = (d[s:e].float() - lse[s:e, None]).exp_()  # softmax rows, fp32
-            p.mul_(-g[s:e, None]).scatter_add_(1, targets[s:e, None], g[s:e, None])
-            d[s:e].copy_(p)
+        with _one_thread():
+            for s, e in _row_chunks(d):
+                p = d[s:e].float()  # fp32 logits: the buffer itself, updated in place
+                p.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None]).scatter_add_(1, targets[s:e, None], g[s:e, None])
+                if p.data_ptr() != d[s:e].data_ptr():
+                    d[s:e].copy_(p)
+                del p
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -170,8 +178,24 @@ class _HeadLogps(torch.autograd.Function):
 
 def _row_chunks(x: torch.Tensor):
     M, V = x.shape
-    c = max(1, min(math.ceil(M / 32), (1 << 22) // max(V, 1)))
+    c = max(1, min(math.ceil(M / 16), (1 << 24) // max(V, 1)))
     return ((s, min(s + c, M)) for s in range(0, M, c))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run a loop of small, memory-bound ops on one thread. Every op is an OpenMP parallel region
+    whose threads wait for each other; on a machine whose cores are shared, a descheduled thread
+    makes each region cost a scheduler time slice (measured: 2 threads 10x slower than 1 on a busy
+    2-core box), and one thread loses little on bandwidth-bound work anyway."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def _vocab_chunks(weight: torch.Tensor, cd: torch.dtype):
