@@ -59,7 +59,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     import torch
 
     from .batching import encode_pair, encode_sft
-    from .data import StepPair, read_jsonl, write_json, write_jsonl
+    from .data import StepPair, atomic_write_text, read_jsonl, write_json, write_jsonl
     from .model import add_lora, count_params, load_base
     from .pairs import request_for, score_pairs
     from .train import train
@@ -96,8 +96,6 @@ def run(cfg: DictConfig, out: Path) -> float:
         print(json.dumps({"dry_run": est}, indent=2))
         write_json(out / "dry_run.json", est)
         return float("nan")
-
-    from .data import atomic_write_text
 
     if rank == 0:
         atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -185,9 +183,7 @@ def run(cfg: DictConfig, out: Path) -> float:
             examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting,
                                     weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
                                     max_length=cfg.trainer.max_length) for p in pairs]
-            import itertools
-
-            weights = list(itertools.chain.from_iterable(e.chosen_w + e.rejected_w for e in examples))
+            weights = [w for e in examples for w in e.chosen_w + e.rejected_w]
             if weights:
                 tracker.log_histogram("pairs/token_weights", weights, step)
         summary["pairs"] = pair_report

@@ -1,7 +1,5 @@
 """Every config option binds to its target; bad config fails fast, naming the key."""
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

@@ -10,7 +10,7 @@ import pytest
 
 from stepdpo.answers import answers_match, extract_answer
 from stepdpo.data import Problem
-from stepdpo.perturb import build_perturb_pairs, corrupt_solution, perturb_problem, score_gsm8k_steps
+from stepdpo.perturb import build_perturb_pairs, perturb_problem, score_gsm8k_steps
 from stepdpo.steps import annotations, check_annotation
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"

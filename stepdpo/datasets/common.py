@@ -317,3 +317,22 @@ def split_files(path: str | None, eval_path: str | None, eval_fraction: float | 
         return train, pick_file(p, eval_names, key), None
     raise ValueError(f"{key}={path} is a single file: set dataset.eval_path (a test file) or dataset.eval_fraction "
                      "(hold out that share of its problems) so there is something to evaluate on")
+
+
+def read_train_eval(read: Callable, path: str | None, eval_path: str | None, eval_fraction: float | None, *,
+                    on_invalid: str, seed: int, **opts) -> tuple[list[Problem], list[Problem]]:
+    """Train and eval problems from a loader's path options: train.jsonl + test.jsonl in a directory,
+    a file plus `eval_path`, or a file with a held-out `eval_fraction`. `read(file, invalid, split=, **opts)`."""
+    train_file, eval_file, frac = split_files(path, eval_path, eval_fraction, train_names=("train.jsonl",),
+                                              eval_names=("test.jsonl",))
+
+    def one(file: Path, split: str) -> list[Problem]:
+        invalid = InvalidRows(on_invalid, str(file))
+        problems = read(file, invalid, split=split, **opts)
+        invalid.log()
+        return problems
+
+    train = one(train_file, "train")
+    if eval_file is not None:
+        return train, one(eval_file, "test")
+    return holdout(train, frac or 0.0, seed)

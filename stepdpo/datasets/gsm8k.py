@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import annotations, segment, strip_annotation_marks, strip_thousands
-from .common import (InvalidRows, check_count, check_policies, convert_rows, holdout, problem_from, read_converted,
-                     row_number, split_files, subsample)
+from .common import (InvalidRows, check_count, check_policies, convert_rows, problem_from, read_converted,
+                     read_train_eval, row_number, subsample)
 
 HUB_ID = "openai/gsm8k"
 
@@ -65,17 +65,8 @@ def load(*, path: str | None = "../shared/data/gsm8k", eval_path: str | None = N
     if path is None:
         train, ev = _from_hub(on_invalid, opts)
     else:
-        train_file, eval_file, frac = split_files(path, eval_path, eval_fraction, train_names=("train.jsonl",),
-                                                  eval_names=("test.jsonl",))
-        invalid = InvalidRows(on_invalid, str(train_file))
-        train = read_problems(train_file, invalid, split="train", **opts)
-        invalid.log()
-        if eval_file is not None:
-            invalid = InvalidRows(on_invalid, str(eval_file))
-            ev = read_problems(eval_file, invalid, split="test", **opts)
-            invalid.log()
-        else:
-            train, ev = holdout(train, frac or 0.0, seed)
+        train, ev = read_train_eval(read_problems, path, eval_path, eval_fraction, on_invalid=on_invalid, seed=seed,
+                                    **opts)
     return DatasetBundle(name="gsm8k", train=subsample(train, n_train, seed, "train"),
                          eval=subsample(ev, n_eval, seed, "eval"), answer_format="gsm8k")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, check_field
 from ..steps import MODES, segment
-from .common import (InvalidRows, check_choice, check_count, check_policies, holdout, problem_from, read_converted,
-                     row_number, split_files, subsample)
+from .common import (InvalidRows, check_choice, check_count, check_policies, problem_from, read_converted,
+                     read_train_eval, row_number, subsample)
 
 
 def convert(row: dict, where: str, *, split: str = "train", step_mode: str = "auto", step_pattern: str | None = None,
@@ -77,17 +77,8 @@ def load(*, path: str = "../shared/data/math500/test.jsonl", eval_path: str | No
     check_count(n_eval, "dataset.n_eval")
     check_choice(step_mode, MODES, "dataset.step_mode")
     opts = {"step_mode": step_mode, "step_pattern": step_pattern, "single_line": single_line}
-    train_file, eval_file, frac = split_files(path, eval_path, eval_fraction, train_names=("train.jsonl",),
-                                              eval_names=("test.jsonl",))
-    invalid = InvalidRows(on_invalid, str(train_file))
-    train = read_problems(train_file, invalid, split="train", **opts)
-    invalid.log()
-    if eval_file is not None:
-        invalid = InvalidRows(on_invalid, str(eval_file))
-        ev = read_problems(eval_file, invalid, split="test", **opts)
-        invalid.log()
-    else:
-        train, ev = holdout(train, frac or 0.0, seed)
+    train, ev = read_train_eval(read_problems, path, eval_path, eval_fraction, on_invalid=on_invalid, seed=seed,
+                                **opts)
     keep = _filter(levels, subjects)
     return DatasetBundle(name="math", train=subsample([p for p in train if keep(p)], n_train, seed, "train"),
                          eval=subsample([p for p in ev if keep(p)], n_eval, seed, "eval"), answer_format="boxed")
