@@ -94,7 +94,9 @@ def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weigh
 
     policy_logps, ref_logps: (2B, L) per-token log-probs (0 off-response); weights: (2B, L) w_t;
     mask: (2B, L) bool, True on response tokens; focus: optional (2B, L), 1 on the first-error
-    step (for the `rewards/first_error_margin` metric only). Returns (loss, metrics).
+    step (for the `rewards/first_error_margin` metric only). Returns (loss, metrics): scalar
+    metrics, plus two (B,) tensors for histograms, `margins/pair` (beta * h per pair) and, with
+    `focus`, `margins/first_error_step` (beta * the margin of the first-error step alone).
     """
     if not (policy_logps.shape == ref_logps.shape == weights.shape == mask.shape) or policy_logps.shape[0] % 2:
         raise ValueError("weighted_dpo_loss: policy_logps, ref_logps, weights, mask must share an even-rowed (2B, L) shape; "
@@ -137,11 +139,13 @@ def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weigh
             "logps/chosen_drift": (ratio[:B] * mask[:B]).sum(-1).mean(),  # log pi - log pi_ref on chosen
             "tokens/weighted_chosen": w[:B].sum(), "tokens/weighted_rejected": w[B:].sum(),
             "tokens/response": mask.sum(),
+            "margins/pair": (rc - rr).detach(),  # (B,): histogram, not a scalar
         }
         if focus is not None:
             f = focus * mask
             fr = (f * ratio).sum(-1)
-            m["rewards/first_error_margin"] = beta * (fr[:B] - fr[B:]).mean()
+            m["margins/first_error_step"] = beta * (fr[:B] - fr[B:])  # (B,)
+            m["rewards/first_error_margin"] = m["margins/first_error_step"].mean()
     return loss, m
 
 

@@ -298,6 +298,15 @@ def _to_device(model, device: torch.device) -> None:
         model.to(device)
 
 
+def _gather_hists(hists: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-rank lists of per-pair values -> one list per key over all ranks (rank 0 logs it)."""
+    out: dict[str, list[float]] = {}
+    for part in distributed.all_gather(hists):
+        for k, v in part.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
 def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tracker, *, ref_model=None,
           seed: int = 0, prefix: str = "train", eval_fn: Callable[[int], dict] | None = None,
           step_offset: int = 0, ckpt_dir=None, resume_from=None) -> dict[str, float]:
@@ -355,6 +364,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     model.train()
     last: dict[str, float] = {}
     t0, tokens = time.perf_counter(), 0
+    hists: dict[str, list[float]] = {}  # per-pair margins since the last log step
     for step in range(start + 1, cfg.max_steps + 1):
         sums: dict[str, float] = {}
         global_idx = stream.next()
@@ -388,6 +398,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             tokens += n_real
             m = {**m, "tokens/nonpad": n_real, "tokens/padded": batch.attention_mask.numel()}
             for k, v in m.items():  # counts add up; everything else is a mean over the global batch
+                if isinstance(v, torch.Tensor) and v.dim():  # per-pair values: histogram over the log window
+                    hists.setdefault(k, []).extend(v.float().cpu().tolist())
+                    continue
                 sums[k] = sums.get(k, 0.0) + (float(v) if k.startswith("tokens/") else float(v) * share)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -398,6 +411,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             red = distributed.reduce_metrics({**sums, "tokens/window": tokens}, device)  # summed over ranks
             window, dt = red.pop("tokens/window"), time.perf_counter() - t0
             last = {f"{prefix}/{k}": v for k, v in red.items()}
+            for k, parts in _gather_hists(hists).items():  # every pair of the window, from every rank
+                last[f"{prefix}/{k}"] = parts
+            hists = {}
             last.update({f"{prefix}/lr": sched.get_last_lr()[0], f"{prefix}/grad_norm": float(gnorm),
                          f"{prefix}/tokens_per_s": window / dt, f"{prefix}/peak_rss_mb": peak_rss_mb()})
             if device.type == "cuda":

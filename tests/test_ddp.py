@@ -20,6 +20,7 @@ from test_train import Recorder, cfg, lora_model, make_examples, one_thread, tin
 TESTS = Path(__file__).resolve().parent
 # not rewards/accuracy: a threshold at 0 that float noise flips while the policy still equals the reference
 KEYS = ("loss", "grad_norm", "rewards/margin", "rewards/chosen", "tokens/nonpad", "tokens/weighted_chosen")
+HIST_KEYS = ("margins/pair", "margins/first_error_step")
 
 WORKER = textwrap.dedent('''
     import json, sys, torch
@@ -63,6 +64,12 @@ def close(a: dict, b: dict, prefix: str, rel: float = 1e-5) -> None:
         key = f"{prefix}/{k}"
         if key in a:
             assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), key
+    for k in HIST_KEYS:  # per-pair values gathered from every rank: the same pairs, any order
+        key = f"{prefix}/{k}"
+        assert (key in a) == (key in b), key
+        if key in a:
+            assert len(a[key]) == len(b[key]) > 0, key
+            assert sorted(a[key]) == pytest.approx(sorted(b[key]), rel=1e-4, abs=1e-6), key
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):

@@ -40,6 +40,14 @@ def test_run_dir_has_everything(default_run):
                 "dpo/grad_norm", "dpo/tokens_per_s", "dpo/peak_rss_mb", "dpo/tokens/weighted_rejected"):
         assert key in dpo[-1], key
     assert any("sft/loss" in m for m in metrics)
+    hists = _read_jsonl(run_dir / "histograms.jsonl")  # token weights once; per-pair margins every log step
+    by_name = {n: [h for h in hists if h["name"] == n] for n in
+               ("pairs/token_weights", "dpo/margins/pair", "dpo/margins/first_error_step")}
+    assert len(by_name["pairs/token_weights"]) == 1
+    assert [h["step"] for h in by_name["dpo/margins/pair"]] == [m["step"] for m in dpo]
+    for h, m in zip(by_name["dpo/margins/pair"], dpo):
+        assert sum(h["counts"]) == h["n"] > 0 and h["mean"] == pytest.approx(m["dpo/rewards/margin"], abs=1e-6)
+    assert len(by_name["dpo/margins/first_error_step"]) == 2
 
 
 def test_lora_changed_base_did_not(default_run):

@@ -144,7 +144,10 @@ def test_submitit_local_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_sweeper_two_trials(tmp_path):
-    _, sweep = run_cli(tmp_path, *SHORT, "hydra/sweeper=tune", "hydra.sweeper.n_trials=2", multirun=True)
+    """Two TPE trials with the study stored in sqlite (the `sweeps` extra pins SQLAlchemy 1.4 for optuna 2.10)."""
+    db = tmp_path / "optuna.db"
+    _, sweep = run_cli(tmp_path, *SHORT, "hydra/sweeper=tune", "hydra.sweeper.n_trials=2",
+                       f"hydra.sweeper.storage=sqlite:///{db}", multirun=True)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"trainer.beta", "trainer.lr"}
     assert 0.05 <= best["best_params"]["trainer.beta"] <= 0.5
@@ -153,3 +156,7 @@ def test_optuna_sweeper_two_trials(tmp_path):
     assert len(res["groups"]) == 2 and all(len(g["seeds"]) == 1 for g in res["groups"])
     accs = [json.loads((sweep / str(i) / "eval.json").read_text())["after"]["acc"] for i in range(2)]
     assert best["best_value"] == max(accs)  # the sweeper maximised what run() returned
+    import optuna  # the stored study holds both finished trials: a later sweep with the same storage resumes it
+
+    study = optuna.load_study(study_name="stepdpo", storage=f"sqlite:///{db}")
+    assert sorted(t.value for t in study.trials if t.value is not None) == sorted(accs)

@@ -146,7 +146,10 @@ def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     assert "+model.tiny.hf_token=<redacted>" in run["args"]
     keys = set().union(*run["history"])
     assert {"sft/loss", "dpo/loss", "dpo/rewards/margin", "dpo/rewards/accuracy", "eval/before/acc", "eval/after/acc",
-            "pairs/token_weights", "samples/before", "samples/after"} <= keys
+            "pairs/token_weights", "samples/before", "samples/after", "dpo/margins/pair",
+            "dpo/margins/first_error_step"} <= keys
+    margins = [h["dpo/margins/pair"] for h in run["history"] if "dpo/margins/pair" in h]
+    assert margins and all(m["_type"] == "histogram" for m in margins)
     s = run["summary"]
     assert {"eval/before/acc", "eval/after/acc", "time/total_s"} <= set(s)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -153,6 +153,11 @@ def test_two_steps_change_the_adapter_not_the_base_and_log_every_metric():
         for k in issue_metrics:
             assert f"dpo/{k}" in m, k
     assert last == rec.rows[-1][1]
+    for _, m in rec.rows:  # per-pair margins of every pair in the window (batch 4 per step here), for histograms
+        assert len(m["dpo/margins/pair"]) == len(m["dpo/margins/first_error_step"]) == cfg().batch_size
+        assert sum(m["dpo/margins/pair"]) / len(m["dpo/margins/pair"]) == pytest.approx(m["dpo/rewards/margin"], abs=1e-6)
+        assert (sum(m["dpo/margins/first_error_step"]) / len(m["dpo/margins/first_error_step"])
+                == pytest.approx(m["dpo/rewards/first_error_margin"], abs=1e-6))
     m1 = rec.rows[0][1]
     assert m1["dpo/loss"] == pytest.approx(0.6931471, abs=1e-6)  # policy == reference at step 1
     assert m1["dpo/logps/chosen_drift"] == 0.0 and m1["dpo/tokens_per_s"] > 0
