@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .data import StepPair, prompt_text, response_text, step_spans
+from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
 from .weights import NORMALISE, first_error, get_scheme, normalise_mean_one, step_token_weights
 
 IGNORE = -100
@@ -61,9 +61,7 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     rs = pair.rejected_scores if pair.rejected_scores is not None else [0.0] * len(pair.rejected)
     cw, rw = get_scheme(weighting)(cs, rs, **(weighting_kwargs or {}))
     cf, rf = first_error(cs, rs)
-    prompt_ids = tokenizer(prompt_text(pair.question, pair.prefix), add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id] + list(prompt_ids)
+    p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
     c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
     r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
     if weighting in NORMALISE:
@@ -71,12 +69,12 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     c_f = step_token_weights(c_off, step_spans(pair.chosen), cf)
     r_f = step_token_weights(r_off, step_spans(pair.rejected), rf)
     if max_length is not None:
-        over = len(prompt_ids) + max(len(c_ids), len(r_ids)) - max_length
+        over = len(p_ids) + max(len(c_ids), len(r_ids)) - max_length
         if over > 0:  # keep the responses whole; drop the oldest prompt tokens (validation counts this)
-            if over >= len(prompt_ids):
+            if over >= len(p_ids):
                 raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
-            prompt_ids = prompt_ids[over:]
-    return Example(list(prompt_ids), c_ids, r_ids, c_w, r_w, c_f, r_f)
+            p_ids = p_ids[over:]
+    return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f)
 
 
 def encode_sft(question: str, steps: list[str], tokenizer) -> Example:

@@ -6,8 +6,13 @@ StepPair -> a preference pair: prompt, shared prefix steps, chosen and rejected 
 
 Text layout seen by the model (see `prompt_text` / `response_text`):
 
-    prompt   = format_prompt(question) + "".join(step + "\n" for step in prefix)
+    prompt   = format_prompt(question, tokenizer) + "".join(step + "\n" for step in prefix)
     response = "\n".join(steps)            (the tokenizer's EOS is appended as a token)
+
+`format_prompt` is "Question: ...\nAnswer:\n" (model.prompt_format=plain), or the tokenizer's own
+chat template with an optional system message and the generation prompt (model.prompt_format=chat,
+for instruct models). The format travels with the tokenizer (`set_prompt_format`), so every place
+that tokenizes a prompt (training, pair sampling, evaluation, generation) uses the same one.
 """
 
 from __future__ import annotations
@@ -24,8 +29,52 @@ STEP_SEP = "\n"
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:\n"
 
 
-def format_prompt(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question.strip())
+PROMPT_FORMATS = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the prompt text (the `model` group's prompt_format and system_prompt)."""
+
+    style: str = "plain"  # plain | chat
+    system: str | None = None  # chat only: the system message (None = none)
+
+    def __post_init__(self):
+        if self.style not in PROMPT_FORMATS:
+            raise ValueError(f"model.prompt_format: unknown {self.style!r}; choose one of {PROMPT_FORMATS}")
+
+
+def set_prompt_format(tokenizer, fmt: PromptFormat):
+    """Attach `fmt` to `tokenizer` (checked: chat needs the tokenizer to carry a chat template)."""
+    if fmt.style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("model.prompt_format=chat: this tokenizer has no chat_template (base models usually "
+                         "don't); use model.prompt_format=plain, or set one in the model's tokenizer_config.json")
+    tokenizer.stepdpo_prompt_format = fmt
+    return tokenizer
+
+
+def prompt_format_of(tokenizer) -> PromptFormat:
+    return getattr(tokenizer, "stepdpo_prompt_format", None) or PromptFormat()
+
+
+def format_prompt(question: str, tokenizer=None) -> str:
+    """The prompt text for `question` in `tokenizer`'s prompt format (plain when it has none)."""
+    fmt = prompt_format_of(tokenizer)
+    if fmt.style == "plain":
+        return PROMPT_TEMPLATE.format(question=question.strip())
+    messages = ([{"role": "system", "content": fmt.system}] if fmt.system else []) + [
+        {"role": "user", "content": question.strip()}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: BOS (if the tokenizer has one) + text, with exactly one BOS even when
+    a chat template already writes it into the text."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
 
 
 @dataclass
@@ -66,8 +115,8 @@ class StepPair:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def prompt_text(question: str, prefix: list[str] | tuple[str, ...] = ()) -> str:
-    return format_prompt(question) + "".join(s + STEP_SEP for s in prefix)
+def prompt_text(question: str, prefix: list[str] | tuple[str, ...] = (), tokenizer=None) -> str:
+    return format_prompt(question, tokenizer) + "".join(s + STEP_SEP for s in prefix)
 
 
 def response_text(steps: list[str]) -> str:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .answers import answers_match, extract_answer
-from .data import Problem, format_prompt
+from .data import Problem, format_prompt, prompt_ids
 
 
 def split_steps(text: str) -> list[str]:
@@ -61,7 +61,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     """Completions for each prompt (left-padded batches; stops at EOS, a stop string or max_new_tokens).
 
     Returns one list of `num_return_sequences` strings per prompt, in the order of `prompts`.
-    Prompts are encoded exactly as in training (BOS + prompt, no other special tokens). `stop`:
+    Prompts are encoded exactly as in training (`data.prompt_ids`: one BOS + the prompt text). `stop`:
     extra stop strings (e.g. "\\n\\nQuestion:" for few-shot base models); a sequence ends once
     its text ends with one, and the returned text is cut before the stop string.
     """
@@ -70,7 +70,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     device = next(model.parameters()).device
     if do_sample:
         torch.manual_seed(seed)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     stop = [x for x in (stop or []) if x]
     stop_kw = dict(stop_strings=stop, tokenizer=tokenizer) if stop else {}  # transformers' StopStringCriteria
     out: list[list[str]] = []
@@ -80,7 +79,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     per = max(1, batch_size // num_return_sequences)
     for s in range(0, len(order), per):
         idx = order[s:s + per]
-        enc = [bos + tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in idx]
+        enc = [prompt_ids(tokenizer, prompts[i]) for i in idx]
         T = max(map(len, enc))
         ids = torch.full((len(enc), T), tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -112,7 +111,7 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     outputs without an extractable answer), `maj@k` (sampled majority vote, equivalent answers
     pooled), and `acc/level/<L>`, `acc/subject/<S>` when the problems carry those meta fields (MATH).
     """
-    prompts = [format_prompt(p.question) for p in problems]
+    prompts = [format_prompt(p.question, tokenizer) for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     records = []
     for p, (o,) in zip(problems, outs):

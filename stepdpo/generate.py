@@ -1,7 +1,7 @@
 """Generate from a trained run: `python -m stepdpo.generate RUN_DIR "question" [--max-new-tokens N]`.
 
 Loads the run's base model (the SFT checkpoint or hub model it recorded in adapter/stepdpo.json,
-in 4-bit again if it was trained with qlora) and the LoRA adapter with
+in 4-bit again if it was trained with qlora, with the prompt format it was trained with) and the LoRA adapter with
 `peft.PeftModel.from_pretrained`, or the fully fine-tuned model (`lora=none`), then decodes.
 """
 
@@ -19,18 +19,22 @@ def load_trained(run_dir: str | Path):
 
     run_dir = Path(run_dir)
     adapter, full = run_dir / "adapter", run_dir / "model"
-    if full.is_dir():
-        return AutoModelForCausalLM.from_pretrained(full), AutoTokenizer.from_pretrained(full)
-    meta_path = adapter / "stepdpo.json"
-    if not meta_path.is_file():
+    from .data import PromptFormat, set_prompt_format
+
+    meta_path = (full if full.is_dir() else adapter) / "stepdpo.json"
+    if not meta_path.is_file() and not full.is_dir():
         raise FileNotFoundError(f"{run_dir}: no adapter/stepdpo.json or model/ — is this a finished stepdpo run directory?")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    fmt = PromptFormat(meta.get("prompt_format", "plain"), meta.get("system_prompt"))  # as in training
+    if full.is_dir():
+        return AutoModelForCausalLM.from_pretrained(full), set_prompt_format(AutoTokenizer.from_pretrained(full), fmt)
     from peft import PeftModel
 
     from .model import LoraSpec, ModelSpec, load_base
 
     quant = LoraSpec(name="qlora", load_in_4bit=True) if meta.get("load_in_4bit") else None
-    base, tok = load_base(ModelSpec(name="base", path=meta["base_model"]), quant=quant)
+    base, tok = load_base(ModelSpec(name="base", path=meta["base_model"], prompt_format=fmt.style,
+                                    system_prompt=fmt.system), quant=quant)
     model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval(), tok
 
@@ -52,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    outs = generate(model, tok, [format_prompt(q) for q in args.question], max_new_tokens=args.max_new_tokens,
+    outs = generate(model, tok, [format_prompt(q, tok) for q in args.question], max_new_tokens=args.max_new_tokens,
                     do_sample=args.sample, temperature=args.temperature, seed=args.seed)
     for q, (o,) in zip(args.question, outs):
-        print(f"{format_prompt(q)}{o}\n")
+        print(f"{format_prompt(q, tok)}{o}\n")
     return 0
 
 

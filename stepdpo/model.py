@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .data import PromptFormat, set_prompt_format
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -39,9 +41,18 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    out.chat_template = CHAR_CHAT_TEMPLATE  # for model.prompt_format=chat on the tiny model
+    return out
+
+
+# A minimal role-tagged chat template (Jinja, as in any tokenizer_config.json) for the char tokenizer.
+CHAR_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]\n{% endif %}"
+)
 
 
 @dataclass
@@ -55,6 +66,11 @@ class ModelSpec:
     trust_remote_code: bool = False
     local_files_only: bool = False
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
+    prompt_format: str = "plain"  # plain ("Question: ...\nAnswer:\n") | chat (the tokenizer's chat template)
+    system_prompt: str | None = None  # chat only: system message
+
+    def __post_init__(self):
+        self.format = PromptFormat(self.prompt_format, self.system_prompt)  # checks the style
 
 
 @dataclass
@@ -108,6 +124,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
     src = path or spec.path
     if src is None:
         model, tok = tiny_llama(**spec.tiny)
+        set_prompt_format(tok, spec.format)
         if not (quant and quant.load_in_4bit):
             return model, tok
         raise ValueError("load_base: a tiny model must be saved before 4-bit loading (pass path=)")
@@ -132,6 +149,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
                                         local_files_only=spec.local_files_only)
     if tok.pad_token is None:  # Llama-3 and others ship without a pad token
         tok.pad_token = tok.eos_token
+    set_prompt_format(tok, spec.format)  # before the weights load: a missing chat template fails fast
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     return model, tok
 

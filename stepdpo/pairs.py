@@ -66,7 +66,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     probs = list(problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
-    samples = generate(model, tokenizer, [format_prompt(p.question) for p in probs], max_new_tokens=max_new_tokens,
+    samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
     steps_of = [[split_steps(o) for o in outs] for outs in samples]

@@ -20,7 +20,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Sequence
 
-from .data import Problem, StepPair, prompt_text, response_text
+from .data import Problem, StepPair, prompt_ids, prompt_text, response_text
 
 TRUNCATION = ("error", "drop", "truncate_left")
 ON_INVALID = ("error", "skip")
@@ -118,9 +118,8 @@ def pair_length(pair: StepPair, tokenizer) -> tuple[int, int]:
     def n(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
-    return bos + n(prompt_text(pair.question, pair.prefix)), 1 + max(n(response_text(pair.chosen)),
-                                                                     n(response_text(pair.rejected)))
+    n_prompt = len(prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer)))
+    return n_prompt, 1 + max(n(response_text(pair.chosen)), n(response_text(pair.rejected)))
 
 
 class _Report:
