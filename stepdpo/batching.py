@@ -25,6 +25,7 @@ class Example:
     rejected_w: list[float]
     chosen_focus: list[float]  # 1 on the chosen step that faces the first wrong rejected step
     rejected_focus: list[float]  # 1 on the first wrong rejected step
+    n_prefix: int = 0  # the last n_prefix prompt tokens are the pair's shared prefix steps
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -37,6 +38,7 @@ class PreferenceBatch:
     labels: torch.Tensor  # (2B, T) token ids on response tokens, -100 on prompt/pad
     token_weights: torch.Tensor  # (2B, T) float, 0 on prompt/pad
     focus: torch.Tensor  # (2B, T) float, 1 on the first-error step tokens (metrics only)
+    nll_only: torch.Tensor  # (2B, T) bool, True on prefix tokens labelled for the NLL anchor only
 
     @property
     def n_pairs(self) -> int:
@@ -62,6 +64,9 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     cw, rw = get_scheme(weighting)(cs, rs, **(weighting_kwargs or {}))
     cf, rf = first_error(cs, rs)
     p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
+    n_prefix = 0
+    if pair.prefix:  # prompt tokens that are the prefix steps (for trainer.nll_on=solution)
+        n_prefix = max(0, len(p_ids) - len(prompt_ids(tokenizer, prompt_text(pair.question, (), tokenizer))))
     c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
     r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
     if weighting in NORMALISE:
@@ -74,7 +79,8 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
             if over >= len(p_ids):
                 raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
             p_ids = p_ids[over:]
-    return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f)
+            n_prefix = min(n_prefix, len(p_ids))
+    return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f, n_prefix)
 
 
 def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
@@ -83,8 +89,12 @@ def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
     return encode_pair(pair, tokenizer)
 
 
-def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False) -> PreferenceBatch:
-    """Right-pad to the longest row in this batch (dynamic padding, never to max_length)."""
+def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False) -> PreferenceBatch:
+    """Right-pad to the longest row in this batch (dynamic padding, never to max_length).
+
+    nll_prefix: also label the chosen rows' prefix-step tokens (weight 0, `nll_only` True), so the
+    NLL anchor can cover the whole correct solution (trainer.nll_on=solution).
+    """
     sides = [("chosen_ids", "chosen_w", "chosen_focus")]
     if not sft:
         sides.append(("rejected_ids", "rejected_w", "rejected_focus"))
@@ -96,6 +106,7 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False) -> P
     attn = torch.zeros((n, T), dtype=torch.long)
     w = torch.zeros((n, T), dtype=torch.float32)
     foc = torch.zeros((n, T), dtype=torch.float32)
+    nll_only = torch.zeros((n, T), dtype=torch.bool)
     for i, (p, r, rw, rf) in enumerate(rows):
         L = len(p) + len(r)
         ids[i, :L] = torch.tensor(p + r)
@@ -103,7 +114,11 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False) -> P
         labels[i, len(p):L] = torch.tensor(r)
         w[i, len(p):L] = torch.tensor(rw)
         foc[i, len(p):L] = torch.tensor(rf)
-    return PreferenceBatch(ids, attn, labels, w, foc)
+        k = examples[i].n_prefix if nll_prefix and i < len(examples) else 0
+        if k:
+            labels[i, len(p) - k:len(p)] = torch.tensor(p[len(p) - k:])
+            nll_only[i, len(p) - k:len(p)] = True
+    return PreferenceBatch(ids, attn, labels, w, foc, nll_only)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,

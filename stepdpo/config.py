@@ -31,6 +31,7 @@ class TrainerConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     nll_alpha: float = 0.0
+    nll_on: str = "continuation"  # continuation | solution (prefix steps + chosen continuation)
     token_reduction: str = "sum"  # sum | mean
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -95,6 +96,7 @@ TRAINER_CHOICES = {
     "loss": ("sft", "dpo"),
     "loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "token_reduction": ("sum", "mean"),
+    "nll_on": ("continuation", "solution"),
     "optimizer": ("adamw", "paged_adamw_8bit"),
     "schedule": ("cosine", "linear", "constant"),
     "precision": ("fp32", "bf16"),

@@ -21,7 +21,7 @@ normalised rewards, as the IPO paper's implementation does); "sum" is DPO's defi
 
 Optional anchor (RPO, Pang et al. 2024): `+ nll_alpha * NLL(y^c)`, the mean negative
 log-likelihood per chosen response token (unweighted), which keeps the chosen log-probability
-from falling. The batch loss is the mean over pairs.
+from falling; with `nll_mask` it averages over other tokens (e.g. the shared prefix steps too). The batch loss is the mean over pairs.
 """
 
 from __future__ import annotations
@@ -89,12 +89,15 @@ class _TokenLogps(torch.autograd.Function):
 def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor,
                       mask: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                       nll_alpha: float = 0.0, token_reduction: str = "sum",
-                      focus: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      focus: torch.Tensor | None = None,
+                      nll_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-weighted preference loss over a batch whose first half rows are chosen, second rejected.
 
     policy_logps, ref_logps: (2B, L) per-token log-probs (0 off-response); weights: (2B, L) w_t;
     mask: (2B, L) bool, True on response tokens; focus: optional (2B, L), 1 on the first-error
-    step (for the `rewards/first_error_margin` metric only). Returns (loss, metrics): scalar
+    step (for the `rewards/first_error_margin` metric only); nll_mask: optional (2B, L) bool, the
+    tokens the NLL anchor averages over on the chosen rows (default `mask`: the chosen
+    continuation; `nll_on=solution` adds the prefix steps, whose log-probs the caller computed). Returns (loss, metrics): scalar
     metrics, plus two (B,) tensors for histograms, `margins/pair` (beta * h per pair) and, with
     `focus`, `margins/first_error_step` (beta * the margin of the first-error step alone).
     """
@@ -124,8 +127,8 @@ def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weigh
     else:  # ipo
         losses = (h - 1 / (2 * beta)) ** 2
     loss = losses.mean()
-    n_c = mask[:B].sum(-1).clamp_min(1)
-    nll = -(policy_logps[:B] * mask[:B]).sum(-1) / n_c  # (B,) mean NLL per chosen token
+    nm = (mask if nll_mask is None else nll_mask)[:B]
+    nll = -(policy_logps[:B] * nm).sum(-1) / nm.sum(-1).clamp_min(1)  # (B,) mean NLL per chosen token
     if nll_alpha:
         loss = loss + nll_alpha * nll.mean()
     with torch.no_grad():

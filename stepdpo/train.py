@@ -339,6 +339,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     reference = TokenLogps(ref_model) if ref_model is not None else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     pad = tokenizer.pad_token_id
+    nll_prefix = not sft and cfg.nll_alpha > 0 and cfg.nll_on == "solution"  # anchor the prefix steps too
     ref_table = None  # trainer.precompute_ref: reference log-probs once, from the on-disk cache if there
     if cfg.precompute_ref and not sft:
         ref_table = precomputed_reference(cfg, policy, reference, model if ref_model is None else ref_model,
@@ -373,8 +374,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
         for a in range(cfg.grad_accum):
             lo = (a * world + rank) * cfg.batch_size
             idx = global_idx[lo:lo + cfg.batch_size]  # this rank's disjoint shard of the global batch
-            batch = collate([examples[i] for i in idx], pad, sft=sft).to(device)
-            mask = batch.labels[:, 1:] != IGNORE  # (N, T-1) response tokens
+            batch = collate([examples[i] for i in idx], pad, sft=sft, nll_prefix=nll_prefix).to(device)
+            labelled = batch.labels[:, 1:] != IGNORE  # (N, T-1): the LM head runs here
+            mask = labelled & ~batch.nll_only[:, 1:]  # response tokens
             share = int(mask.sum()) / n_global if sft else len(idx) / len(global_idx)  # of the global mean
             sync = a == cfg.grad_accum - 1 or ddp is policy  # all-reduce gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else ddp.no_sync():
@@ -392,7 +394,8 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                         loss, m = weighted_dpo_loss(
                             pol_lp, ref_lp, batch.token_weights[:, 1:], mask, beta=cfg.beta, loss_type=cfg.loss_type,
                             label_smoothing=cfg.label_smoothing, nll_alpha=cfg.nll_alpha,
-                            token_reduction=cfg.token_reduction, focus=batch.focus[:, 1:])
+                            token_reduction=cfg.token_reduction, focus=batch.focus[:, 1:],
+                            nll_mask=labelled if nll_prefix else None)
                 (loss * share * world).backward()  # DDP averages gradients over ranks; * world makes it a sum
             n_real = int(batch.attention_mask.sum())
             tokens += n_real

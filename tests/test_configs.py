@@ -46,10 +46,11 @@ def test_unknown_key_in_target_group_names_it():
         validate_targets(cfg)
 
 
-def test_bad_choice_names_allowed_values():
+@pytest.mark.parametrize("key,value", [("loss_type", "kto"), ("nll_on", "everything")])
+def test_bad_choice_names_allowed_values(key, value):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["trainer.loss_type=kto"])
-    with pytest.raises(ValueError, match=r"trainer\.loss_type: 'kto' is not one of"):
+        cfg = compose("config", overrides=[f"trainer.{key}={value}"])
+    with pytest.raises(ValueError, match=rf"trainer\.{key}: '{value}' is not one of"):
         validate_targets(cfg)
 
 

@@ -243,3 +243,55 @@ def test_token_logps_values_and_grads_match_log_softmax(dtype):
     (gb,) = torch.autograd.grad((want * g).sum(), x)
     assert ga.dtype == dtype
     torch.testing.assert_close(ga.float(), gb.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_nll_on_solution_anchors_prefix_steps_and_leaves_dpo_alone():
+    """trainer.nll_on=solution: the NLL anchor averages over the prefix steps + chosen continuation
+    (computed here from full logits), while the preference term and its metrics are unchanged."""
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    pairs = [StepPair(id=str(i), question=f"Start with {i}, add 2, add 3. What is the result?", answer=str(i + 5),
+                      prefix=[f"{i} + 2 = {i + 2}"] * (i % 2 + 1), chosen=[f"{i + 2} + 3 = {i + 5}", f"The answer is {i + 5}"],
+                      rejected=[f"{i + 2} + 3 = {i + 6}", f"The answer is {i + 6}"]) for i in range(4)]
+    pairs.append(StepPair(id="np", question="q", answer="1", prefix=[], chosen=["1"], rejected=["2"]))  # no prefix
+    ex = [encode_pair(p, tok, weighting="first_error") for p in pairs]
+    assert [e.n_prefix for e in ex] == [len("0 + 2 = 2\n"), 2 * len("1 + 2 = 3\n"), len("2 + 2 = 4\n"),
+                                        2 * len("3 + 2 = 5\n"), 0]  # char tokenizer: one token per character
+    plain, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, nll_prefix=True)
+    B = len(ex)
+    for f in ("input_ids", "attention_mask", "token_weights", "focus"):
+        assert torch.equal(getattr(plain, f), getattr(full, f)), f
+    assert not plain.nll_only.any() and torch.equal(plain.labels[B:], full.labels[B:])  # rejected rows untouched
+    for i, e in enumerate(ex):
+        p = len(e.prompt_ids)
+        assert full.nll_only[i].nonzero().flatten().tolist() == list(range(p - e.n_prefix, p))
+        assert full.labels[i, p - e.n_prefix:p].tolist() == e.prompt_ids[p - e.n_prefix:]
+        assert tok.decode(e.prompt_ids[p - e.n_prefix:]) == "".join(s + "\n" for s in pairs[i].prefix)
+
+    # one training step: the logged anchor is the mean NLL over prefix + continuation tokens
+    from stepdpo.loss import IGNORE
+
+    with torch.no_grad():
+        logits = model(input_ids=full.input_ids, attention_mask=full.attention_mask).logits
+    lp = token_logps(logits, full.labels)[:B]
+    m = full.labels[:B, 1:] != IGNORE
+    want_nll = float((-(lp * m).sum(-1) / m.sum(-1)).mean())
+    cont = plain.labels[:B, 1:] != IGNORE
+    want_cont = float((-(token_logps(logits, plain.labels)[:B] * cont).sum(-1) / cont.sum(-1)).mean())
+    assert want_nll != pytest.approx(want_cont)  # the two anchors really differ on this data
+    logged = {}
+    for on in ("continuation", "solution"):
+        torch.manual_seed(0)
+        m0, _ = tiny_llama(**TINY)
+        policy, ref = add_lora(m0, LoraSpec(name="lora", r=4, alpha=8))
+        rec = Recorder()
+        train(cfg(max_steps=1, batch_size=B, nll_alpha=1.0, nll_on=on, weighting="first_error"), policy, tok, ex, rec,
+              seed=0, prefix="dpo")
+        logged[on] = rec.rows[-1][1]
+    assert logged["solution"]["dpo/loss/nll_chosen"] == pytest.approx(want_nll, rel=1e-5)
+    assert logged["continuation"]["dpo/loss/nll_chosen"] == pytest.approx(want_cont, rel=1e-5)
+    for k in ("dpo/loss/preference", "dpo/logps/chosen", "dpo/rewards/margin", "dpo/tokens/response"):
+        assert logged["solution"][k] == pytest.approx(logged["continuation"][k], rel=1e-6, abs=1e-7), k
