@@ -42,6 +42,9 @@ class PromptFormat:
     def __post_init__(self):
         if self.style not in PROMPT_FORMATS:
             raise ValueError(f"model.prompt_format: unknown {self.style!r}; choose one of {PROMPT_FORMATS}")
+        if self.system and self.style != "chat":
+            raise ValueError("model.system_prompt is set but model.prompt_format=plain ignores it; "
+                             "use model.prompt_format=chat or model.system_prompt=null")
 
 
 def set_prompt_format(tokenizer, fmt: PromptFormat):

@@ -21,7 +21,8 @@ normalised rewards, as the IPO paper's implementation does); "sum" is DPO's defi
 
 Optional anchor (RPO, Pang et al. 2024): `+ nll_alpha * NLL(y^c)`, the mean negative
 log-likelihood per chosen response token (unweighted), which keeps the chosen log-probability
-from falling; with `nll_mask` it averages over other tokens (e.g. the shared prefix steps too). The batch loss is the mean over pairs.
+from falling; with `nll_mask` it averages over other tokens (e.g. the shared prefix steps too).
+The batch loss is the mean over pairs.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weigh
     mask: (2B, L) bool, True on response tokens; focus: optional (2B, L), 1 on the first-error
     step (for the `rewards/first_error_margin` metric only); nll_mask: optional (2B, L) bool, the
     tokens the NLL anchor averages over on the chosen rows (default `mask`: the chosen
-    continuation; `nll_on=solution` adds the prefix steps, whose log-probs the caller computed). Returns (loss, metrics): scalar
+    continuation; `nll_on=solution` adds the prefix steps, whose log-probs the caller computed).
+    Returns (loss, metrics): scalar
     metrics, plus two (B,) tensors for histograms, `margins/pair` (beta * h per pair) and, with
     `focus`, `margins/first_error_step` (beta * the margin of the first-error step alone).
     """

@@ -71,6 +71,8 @@ def test_generate_feeds_the_chat_prompt_with_one_bos():
 def test_bad_format_and_missing_template_fail_before_weights_load(tmp_path):
     with pytest.raises(ValueError, match="model.prompt_format: unknown 'chatml'"):
         ModelSpec(name="x", prompt_format="chatml")
+    with pytest.raises(ValueError, match="model.system_prompt is set but model.prompt_format=plain"):
+        ModelSpec(name="x", system_prompt="Be brief.")
     model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     tok.chat_template = None  # a base model's tokenizer
     model.save_pretrained(tmp_path / "m")
