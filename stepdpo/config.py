@@ -50,6 +50,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     eval_every: int = 0
+    rounds: int = 1  # on-policy rounds: pairs re-built from the current policy at max_steps * r / rounds
     save_every: int = 0  # checkpoint every N optimizer steps into <run dir>/checkpoints/<stage>/ (0 = never)
     keep_checkpoints: int = 1  # newest checkpoints kept per stage (writes are atomic, so 1 is safe)
     resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>; trainer.resume drives every stage
@@ -123,6 +124,14 @@ def validate_trainer(node: Any, group: str) -> None:
     if node.save_every < 0 or node.keep_checkpoints < 1:
         raise ValueError(f"{group}.save_every must be >= 0 and {group}.keep_checkpoints >= 1; "
                          f"got {node.save_every} and {node.keep_checkpoints}")
+    if node.rounds < 1 or node.rounds > max(1, node.max_steps):
+        raise ValueError(f"{group}.rounds: must be in 1..max_steps ({node.max_steps}), got {node.rounds}")
+    if node.rounds > 1 and node.loss == "sft":
+        raise ValueError(f"{group}.rounds={node.rounds} re-builds preference pairs; {group}.loss=sft has none "
+                         f"(set {group}.rounds=1)")
+    if node.rounds > 1 and node.resume is not None:
+        raise ValueError(f"{group}.rounds={node.rounds} with {group}.resume: resuming a multi-round run is not "
+                         "supported yet; resume needs rounds=1")
     if node.beta <= 0:
         raise ValueError(f"{group}.beta: must be > 0, got {node.beta}")
     if node.lr <= 0:

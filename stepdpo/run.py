@@ -59,9 +59,9 @@ def run(cfg: DictConfig, out: Path) -> float:
     import torch
 
     from .batching import encode_pair, encode_sft
-    from .data import StepPair, atomic_write_text, read_jsonl, write_json, write_jsonl
+    from .data import StepPair, atomic_write_text, read_jsonl, write_json
     from .model import add_lora, count_params, load_base
-    from .pairs import request_for, score_pairs
+    from .pairs import request_for
     from .train import train
     from . import checkpoint, distributed
 
@@ -85,6 +85,11 @@ def run(cfg: DictConfig, out: Path) -> float:
     log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
              f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
     eval_problems = bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval
+    if cfg.trainer.rounds > 1 and (bundle.pairs is not None or cfg.validate_only):
+        raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
+                         + ("but dataset=" + str(cfg.dataset._target_) + " brings its own pairs"
+                            if bundle.pairs is not None else "and validate_only=true trains nothing")
+                         + "; set trainer.rounds=1")
 
     if getattr(scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
         src = bundle.pairs or []
@@ -152,6 +157,11 @@ def run(cfg: DictConfig, out: Path) -> float:
 
         # ---------------------------------------------------------------- pairs and step scores
         t = time.perf_counter()
+        def encode(pairs):
+            return [encode_pair(p, tok, weighting=cfg.trainer.weighting,
+                                weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
+                                max_length=cfg.trainer.max_length) for p in pairs]
+
         if cfg.trainer.loss == "sft":
             examples = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
             pair_report: dict = {"pairs": 0}
@@ -169,20 +179,13 @@ def run(cfg: DictConfig, out: Path) -> float:
                 res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed)
                 pairs, pair_report = res if isinstance(res, tuple) else (res, {})
             if saved is None:
-                pairs, score_report = score_pairs(pairs, scorer)
-                pair_report.update(score_report)
-                pairs, val_report = validate(pairs, tok, cfg)
-                pair_report.update(val_report)
-                pair_report["pairs"] = len(pairs)
-                write_jsonl(out / "pairs.jsonl", (p.to_dict() for p in pairs))
+                pairs, pair_report = finish_pairs(pairs, pair_report, scorer, tok, cfg, out / "pairs.jsonl")
                 if world > 1:
                     distributed.barrier()
                 if hasattr(scorer, "summary"):
                     summary["judge"] = scorer.summary()
                     tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
-            examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting,
-                                    weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
-                                    max_length=cfg.trainer.max_length) for p in pairs]
+            examples = encode(pairs)
             weights = [w for e in examples for w in e.chosen_w + e.rejected_w]
             if weights:
                 tracker.log_histogram("pairs/token_weights", weights, step)
@@ -199,9 +202,27 @@ def run(cfg: DictConfig, out: Path) -> float:
         eval_fn = (lambda s: {f"eval/during/{k}": v for k, v in evaluate_stage(
             f"step{s}", policy, tok, eval_problems, cfg, tracker, step + s, out).items()})
         stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
+
+        def refresh(r: int, at_step: int):  # trainer.rounds: round r's pairs, sampled from the current policy
+            path = out / f"pairs_round{r}.jsonl"
+            if rank == 0:
+                t_r = time.perf_counter()
+                res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed + r)
+                new, report = res if isinstance(res, tuple) else (res, {})
+                new, report = finish_pairs(new, report, scorer, tok, cfg, path)
+                report["seconds"] = time.perf_counter() - t_r
+                log.info("pairs round %d (step %d): %s", r, at_step, report)
+                summary.setdefault("pairs_rounds", []).append({"round": r, "step": at_step, **report})
+                tracker.log({f"pairs/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, at_step)
+            distributed.barrier()
+            if rank > 0:
+                new = [StepPair.from_dict(row) for _, row in read_jsonl(path)]
+            return encode(new)
+
         train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
               eval_fn=eval_fn if rank == 0 else None, step_offset=step, ckpt_dir=out / "checkpoints" / stage,
-              resume_from=resume.checkpoint(stage) if resume else None)
+              resume_from=resume.checkpoint(stage) if resume else None,
+              refresh=refresh if cfg.trainer.rounds > 1 else None)
         step += cfg.trainer.max_steps
         if rank > 0:  # rank 0 saves the adapter and evaluates
             return float("nan")
@@ -259,6 +280,20 @@ def save_atomic_dir(model, tok, dest: Path) -> None:
         tmp.rename(dest)
     except OSError:  # another job got there first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_pairs(pairs, report: dict, scorer, tok, cfg, path: Path) -> tuple[list, dict]:
+    """Score (where unscored), validate and write built pairs to `path` (atomically); extend `report`."""
+    from .data import write_jsonl
+    from .pairs import score_pairs
+
+    pairs, score_report = score_pairs(pairs, scorer)
+    report.update(score_report)
+    pairs, val_report = validate(pairs, tok, cfg)
+    report.update(val_report)
+    report["pairs"] = len(pairs)
+    write_jsonl(path, (p.to_dict() for p in pairs))
+    return pairs, report
 
 
 def validate(pairs, tok, cfg):

@@ -309,13 +309,18 @@ def _gather_hists(hists: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tracker, *, ref_model=None,
           seed: int = 0, prefix: str = "train", eval_fn: Callable[[int], dict] | None = None,
-          step_offset: int = 0, ckpt_dir=None, resume_from=None) -> dict[str, float]:
+          step_offset: int = 0, ckpt_dir=None, resume_from=None,
+          refresh: Callable[[int, int], Sequence[Example]] | None = None) -> dict[str, float]:
     """Train `model` in place up to cfg.max_steps optimizer steps. Returns the last logged metrics.
 
     examples: tokenized pairs (or SFT examples when cfg.loss == "sft").
     ref_model: frozen reference for full fine-tuning; None means "the policy with its adapter
     disabled" (LoRA). `step_offset` shifts logged steps so that stages share one x-axis.
     ckpt_dir: where `cfg.save_every` checkpoints go; resume_from: a checkpoint to continue from.
+    refresh(round, step): with cfg.rounds > 1, called (model in eval mode) before step
+    max_steps * round / rounds + 1 for round = 1..rounds-1; returns the examples for the next round
+    (on-policy pairs sampled from the current policy). Optimizer and schedule carry on; the data
+    stream restarts on the new examples. The reference model stays the same.
     Under torchrun every rank calls this; rank 0 alone logs and writes.
     """
     if not examples:
@@ -366,7 +371,23 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     last: dict[str, float] = {}
     t0, tokens = time.perf_counter(), 0
     hists: dict[str, list[float]] = {}  # per-pair margins since the last log step
+    rounds = cfg.rounds if refresh is not None and not sft else 1
+    if rounds > 1 and resume_from is not None:
+        raise ValueError(f"{prefix}: trainer.rounds={cfg.rounds} can't resume from a checkpoint yet; use rounds=1")
+    boundaries = {round(cfg.max_steps * r / rounds): r for r in range(1, rounds)}  # step -> round starting after it
     for step in range(start + 1, cfg.max_steps + 1):
+        if step - 1 in boundaries:  # a new on-policy round: fresh pairs from the current policy
+            r = boundaries[step - 1]
+            model.eval()
+            examples = list(refresh(r, step_offset + step - 1))
+            if not examples:
+                raise ValueError(f"{prefix}: round {r} produced no training examples")
+            stream = BatchStream([len(e) for e in examples], stream.global_batch, seed + r)
+            meta["n_examples"] = len(examples)
+            if ref_table is not None:
+                ref_table = precomputed_reference(cfg, policy, reference, model if ref_model is None else ref_model,
+                                                  tokenizer, examples, device=device, autocast=autocast, prefix=prefix)
+            model.train()
         sums: dict[str, float] = {}
         global_idx = stream.next()
         if sft:  # SFT is a mean over the global batch's response tokens, however it is split

@@ -115,3 +115,27 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     assert before[0] == before[1]  # the same SFT model
     assert [json.loads(line)["output"] for line in (first / "samples_before.jsonl").read_text().splitlines()] == \
            [json.loads(line)["output"] for line in (second / "samples_before.jsonl").read_text().splitlines()]
+
+
+def test_rounds_resample_pairs_from_the_trained_policy(tmp_path):
+    """trainer.rounds=2: a second set of on-policy pairs is sampled half-way, from the policy being
+    trained, written beside the first, logged and summarised."""
+    proc, run_dir = run_cli(tmp_path, "trainer.max_steps=4", "trainer.rounds=2",
+                            "pairs.n_problems=16", "pairs.k=4")
+    first, second = _read_jsonl(run_dir / "pairs.jsonl"), _read_jsonl(run_dir / "pairs_round1.jsonl")
+    assert first and second
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (r1,) = summary["pairs_rounds"]
+    assert r1["round"] == 1 and r1["step"] == 20 + 2 and r1["pairs"] == len(second) and r1["samples"] == 16 * 4
+    logged = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "pairs/pairs" in m]
+    assert [(m["step"], m["pairs/pairs"]) for m in logged] == [(22, len(second))]
+    dpo_steps = [m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl") if "dpo/loss" in m]
+    assert dpo_steps == [21, 22, 23, 24]
+
+
+def test_rounds_need_pairs_built_by_the_run(tmp_path):
+    proc, _ = run_cli(tmp_path, "dataset=pairs", "dataset.path=tests/fixtures/pairs/pairs.jsonl", "trainer.rounds=2",
+                      check=False)
+    assert proc.returncode != 0
+    assert "trainer.rounds=2" in proc.stderr and "brings its own pairs" in proc.stderr
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists()  # failed before any work

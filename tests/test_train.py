@@ -295,3 +295,61 @@ def test_nll_on_solution_anchors_prefix_steps_and_leaves_dpo_alone():
     assert logged["continuation"]["dpo/loss/nll_chosen"] == pytest.approx(want_cont, rel=1e-5)
     for k in ("dpo/loss/preference", "dpo/logps/chosen", "dpo/rewards/margin", "dpo/tokens/response"):
         assert logged["solution"][k] == pytest.approx(logged["continuation"][k], rel=1e-6, abs=1e-7), k
+
+
+def long_examples(n: int, seed: int = 1, vocab: int = 90) -> list[Example]:
+    """Pairs far longer than make_examples' (5 + 30 tokens a row), so a step shows which set it drew from."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [1] + [rng.randrange(4, vocab) for _ in range(4)]
+        c = [rng.randrange(4, vocab) for _ in range(29)] + [2]
+        r = [rng.randrange(4, vocab) for _ in range(29)] + [2]
+        w = [1.0] * 30
+        out.append(Example(p, c, r, w, w, w, w))
+    return out
+
+
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_rounds_refresh_the_pairs_from_the_current_policy(tmp_path, precompute_ref):
+    """trainer.rounds=2: at the half-way step the loop asks for new pairs (model in eval mode), then
+    trains on them with the same optimizer and schedule; a precomputed reference table is rebuilt."""
+    calls = []
+
+    def refresh(r, step):
+        calls.append((r, step, policy.training))
+        return long_examples(8)
+
+    runs = {}
+    for pre in sorted({False, precompute_ref}):
+        policy, ref, tok = lora_model()
+        rec = Recorder()
+        train(cfg(max_steps=4, rounds=2, precompute_ref=pre, ref_cache_dir=str(tmp_path)), policy, tok,
+              make_examples(16), rec, ref_model=ref, prefix="dpo", refresh=refresh, step_offset=100)
+        runs[pre] = rec.rows
+    assert calls[0] == (1, 102, False)  # round 1 starts after step 2 (logged as 102: stages share the x-axis)
+    rows = runs[precompute_ref]
+    assert [s for s, _ in rows] == [101, 102, 103, 104]
+    nonpad = [m["dpo/tokens/nonpad"] for _, m in rows]
+    assert max(nonpad[:2]) <= 4 * 2 * 20 and nonpad[2:] == [4 * 2 * 35] * 2  # round 0 pairs, then round 1's
+    lrs = [m["dpo/lr"] for _, m in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-2 * 0.1)  # one cosine schedule
+    if precompute_ref:  # the cached reference of round 1's pairs gives the same losses as live reference passes
+        for (_, a), (_, b) in zip(runs[False], runs[True]):
+            assert a["dpo/loss"] == pytest.approx(b["dpo/loss"], rel=1e-5, abs=1e-6)
+
+
+def test_rounds_config_errors():
+    from stepdpo.config import validate_trainer
+    from omegaconf import OmegaConf
+
+    def check(**kw):
+        validate_trainer(OmegaConf.structured(cfg(**kw)), "trainer")
+
+    check(rounds=3, max_steps=3)
+    for kw, msg in [(dict(rounds=0), "trainer.rounds: must be in 1..max_steps"),
+                    (dict(rounds=4, max_steps=3), "trainer.rounds: must be in 1..max_steps (3)"),
+                    (dict(rounds=2, loss="sft"), "loss=sft has none"),
+                    (dict(rounds=2, resume="auto"), "resume needs rounds=1")]:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            check(**kw)
