@@ -254,6 +254,10 @@ def run(cfg: DictConfig, out: Path) -> float:
             scorer.close()
 
 
+SFT_KEY_IGNORES = ("log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "precompute_ref",
+                   "ref_cache_dir")
+
+
 def sft_cache_path(cfg: DictConfig) -> Path | None:
     """`sft_cache_dir/<hash>` of everything the warm-up depends on (model, data, SFT config, seed),
     so the jobs of a sweep that differ only after the warm-up share one SFT run."""
@@ -262,6 +266,8 @@ def sft_cache_path(cfg: DictConfig) -> Path | None:
     import hashlib
 
     key = {k: to_container(cfg[k]) for k in ("model", "dataset", "sft")}
+    for k in SFT_KEY_IGNORES:  # how the warm-up is logged, saved or resumed doesn't change its weights
+        key["sft"].pop(k, None)
     key["seed"] = cfg.seed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cfg.sft_cache_dir).expanduser() / digest

@@ -72,3 +72,18 @@ def test_qlora_block_size_checked_before_loading(tmp_path):
     proc, run_dir = run_cli(tmp_path, "lora=qlora", "model.tiny.hidden_size=96", check=False, timeout=120)
     assert proc.returncode != 0 and "model.tiny.hidden_size=96" in proc.stderr + proc.stdout
     assert not (run_dir / "base_model").exists()
+
+
+def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
+    from stepdpo.run import sft_cache_path
+
+    def key(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return sft_cache_path(compose("config", overrides=[f"sft_cache_dir={tmp_path}", *overrides]))
+
+    base = key()
+    assert base.parent == tmp_path
+    for same in ("sft.log_every=7", "sft.save_every=100", "trainer=dpo", "trainer.lr=0.5", "eval.n=3"):
+        assert key(same) == base, same
+    for other in ("sft.lr=0.5", "sft.max_steps=5", "seed=1", "dataset.n_train=10", "model.tiny.hidden_size=64"):
+        assert key(other) != base, other
