@@ -105,11 +105,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node=2 -m stepdpo.run` end to end (gloo): the DPO losses of a 2 x 2-pair
     run equal a 1 x 4-pair run's; rank 0 alone writes the run dir. Both precompute the reference
-    log-probs into one cache: the second run (both its ranks) loads the first run's file."""
+    log-probs into one cache: the second run (both its ranks) loads the first run's file. Two on-policy
+    rounds: rank 0 samples round 1's pairs from the trained policy, every rank trains on them."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("STEPDPO_CACHE_DIR", str(tmp_path / "cache"))
     over = ["sft.max_steps=0", "trainer.max_steps=4", "eval.n=4", "eval.max_new_tokens=16", "eval.before=false",
-            "trainer.precompute_ref=true"]
+            "trainer.precompute_ref=true", "trainer.rounds=2"]
     _, one = run_cli(tmp_path / "one", *over, "trainer.batch_size=4")
     two = tmp_path / "two"
     torchrun("-m", "stepdpo.run", f"hydra.run.dir={two}", *FAST, *over, "trainer.batch_size=2")
@@ -124,4 +125,5 @@ def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
         close(x, y, "dpo")
     assert (two / "adapter" / "adapter_model.safetensors").exists() and (two / "eval.json").exists()
     assert json.loads((two / "eval.json").read_text())["after"]["n"] == 4
-    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 1  # one file for both runs
+    assert (one / "pairs_round1.jsonl").read_text() == (two / "pairs_round1.jsonl").read_text()
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 2  # one file per round, for both runs
