@@ -126,9 +126,6 @@ def validate_trainer(node: Any, group: str) -> None:
                          f"got {node.save_every} and {node.keep_checkpoints}")
     if node.rounds < 1 or node.rounds > max(1, node.max_steps):
         raise ValueError(f"{group}.rounds: must be in 1..max_steps ({node.max_steps}), got {node.rounds}")
-    if node.rounds > 1 and node.loss == "sft":
-        raise ValueError(f"{group}.rounds={node.rounds} re-builds preference pairs; {group}.loss=sft has none "
-                         f"(set {group}.rounds=1)")
     if node.rounds > 1 and node.resume is not None:
         raise ValueError(f"{group}.rounds={node.rounds} with {group}.resume: resuming a multi-round run is not "
                          "supported yet; resume needs rounds=1")

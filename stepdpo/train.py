@@ -320,7 +320,8 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     refresh(round, step): with cfg.rounds > 1, called (model in eval mode) before step
     max_steps * round / rounds + 1 for round = 1..rounds-1; returns the examples for the next round
     (on-policy pairs sampled from the current policy). Optimizer and schedule carry on; the data
-    stream restarts on the new examples. The reference model stays the same.
+    stream restarts on the new examples. The reference model stays the same. SFT ignores rounds
+    (like beta and nll_alpha), so one sweep can share them across trainer=sft_control,dpo,stepdpo.
     Under torchrun every rank calls this; rank 0 alone logs and writes.
     """
     if not examples:
