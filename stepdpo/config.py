@@ -51,6 +51,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0
     rounds: int = 1  # on-policy rounds: pairs re-built from the current policy at max_steps * r / rounds
+    ref_update: str = "fixed"  # fixed | round (iterative DPO: each round's reference is the policy it starts from)
     save_every: int = 0  # checkpoint every N optimizer steps into <run dir>/checkpoints/<stage>/ (0 = never)
     keep_checkpoints: int = 1  # newest checkpoints kept per stage (writes are atomic, so 1 is safe)
     resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>; trainer.resume drives every stage
@@ -98,6 +99,7 @@ TRAINER_CHOICES = {
     "loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "token_reduction": ("sum", "mean"),
     "nll_on": ("continuation", "solution"),
+    "ref_update": ("fixed", "round"),
     "optimizer": ("adamw", "paged_adamw_8bit"),
     "schedule": ("cosine", "linear", "constant"),
     "precision": ("fp32", "bf16"),
@@ -129,6 +131,9 @@ def validate_trainer(node: Any, group: str) -> None:
     if node.rounds > 1 and node.resume is not None:
         raise ValueError(f"{group}.rounds={node.rounds} with {group}.resume: resuming a multi-round run is not "
                          "supported yet; resume needs rounds=1")
+    if node.ref_update == "round" and node.rounds < 2 and node.loss != "sft":
+        raise ValueError(f"{group}.ref_update=round: the reference is updated at each round boundary and "
+                         f"{group}.rounds={node.rounds} has none; set {group}.rounds>=2 or ref_update=fixed")
     if node.beta <= 0:
         raise ValueError(f"{group}.beta: must be > 0, got {node.beta}")
     if node.lr <= 0:

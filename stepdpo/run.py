@@ -254,8 +254,8 @@ def run(cfg: DictConfig, out: Path) -> float:
             scorer.close()
 
 
-SFT_KEY_IGNORES = ("log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "precompute_ref",
-                   "ref_cache_dir")
+SFT_KEY_IGNORES = ("log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "ref_update",
+                   "precompute_ref", "ref_cache_dir")
 
 
 def sft_cache_path(cfg: DictConfig) -> Path | None:

@@ -288,6 +288,20 @@ def precomputed_reference(cfg: TrainerConfig, policy: TokenLogps, reference: Tok
     return table
 
 
+def policy_reference(cfg: TrainerConfig, policy: TokenLogps, tokenizer, examples: Sequence[Example], *, device,
+                     autocast):
+    """RefLogps of the policy as it is now (eval mode, adapter on): `trainer.ref_update=round`.
+    Kept in memory only: it depends on the adapter weights of this very run."""
+    from . import refcache
+
+    t = time.perf_counter()
+    with torch.no_grad(), autocast:
+        table = refcache.compute(lambda b: policy(b.input_ids, b.attention_mask, b.labels), examples,
+                                 tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device)
+    log.info("reference := current policy on %d examples (%.1fs)", len(examples), time.perf_counter() - t)
+    return table
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -320,7 +334,8 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     refresh(round, step): with cfg.rounds > 1, called (model in eval mode) before step
     max_steps * round / rounds + 1 for round = 1..rounds-1; returns the examples for the next round
     (on-policy pairs sampled from the current policy). Optimizer and schedule carry on; the data
-    stream restarts on the new examples. The reference model stays the same. SFT ignores rounds
+    stream restarts on the new examples. The reference stays the same (cfg.ref_update="fixed") or
+    becomes the policy at the round's start (cfg.ref_update="round", iterative DPO). SFT ignores rounds
     (like beta and nll_alpha), so one sweep can share them across trainer=sft_control,dpo,stepdpo.
     Under torchrun every rank calls this; rank 0 alone logs and writes.
     """
@@ -385,7 +400,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                 raise ValueError(f"{prefix}: round {r} produced no training examples")
             stream = BatchStream([len(e) for e in examples], stream.global_batch, seed + r)
             meta["n_examples"] = len(examples)
-            if ref_table is not None:
+            if cfg.ref_update == "round":  # iterative DPO: the policy this round starts from is its reference
+                ref_table = policy_reference(cfg, policy, tokenizer, examples, device=device, autocast=autocast)
+            elif ref_table is not None:
                 ref_table = precomputed_reference(cfg, policy, reference, model if ref_model is None else ref_model,
                                                   tokenizer, examples, device=device, autocast=autocast, prefix=prefix)
             model.train()

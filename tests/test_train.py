@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -339,6 +340,29 @@ def test_rounds_refresh_the_pairs_from_the_current_policy(tmp_path, precompute_r
             assert a["dpo/loss"] == pytest.approx(b["dpo/loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_ref_update_round_makes_the_policy_the_reference(tmp_path, precompute_ref):
+    """trainer.ref_update=round (iterative DPO): round 1's reference is the policy after round 0, so
+    its first step sees implicit rewards of exactly 0 and the preference loss is log 2; with the
+    fixed reference (the adapter-off model) the policy has already moved away from it."""
+    logged = {}
+    for upd in ("fixed", "round"):
+        policy, ref, tok = lora_model()
+        rec = Recorder()
+        train(cfg(max_steps=4, rounds=2, ref_update=upd, precompute_ref=precompute_ref, ref_cache_dir=str(tmp_path)),
+              policy, tok, make_examples(16), rec, prefix="dpo", refresh=lambda r, step: long_examples(8))
+        logged[upd] = [m for _, m in rec.rows]
+    first = logged["round"][2]  # step 3: round 1's first step, measured before its optimizer update
+    assert first["dpo/rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["dpo/rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    assert first["dpo/loss/preference"] == pytest.approx(math.log(2), abs=1e-5)
+    fixed = logged["fixed"][2]
+    assert abs(fixed["dpo/rewards/chosen"]) > 1e-3 and abs(fixed["dpo/rewards/margin"]) > 1e-3
+    for a, b in zip(logged["fixed"][:2], logged["round"][:2]):  # round 0 is the same either way
+        assert a["dpo/loss"] == pytest.approx(b["dpo/loss"], rel=1e-6)
+    assert logged["round"][3]["dpo/rewards/margin"] != pytest.approx(0, abs=1e-6)  # and then it learns
+
+
 def test_rounds_config_errors():
     from stepdpo.config import validate_trainer
     from omegaconf import OmegaConf
@@ -347,9 +371,12 @@ def test_rounds_config_errors():
         validate_trainer(OmegaConf.structured(cfg(**kw)), "trainer")
 
     check(rounds=3, max_steps=3)
+    check(rounds=2, ref_update="round")
     check(rounds=2, loss="sft")  # ignored by SFT, so an experiment can set it for all its arms
     for kw, msg in [(dict(rounds=0), "trainer.rounds: must be in 1..max_steps"),
                     (dict(rounds=4, max_steps=3), "trainer.rounds: must be in 1..max_steps (3)"),
-                    (dict(rounds=2, resume="auto"), "resume needs rounds=1")]:
+                    (dict(rounds=2, resume="auto"), "resume needs rounds=1"),
+                    (dict(ref_update="round"), "trainer.ref_update=round: the reference is updated at each round"),
+                    (dict(ref_update="policy", rounds=2), "trainer.ref_update: 'policy' is not one of")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             check(**kw)
