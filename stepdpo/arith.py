@@ -55,8 +55,12 @@ def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, ma
 
 
 def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: int = 3, max_operand: int = 50,
-         max_multiplier: int = 5, max_value: int = 300, ops: str = "+-*", seed: int = 0) -> DatasetBundle:
-    """Generate disjoint train/eval splits (eval questions never appear in train)."""
+         max_multiplier: int = 5, max_value: int = 300, ops: str = "+-*", seed: int = 0, n_pool: int = 0) -> DatasetBundle:
+    """Generate disjoint train/eval splits (eval questions never appear in train), and `n_pool`
+    answer-only problems (gold steps withheld) disjoint from both. The pool is drawn after train
+    and eval, so its size never changes them."""
+    if n_pool < 0:
+        raise ValueError(f"dataset.n_pool={n_pool}: must be >= 0")
     if not 1 <= min_ops <= max_ops:
         raise ValueError(f"dataset.min_ops/max_ops: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
     if not ops or set(ops) - set(OPS):
@@ -67,19 +71,21 @@ def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: i
     kw = dict(min_ops=min_ops, max_ops=max_ops, max_operand=max_operand, max_multiplier=max_multiplier,
               max_value=max_value, ops=ops)
     seen: set[str] = set()
-    out: dict[str, list[Problem]] = {"eval": [], "train": []}
-    for split, n in (("eval", n_eval), ("train", n_train)):
+    out: dict[str, list[Problem]] = {"eval": [], "train": [], "pool": []}
+    for split, n in (("eval", n_eval), ("train", n_train), ("pool", n_pool)):
         tries = 0
         while len(out[split]) < n:
             tries += 1
             if tries > 50 * n + 1000:
-                raise ValueError(f"dataset=arith: can't generate {n} distinct {split} problems; widen the ranges")
+                raise ValueError(f"dataset=arith: can't generate {n} distinct {split} problems; widen the ranges"
+                                 + (" or lower dataset.n_pool" if split == "pool" else ""))
             p = make_problem(rng, len(out[split]), split=split, **kw)
             if p.question in seen:
                 continue
             seen.add(p.question)
             out[split].append(p)
-    return DatasetBundle(name="arith", train=out["train"], eval=out["eval"], answer_format="plain")
+    pool = [Problem(id=p.id, question=p.question, answer=p.answer, steps=[], meta=p.meta) for p in out["pool"]]
+    return DatasetBundle(name="arith", train=out["train"], eval=out["eval"], answer_format="plain", pool=pool)
 
 
 def true_values(meta: dict) -> list[int]:

@@ -222,3 +222,5 @@ class DatasetBundle:
     eval: list[Problem]
     pairs: list[StepPair] | None = None
     answer_format: str = "plain"  # how answers are written in responses: plain | gsm8k | boxed
+    pool: list[Problem] = field(default_factory=list)  # answer-only problems (no gold steps), disjoint from
+    # train and eval: on-policy pairs can be sampled on them (`pairs.from_split=pool`), SFT never sees them

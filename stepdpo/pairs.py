@@ -56,10 +56,14 @@ def corrupt_pairs(problems: Sequence[Problem], n: int, rng: random.Random) -> li
 def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer: StepScorer, seed: int = 0,
                           n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                           max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
-                          min_pairs: int = 0, **_) -> tuple[list[StepPair], dict]:
+                          min_pairs: int = 0, topup_problems: Sequence[Problem] | None = None,
+                          from_split: str = "train", **_) -> tuple[list[StepPair], dict]:
     """Sample k solutions per problem from `model`, grade them, pair correct against incorrect.
 
-    Tops up with `corrupt_pairs` when sampling yields fewer than `min_pairs`. Returns (pairs,
+    A problem's gold solution (if it has one) stands in as the chosen side when no sample is
+    correct with the same prefix; answer-only problems (no gold steps) pair samples only.
+    Tops up with `corrupt_pairs` of `topup_problems` (default: `problems`; only those with gold
+    steps can be corrupted) when sampling yields fewer than `min_pairs`. Returns (pairs,
     report) where the report counts samples, correct samples, pairs by kind and top-ups.
     """
     rng = random.Random(seed)
@@ -72,7 +76,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     steps_of = [[split_steps(o) for o in outs] for outs in samples]
     reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts]
     results = scorer.score(reqs)
-    report: Counter = Counter(samples=len(reqs))
+    report: Counter = Counter(problems=len(probs), samples=len(reqs))
     pairs: list[StepPair] = []
     it = iter(results)
     for p, sts in zip(probs, steps_of):
@@ -101,7 +105,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 if cst[:fe] == prefix and len(cst) > fe:
                     chosen, cs = cst[fe:], cr.scores[fe:]
                     break
-            if chosen is None and p.steps[:fe] == prefix and len(p.steps) > fe:
+            if chosen is None and p.steps and p.steps[:fe] == prefix and len(p.steps) > fe:
                 chosen, cs = p.steps[fe:], [1.0] * len(p.steps[fe:])
             if chosen is None:
                 continue
@@ -112,7 +116,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
             made += 1
         report["pairs_on_policy"] += made
     if len(pairs) < min_pairs:
-        top = corrupt_pairs(problems, min_pairs - len(pairs), rng)
+        gold = [p for p in (problems if topup_problems is None else topup_problems) if p.steps]
+        top = corrupt_pairs(gold, min_pairs - len(pairs), rng)
         report["pairs_perturb_topup"] = len(top)
         pairs += top
     return pairs, dict(report)

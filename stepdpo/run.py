@@ -91,12 +91,23 @@ def run(cfg: DictConfig, out: Path) -> float:
                             if bundle.pairs is not None else "and validate_only=true trains nothing")
                          + "; set trainer.rounds=1")
 
+    pair_split = cfg.pairs.get("from_split", "train")
+    if pair_split not in ("train", "pool"):
+        raise ValueError(f"pairs.from_split={pair_split!r}: choose train (the SFT problems) or pool (answer-only)")
+    if pair_split == "pool" and not bundle.pool and bundle.pairs is None:
+        raise ValueError(f"pairs.from_split=pool, but dataset={cfg.dataset._target_.rsplit('.', 2)[-2]} has no "
+                         "answer-only pool problems: set dataset.n_pool (arith, gsm8k) or pairs.from_split=train")
+    pair_problems = bundle.pool if pair_split == "pool" else bundle.train
+    pair_kw = {"topup_problems": bundle.train} if pair_split == "pool" else {}
+
     if getattr(scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
         src = bundle.pairs or []
         reqs = [request_for(p.question, p.prefix + side, p.answer, p.meta) for p in src for side in (p.chosen, p.rejected)]
         if not src:  # on-policy: k samples per problem, roughly gold-sized
             k, n = cfg.pairs.get("k", 1), cfg.pairs.get("n_problems", len(bundle.train))
-            reqs = [request_for(p.question, p.steps, p.answer, p.meta) for p in bundle.train[:n] for _ in range(k)]
+            gold = [p.steps for p in bundle.train] or [[]]  # answer-only pool problems: gold-sized guesses
+            reqs = [request_for(p.question, p.steps or gold[i % len(gold)], p.answer, p.meta)
+                    for i, p in enumerate(pair_problems[:n]) for _ in range(k)]
         est = scorer.estimate(reqs)
         print(json.dumps({"dry_run": est}, indent=2))
         write_json(out / "dry_run.json", est)
@@ -176,7 +187,7 @@ def run(cfg: DictConfig, out: Path) -> float:
             elif bundle.pairs is not None:
                 pairs, pair_report = list(bundle.pairs), {"source": "dataset"}
             else:
-                res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed)
+                res = pair_fn(problems=pair_problems, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed, **pair_kw)
                 pairs, pair_report = res if isinstance(res, tuple) else (res, {})
             if saved is None:
                 pairs, pair_report = finish_pairs(pairs, pair_report, scorer, tok, cfg, out / "pairs.jsonl")
@@ -207,7 +218,8 @@ def run(cfg: DictConfig, out: Path) -> float:
             path = out / f"pairs_round{r}.jsonl"
             if rank == 0:
                 t_r = time.perf_counter()
-                res = pair_fn(problems=bundle.train, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed + r)
+                res = pair_fn(problems=pair_problems, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed + r,
+                              **pair_kw)
                 new, report = res if isinstance(res, tuple) else (res, {})
                 new, report = finish_pairs(new, report, scorer, tok, cfg, path)
                 report["seconds"] = time.perf_counter() - t_r
@@ -266,6 +278,7 @@ def sft_cache_path(cfg: DictConfig) -> Path | None:
     import hashlib
 
     key = {k: to_container(cfg[k]) for k in ("model", "dataset", "sft")}
+    key["dataset"].pop("n_pool", None)  # answer-only problems, drawn after train: the warm-up never sees them
     for k in SFT_KEY_IGNORES:  # how the warm-up is logged, saved or resumed doesn't change its weights
         key["sft"].pop(k, None)
     key["seed"] = cfg.seed

@@ -66,3 +66,31 @@ def test_bad_knobs_are_named():
         load(min_ops=3, max_ops=2)
     with pytest.raises(ValueError, match="dataset.ops"):
         load(ops="/")
+
+
+def test_answer_only_pool_is_disjoint_and_leaves_train_and_eval_alone():
+    plain = load(n_train=200, n_eval=50, max_operand=9, max_value=30, ops="+-", seed=2)
+    b = load(n_train=200, n_eval=50, max_operand=9, max_value=30, ops="+-", seed=2, n_pool=300)
+    assert [p.question for p in b.train] == [p.question for p in plain.train]  # the warm-up data is unchanged
+    assert [p.question for p in b.eval] == [p.question for p in plain.eval] and plain.pool == []
+    assert len(b.pool) == 300 and len({p.question for p in b.pool}) == 300
+    assert not {p.question for p in b.pool} & ({p.question for p in b.train} | {p.question for p in b.eval})
+    for p in b.pool:  # answer-only: no gold steps, but the meta the rule checker grades samples with
+        assert p.steps == [] and p.id.startswith("arith-pool-")
+        gold = make_gold(p)
+        assert check_steps(p.meta, gold) == [1.0] * len(gold) and gold[-1] == f"The answer is {p.answer}"
+    with pytest.raises(ValueError, match="n_pool"):
+        load(n_train=200, n_eval=50, max_operand=9, max_value=30, ops="+-", n_pool=100_000)
+    with pytest.raises(ValueError, match="n_pool=-1"):
+        load(n_pool=-1)
+
+
+def make_gold(p):
+    """The solution a pool problem's meta implies (what a correct sample reads)."""
+    from stepdpo.arith import true_values
+
+    v, out = p.meta["start"], []
+    for (op, b), new in zip(p.meta["ops"], true_values(p.meta)):
+        out.append(f"{v} {op} {b} = {new}")
+        v = new
+    return out + [f"The answer is {v}"]

@@ -67,6 +67,18 @@ def test_gsm8k_subsample_is_seeded_and_options():
 
 
 @needs_data
+def test_gsm8k_answer_only_pool():
+    a = gsm8k.load(path=str(DATA / "gsm8k"), n_train=20, n_eval=5, seed=1)
+    b = gsm8k.load(path=str(DATA / "gsm8k"), n_train=20, n_eval=5, seed=1, n_pool=30)
+    assert [p.id for p in b.train] == [p.id for p in a.train] and a.pool == []
+    assert len(b.pool) == 30 and all(p.steps == [] and p.answer for p in b.pool)
+    assert not {p.question for p in b.pool} & {p.question for p in b.train}
+    assert not {p.question for p in b.pool} & {p.question for p in b.eval}
+    with pytest.raises(ValueError, match=r"dataset.n_pool=7470: only 7453 training problems"):
+        gsm8k.load(path=str(DATA / "gsm8k"), n_train=20, n_eval=5, n_pool=7470)
+
+
+@needs_data
 def test_gsm8k_single_file_needs_an_eval_split():
     f = DATA / "gsm8k" / "test.jsonl"
     with pytest.raises(ValueError, match="is a single file: set dataset.eval_path .* or dataset.eval_fraction"):

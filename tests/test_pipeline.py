@@ -139,3 +139,26 @@ def test_rounds_need_pairs_built_by_the_run(tmp_path):
     assert proc.returncode != 0
     assert "trainer.rounds=2" in proc.stderr and "brings its own pairs" in proc.stderr
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()  # failed before any work
+
+
+def test_pairs_from_the_answer_only_pool(tmp_path):
+    """pairs.from_split=pool: pairs are sampled on dataset.n_pool answer-only problems the SFT stage
+    never sees (rule-based top-ups still corrupt SFT problems); the SFT cache ignores n_pool."""
+    cache = tmp_path / "cache"
+    _, plain = run_cli(tmp_path / "a", f"sft_cache_dir={cache}", "trainer.max_steps=1")
+    _, run_dir = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "dataset.n_pool=24", "pairs.from_split=pool",
+                         "pairs.n_problems=1000", "pairs.k=2")
+    assert len(list(cache.iterdir())) == 1
+    assert "sft_cached" in json.loads((run_dir / "summary.json").read_text())  # the same warm-up
+    pairs = _read_jsonl(run_dir / "pairs.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pairs"]["problems"] == 24 and summary["pairs"]["samples"] == 24 * 2  # the pool, not the 64 SFT problems
+    assert pairs and len(pairs) == summary["pairs"]["pairs"]
+    for p in pairs:
+        kind = "pool" if p["source"] == "on_policy" else "train"
+        assert p["meta"]["problem_id"].startswith(f"arith-{kind}-"), p
+    proc, _ = run_cli(tmp_path / "c", "pairs.from_split=pool", check=False)
+    assert proc.returncode != 0 and "pairs.from_split=pool" in proc.stderr and "dataset.n_pool" in proc.stderr
+    assert not (tmp_path / "c" / "run" / "config_resolved.yaml").exists()
+    proc, _ = run_cli(tmp_path / "d", "pairs.from_split=eval", check=False)
+    assert proc.returncode != 0 and "choose train" in proc.stderr

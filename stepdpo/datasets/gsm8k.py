@@ -55,11 +55,13 @@ def read_problems(path: Path, invalid: InvalidRows, *, split: str = "train", **o
 def load(*, path: str | None = "../shared/data/gsm8k", eval_path: str | None = None,
          eval_fraction: float | None = None, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
          on_invalid: str = "error", truncation: str = "error", strip_annotations: bool = False,
-         answer_step: bool = True) -> DatasetBundle:
+         answer_step: bool = True, n_pool: int = 0) -> DatasetBundle:
     """GSM8K problems. `path`: a directory with train.jsonl/test.jsonl, a JSONL file (then give
-    `eval_path` or `eval_fraction`), or None for the Hub's openai/gsm8k."""
+    `eval_path` or `eval_fraction`), or None for the Hub's openai/gsm8k. `n_pool`: that many of the
+    training problems left out by `n_train` become answer-only pool problems (gold steps withheld)."""
     check_policies(on_invalid, truncation)
     check_count(n_train, "dataset.n_train")
+    check_count(n_pool, "dataset.n_pool")
     check_count(n_eval, "dataset.n_eval")
     opts = {"strip_annotations": strip_annotations, "answer_step": answer_step}
     if path is None:
@@ -67,8 +69,18 @@ def load(*, path: str | None = "../shared/data/gsm8k", eval_path: str | None = N
     else:
         train, ev = read_train_eval(read_problems, path, eval_path, eval_fraction, on_invalid=on_invalid, seed=seed,
                                     **opts)
-    return DatasetBundle(name="gsm8k", train=subsample(train, n_train, seed, "train"),
-                         eval=subsample(ev, n_eval, seed, "eval"), answer_format="gsm8k")
+    sft = subsample(train, n_train, seed, "train")
+    pool = []
+    if n_pool:
+        used = {p.question for p in sft}
+        rest = [p for p in train if p.question not in used]
+        if n_pool > len(rest):
+            raise ValueError(f"dataset.n_pool={n_pool}: only {len(rest)} training problems are left outside "
+                             f"dataset.n_train={n_train}; lower dataset.n_pool or dataset.n_train")
+        pool = [Problem(id=p.id, question=p.question, answer=p.answer, steps=[], meta=p.meta)
+                for p in subsample(rest, n_pool, seed, "pool")]
+    return DatasetBundle(name="gsm8k", train=sft, eval=subsample(ev, n_eval, seed, "eval"), answer_format="gsm8k",
+                         pool=pool)
 
 
 def _from_hub(on_invalid: str, opts: dict) -> tuple[list[Problem], list[Problem]]:

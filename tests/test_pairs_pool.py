@@ -1,0 +1,72 @@
+"""On-policy pairs on answer-only problems (`pairs.from_split=pool`): the chosen side comes only
+from the policy's own correct samples (there is no gold solution to fall back on), and the
+rule-based top-up corrupts gold solutions of the SFT problems instead."""
+
+import pytest
+
+import stepdpo.pairs as pairs_mod
+from stepdpo.arith import load, true_values
+from stepdpo.rewards.rule import RuleScorer
+
+
+def solution(p, wrong_at=None):
+    v, out = p.meta["start"], []
+    for i, ((op, b), new) in enumerate(zip(p.meta["ops"], true_values(p.meta))):
+        new = new + 1 if i == wrong_at else new
+        out.append(f"{v} {op} {b} = {new}")
+        v = new if wrong_at is None or i < wrong_at else v  # carried through after the error
+    return "\n".join(out + [f"The answer is {v}"])
+
+
+@pytest.fixture
+def bundle():
+    return load(n_train=40, n_eval=10, max_operand=9, max_value=30, ops="+-", seed=5, n_pool=12)
+
+
+def test_pool_pairs_use_correct_samples_only(bundle, monkeypatch):
+    pool = bundle.pool
+    # problems 0-5: one correct and one wrong (at step 1) sample; 6-11: two wrong samples, no correct one
+    order = []
+    real_shuffle = pairs_mod.random.Random.shuffle
+
+    def keep_order(self, x):  # record the order build_on_policy_pairs samples problems in
+        real_shuffle(self, x)
+        order[:] = list(x)
+
+    monkeypatch.setattr(pairs_mod.random.Random, "shuffle", keep_order)
+    outs = {}
+
+    def gen(model, tok, prompts, *, num_return_sequences=1, **_):
+        res = []
+        for p in order[: len(prompts)]:
+            i = int(p.id.rsplit("-", 1)[1])
+            res.append([solution(p), solution(p, wrong_at=1)] if i < 6 else
+                       [solution(p, wrong_at=0), solution(p, wrong_at=1)])
+            outs[p.id] = res[-1]
+        return res
+
+    monkeypatch.setattr(pairs_mod, "generate", gen)
+    pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                    n_problems=12, min_pairs=0, topup_problems=bundle.train)
+    assert report["samples"] == 24 and report["correct"] == 6 and report["pairs_on_policy"] == 6
+    assert len(pairs) == 6
+    for pr in pairs:
+        p = next(q for q in pool if q.id == pr.meta["problem_id"])
+        assert int(p.id.rsplit("-", 1)[1]) < 6  # only problems with a correct sample give pairs
+        correct = outs[p.id][0].split("\n")
+        assert pr.prefix == correct[:1] and pr.chosen == correct[1:]  # the sample's own steps, not a gold solution
+        assert pr.rejected == outs[p.id][1].split("\n")[1:] and pr.rejected_scores[0] == 0.0
+
+
+def test_pool_top_up_corrupts_the_sft_problems(bundle, monkeypatch):
+    monkeypatch.setattr(pairs_mod, "generate", lambda m, t, prompts, num_return_sequences=1, **_:
+                        [["garbage"] * num_return_sequences for _ in prompts])
+    pairs, report = pairs_mod.build_on_policy_pairs(bundle.pool, model=None, tokenizer=None, scorer=RuleScorer(),
+                                                    k=2, n_problems=12, min_pairs=10, topup_problems=bundle.train)
+    assert report["pairs_on_policy"] == 0 and report["pairs_perturb_topup"] == 10 == len(pairs)
+    train_ids = {p.id for p in bundle.train}
+    assert all(pr.source == "perturb" and pr.meta["problem_id"] in train_ids for pr in pairs)
+    # without gold problems to corrupt there is nothing to top up with (never a broken pair)
+    pairs, report = pairs_mod.build_on_policy_pairs(bundle.pool, model=None, tokenizer=None, scorer=RuleScorer(),
+                                                    k=2, n_problems=12, min_pairs=10)
+    assert pairs == [] and report["pairs_perturb_topup"] == 0
