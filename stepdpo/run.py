@@ -85,11 +85,10 @@ def run(cfg: DictConfig, out: Path) -> float:
     log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
              f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
     eval_problems = bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval
-    if cfg.trainer.rounds > 1 and cfg.trainer.loss != "sft" and (bundle.pairs is not None or cfg.validate_only):
+    if cfg.trainer.rounds > 1 and cfg.trainer.loss != "sft" and bundle.pairs is not None:
         raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
-                         + ("but dataset=" + str(cfg.dataset._target_) + " brings its own pairs"
-                            if bundle.pairs is not None else "and validate_only=true trains nothing")
-                         + "; set trainer.rounds=1")
+                         f"but dataset={cfg.dataset._target_} brings its own pairs; set trainer.rounds=1")
+    # validate_only=true builds and checks the first round's pairs (later rounds need training): rounds are ignored
 
     pair_split = cfg.pairs.get("from_split", "train")
     if pair_split not in ("train", "pool"):

@@ -162,3 +162,14 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     assert not (tmp_path / "c" / "run" / "config_resolved.yaml").exists()
     proc, _ = run_cli(tmp_path / "d", "pairs.from_split=eval", check=False)
     assert proc.returncode != 0 and "choose train" in proc.stderr
+
+
+def test_validate_only_builds_checks_and_stops(tmp_path):
+    """validate_only=true: the pairs are built, scored and validated, validation.json holds the
+    report, and nothing is trained; trainer.rounds is ignored (only the first round can be built)."""
+    proc, run_dir = run_cli(tmp_path, "validate_only=true", "trainer.rounds=2")
+    report = json.loads((run_dir / "validation.json").read_text())
+    pairs = _read_jsonl(run_dir / "pairs.jsonl")
+    assert report["pairs"] == len(pairs) >= 16 and '"validation"' in proc.stdout
+    assert not (run_dir / "adapter").exists() and not (run_dir / "pairs_round1.jsonl").exists()
+    assert not any("dpo/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
