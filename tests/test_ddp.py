@@ -102,15 +102,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow  # ~20 s on an idle 2-core box, 45 s+ on a busy one
-def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ref_update", ["fixed", "round"])
+def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch, ref_update):
     """`torchrun --nproc_per_node=2 -m stepdpo.run` end to end (gloo): the DPO losses of a 2 x 2-pair
     run equal a 1 x 4-pair run's; rank 0 alone writes the run dir. Both precompute the reference
     log-probs into one cache: the second run (both its ranks) loads the first run's file. Two on-policy
-    rounds: rank 0 samples round 1's pairs from the trained policy, every rank trains on them."""
+    rounds: rank 0 samples round 1's pairs from the trained policy, every rank trains on them. With
+    trainer.ref_update=round every rank computes round 1's reference from its (synchronised) policy."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("STEPDPO_CACHE_DIR", str(tmp_path / "cache"))
     over = ["sft.max_steps=0", "trainer.max_steps=4", "eval.n=4", "eval.max_new_tokens=16", "eval.before=false",
-            "trainer.precompute_ref=true", "trainer.rounds=2"]
+            "trainer.precompute_ref=true", "trainer.rounds=2", f"trainer.ref_update={ref_update}"]
     _, one = run_cli(tmp_path / "one", *over, "trainer.batch_size=4")
     two = tmp_path / "two"
     torchrun("-m", "stepdpo.run", f"hydra.run.dir={two}", *FAST, *over, "trainer.batch_size=2")
@@ -126,4 +128,5 @@ def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
     assert (two / "adapter" / "adapter_model.safetensors").exists() and (two / "eval.json").exists()
     assert json.loads((two / "eval.json").read_text())["after"]["n"] == 4
     assert (one / "pairs_round1.jsonl").read_text() == (two / "pairs_round1.jsonl").read_text()
-    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 2  # one file per round, for both runs
+    # one file per precomputed round, shared by both runs (a policy reference is never written to disk)
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == (2 if ref_update == "fixed" else 1)
