@@ -8,8 +8,11 @@ scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
 - `first_error` (Step-DPO): let k be the first wrong step of the rejected continuation. The
   rejected step k and the chosen step k (clipped to the chosen's last step) weigh 1; steps
   before k weigh 0 (shared correct context); steps after k weigh `after_error` (0 reproduces
-  Step-DPO; 1 keeps every token from the error on). A rejected response with no wrong step falls
-  back to uniform weights.
+  Step-DPO; 1 keeps every token from the error on). `chosen_after_error` (default: the same as
+  `after_error`) sets the chosen side's later steps alone: 1 pushes the whole correct continuation
+  up while the rejected steps after its error (which usually carry the wrong value forward with
+  correct arithmetic) stay out of the loss. A rejected response with no wrong step falls back to
+  uniform weights.
 - `score`: chosen step i weighs c_i, rejected step j weighs 1 - r_j (good steps pushed up, bad
   steps pushed down, in proportion to the scorer's confidence). Each response's weights are then
   normalised to mean 1 over its tokens, so beta keeps the meaning it has in DPO.
@@ -35,15 +38,17 @@ def uniform(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeig
     return [1.0] * len(chosen), [1.0] * len(rejected)
 
 
-def first_error(chosen: Sequence[float], rejected: Sequence[float], *, after_error: float = 0.0, **_) -> StepWeights:
+def first_error(chosen: Sequence[float], rejected: Sequence[float], *, after_error: float = 0.0,
+                chosen_after_error: float | None = None, **_) -> StepWeights:
     k = next((i for i, s in enumerate(rejected) if s < WRONG), None)
     if k is None or not chosen:
         return uniform(chosen, rejected)
 
-    def row(n: int, at: int) -> list[float]:
-        return [0.0 if i < at else 1.0 if i == at else after_error for i in range(n)]
+    def row(n: int, at: int, after: float) -> list[float]:
+        return [0.0 if i < at else 1.0 if i == at else after for i in range(n)]
 
-    return row(len(chosen), min(k, len(chosen) - 1)), row(len(rejected), k)
+    c_after = after_error if chosen_after_error is None else chosen_after_error
+    return row(len(chosen), min(k, len(chosen) - 1), c_after), row(len(rejected), k, after_error)
 
 
 def score(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeights:

@@ -13,6 +13,10 @@ def test_schemes():
     assert first_error([1, 1, 1], [1, 0, 0]) == ([0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
     assert first_error([1, 1, 1], [1, 0, 0], after_error=0.5) == ([0.0, 1.0, 0.5], [0.0, 1.0, 0.5])
     assert first_error([1], [1, 1, 0]) == ([1.0], [0.0, 0.0, 1.0])  # chosen index clipped
+    # the correct continuation pushed up whole, the rejected one only at its first wrong step
+    assert first_error([1, 1, 1, 1], [1, 0, 0], chosen_after_error=1.0) == ([0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0])
+    assert first_error([1, 1, 1], [0, 0, 0], after_error=0.5, chosen_after_error=0.0) == \
+        ([1.0, 0.0, 0.0], [1.0, 0.5, 0.5])
     assert first_error([1, 1], [1, 1]) == ([1.0, 1.0], [1.0, 1.0])  # no error: uniform
     assert score([1.0, 0.5], [1.0, 0.0]) == ([1.0, 0.5], [0.0, 1.0])
     with pytest.raises(ValueError, match="unknown scheme"):
