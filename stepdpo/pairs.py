@@ -105,7 +105,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 if cst[:fe] == prefix and len(cst) > fe:
                     chosen, cs = cst[fe:], cr.scores[fe:]
                     break
-            if chosen is None and p.steps and p.steps[:fe] == prefix and len(p.steps) > fe:
+            if chosen is None and p.steps[:fe] == prefix and len(p.steps) > fe:
                 chosen, cs = p.steps[fe:], [1.0] * len(p.steps[fe:])
             if chosen is None:
                 continue
