@@ -22,6 +22,8 @@ from .rewards.base import ScoreRequest, ScoreResult, StepScorer, first_error_of
 
 log = logging.getLogger(__name__)
 
+REJECT_MODES = ("process", "answer")  # pairs.reject: which incorrect samples become rejected sides
+
 
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
     return ScoreRequest(question=problem_question, steps=tuple(steps), answer=answer,
@@ -57,8 +59,13 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                           n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                           max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                           min_pairs: int = 0, topup_problems: Sequence[Problem] | None = None,
-                          from_split: str = "train", **_) -> tuple[list[StepPair], dict]:
+                          from_split: str = "train", reject: str = "process", **_) -> tuple[list[StepPair], dict]:
     """Sample k solutions per problem from `model`, grade them, pair correct against incorrect.
+
+    A sample is correct when its final answer matches and no step is flagged. `reject` says which
+    of the others become rejected sides: `process`, every one; `answer` (as in Step-DPO), only those
+    with a wrong final answer, so a sample that reaches the right answer through a flagged step is
+    neither chosen nor rejected (counted as `skipped_right_answer`).
 
     A problem's gold solution (if it has one) stands in as the chosen side when no sample is
     correct with the same prefix; answer-only problems (no gold steps) pair samples only.
@@ -66,6 +73,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     steps can be corrupted) when sampling yields fewer than `min_pairs`. Returns (pairs,
     report) where the report counts samples, correct samples, pairs by kind and top-ups.
     """
+    if reject not in REJECT_MODES:
+        raise ValueError(f"pairs.reject={reject!r}: choose one of {', '.join(REJECT_MODES)}")
     rng = random.Random(seed)
     probs = list(problems)
     rng.shuffle(probs)
@@ -87,6 +96,9 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 report["score_failed"] += 1
                 continue
             ok = bool(st) and answers_match(extract_answer("\n".join(st)), p.answer)
+            if ok and reject == "answer" and any(s < 0.5 for s in r.scores):
+                report["skipped_right_answer"] += 1
+                continue
             graded.append((st, r, ok and all(s >= 0.5 for s in r.scores)))
         good = [g for g in graded if g[2]]
         report["correct"] += len(good)

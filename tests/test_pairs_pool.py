@@ -70,3 +70,34 @@ def test_pool_top_up_corrupts_the_sft_problems(bundle, monkeypatch):
     pairs, report = pairs_mod.build_on_policy_pairs(bundle.pool, model=None, tokenizer=None, scorer=RuleScorer(),
                                                     k=2, n_problems=12, min_pairs=10)
     assert pairs == [] and report["pairs_perturb_topup"] == 0
+
+
+@pytest.mark.parametrize("reject", ["process", "answer"])
+def test_reject_answer_skips_right_answers_with_a_flagged_step(bundle, reject, monkeypatch):
+    """pairs.reject=answer (Step-DPO): a sample that reaches the right answer through a wrong step
+    is neither chosen nor rejected; reject=process makes it a rejected side."""
+    probs = [p for p in bundle.train if not solution(p, wrong_at=1).endswith(f" {p.answer}")][:5]
+    by_prompt = {}
+
+    def lucky(p):  # the first step miscopies the start value, the result and the answer are right
+        lines = solution(p).split("\n")
+        a, rest = lines[0].split(" ", 1)
+        return "\n".join([f"{int(a) + 1} {rest}"] + lines[1:])
+
+    def gen(model, tok, prompts, *, num_return_sequences=1, **_):
+        return [by_prompt[q] for q in prompts]
+
+    for p in probs:
+        by_prompt[pairs_mod.format_prompt(p.question, None)] = [solution(p), lucky(p), solution(p, wrong_at=1)]
+    monkeypatch.setattr(pairs_mod, "generate", gen)
+    pairs, report = pairs_mod.build_on_policy_pairs(probs, model=None, tokenizer=None, scorer=RuleScorer(), k=3,
+                                                    n_problems=5, min_pairs=0, reject=reject)
+    lucky_rejected = [pr for pr in pairs if pr.prefix == [] and pr.rejected[-1] == pr.chosen[-1]]
+    assert report["correct"] == 5
+    if reject == "answer":
+        assert report["skipped_right_answer"] == 5 and report["pairs_on_policy"] == 5 and not lucky_rejected
+        assert all(pr.rejected_scores[0] == 0.0 and pr.rejected[-1] != pr.chosen[-1] for pr in pairs)
+    else:
+        assert "skipped_right_answer" not in report and report["pairs_on_policy"] == 10 and len(lucky_rejected) == 5
+    with pytest.raises(ValueError, match="pairs.reject='outcome'"):
+        pairs_mod.build_on_policy_pairs(probs, model=None, tokenizer=None, scorer=RuleScorer(), reject="outcome")
