@@ -162,6 +162,9 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     assert not (tmp_path / "c" / "run" / "config_resolved.yaml").exists()
     proc, _ = run_cli(tmp_path / "d", "pairs.from_split=eval", check=False)
     assert proc.returncode != 0 and "choose train" in proc.stderr
+    proc, _ = run_cli(tmp_path / "e", "pairs.reject=outcome", check=False)
+    assert proc.returncode != 0 and "pairs.reject='outcome'" in proc.stderr and "process, answer" in proc.stderr
+    assert not (tmp_path / "e" / "run" / "config_resolved.yaml").exists()  # before any work
 
 
 def test_validate_only_builds_checks_and_stops(tmp_path):
