@@ -27,7 +27,7 @@ ANSWER_RE = re.compile(r"^\s*The answer is\s*(-?\d+)\s*\.?\s*$")
 def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, max_operand: int,
                  max_multiplier: int, max_value: int, split: str, ops: str = "+-*") -> Problem:
     start = rng.randint(1, max(max_operand, max_value // 2))
-    value, ops, steps = start, [], []
+    value, picked, steps = start, [], []
     for _ in range(rng.randint(min_ops, max_ops)):
         choices = ["+"] if "+" in ops and value < max_value else []
         if value > 1 and "-" in ops:
@@ -45,13 +45,13 @@ def make_problem(rng: random.Random, idx: int, *, min_ops: int, max_ops: int, ma
             b = rng.randint(2, max(2, min(max_multiplier, max_value // value)))
         new = OPS[op][1](value, b)
         steps.append(f"{value} {op} {b} = {new}")
-        ops.append([op, b])
+        picked.append([op, b])
         value = new
-    words = ", ".join(f"{OPS[op][0]} {b}" for op, b in ops)
+    words = ", ".join(f"{OPS[op][0]} {b}" for op, b in picked)
     question = f"Start with {start}, {words}. What is the result?"
     steps.append(f"The answer is {value}")
     return Problem(id=f"arith-{split}-{idx}", question=question, answer=str(value), steps=steps,
-                   meta={"kind": "arith", "start": start, "ops": ops})
+                   meta={"kind": "arith", "start": start, "ops": picked})
 
 
 def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: int = 3, max_operand: int = 50,

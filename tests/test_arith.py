@@ -24,6 +24,28 @@ def test_gold_solutions_check_and_values_stay_in_range():
         assert all(op in "+-" for op, _ in p.meta["ops"])
 
 
+@pytest.mark.parametrize("ops,max_value", [("+-*", 300), ("+-", 30), ("-", 30), ("+", 30)])
+def test_ops_choose_the_operations_that_appear(ops, max_value):
+    # dataset.ops once had no effect (every task was subtraction chains): each listed operation must
+    # appear in a fair share of steps; an unlisted one only where no listed one fits the value range
+    # (subtract at max_value, add at 1).
+    b = load(n_train=1000, n_eval=10, max_operand=9, max_value=max_value, ops=ops)
+    steps = [(op, v) for p in b.train for (op, _), v in zip(p.meta["ops"], [p.meta["start"]] + _values(p))]
+    seen = {op: sum(o == op for o, _ in steps) / len(steps) for op in "+-*"}
+    for op in ops:
+        assert seen[op] > 0.5 / len(ops), seen  # at least half an even share
+    for op, v in steps:
+        if op not in ops:
+            assert (op == "-" and v >= max_value) or (op == "+" and v <= 1), (op, v)
+    if "*" not in ops:
+        assert seen["*"] == 0
+
+
+def _values(p):
+    from stepdpo.arith import true_values
+    return true_values(p.meta)[:-1]
+
+
 def test_check_steps_flags_the_first_wrong_step_and_what_follows():
     p = load(n_train=50, n_eval=1, min_ops=3, max_ops=3, seed=1).train[0]
     steps = list(p.steps)
