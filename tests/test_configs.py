@@ -87,3 +87,19 @@ def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
         assert key(same) == base, same
     for other in ("sft.lr=0.5", "sft.max_steps=5", "seed=1", "dataset.n_train=10", "model.tiny.hidden_size=64"):
         assert key(other) != base, other
+
+
+def test_sft_cache_key_follows_the_training_data(tmp_path):
+    # the same config over different data (a fixed generator, an edited file) must not reuse a warm-up
+    import dataclasses
+
+    from stepdpo.arith import load
+    from stepdpo.run import sft_cache_path
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"sft_cache_dir={tmp_path}"])
+    train = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
+    same = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
+    edited = [*train[:-1], dataclasses.replace(train[-1], steps=["2 - 1 = 1", "The answer is 1"])]
+    assert sft_cache_path(cfg, train) == sft_cache_path(cfg, same) != sft_cache_path(cfg)
+    assert sft_cache_path(cfg, edited) != sft_cache_path(cfg, train)
