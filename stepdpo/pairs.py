@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 REJECT_MODES = ("process", "answer")  # pairs.reject: which incorrect samples become rejected sides
 
 
+def check_reject(reject: str) -> None:
+    if reject not in REJECT_MODES:
+        raise ValueError(f"pairs.reject={reject!r}: choose one of {', '.join(REJECT_MODES)}")
+
+
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
     return ScoreRequest(question=problem_question, steps=tuple(steps), answer=answer,
                         meta=tuple(sorted(meta.items())))
@@ -73,8 +78,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     steps can be corrupted) when sampling yields fewer than `min_pairs`. Returns (pairs,
     report) where the report counts samples, correct samples, pairs by kind and top-ups.
     """
-    if reject not in REJECT_MODES:
-        raise ValueError(f"pairs.reject={reject!r}: choose one of {', '.join(REJECT_MODES)}")
+    check_reject(reject)
     rng = random.Random(seed)
     probs = list(problems)
     rng.shuffle(probs)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from stepdpo.arith import check_steps, corrupt, load
+from stepdpo.arith import check_steps, corrupt, load, true_values
 from stepdpo.rewards.base import ScoreRequest
 from stepdpo.rewards.rule import RuleScorer
 
@@ -30,7 +30,8 @@ def test_ops_choose_the_operations_that_appear(ops, max_value):
     # appear in a fair share of steps; an unlisted one only where no listed one fits the value range
     # (subtract at max_value, add at 1).
     b = load(n_train=1000, n_eval=10, max_operand=9, max_value=max_value, ops=ops)
-    steps = [(op, v) for p in b.train for (op, _), v in zip(p.meta["ops"], [p.meta["start"]] + _values(p))]
+    steps = [(op, v) for p in b.train  # (operation, the value it applies to)
+             for (op, _), v in zip(p.meta["ops"], [p.meta["start"]] + true_values(p.meta)[:-1])]
     seen = {op: sum(o == op for o, _ in steps) / len(steps) for op in "+-*"}
     for op in ops:
         assert seen[op] > 0.5 / len(ops), seen  # at least half an even share
@@ -39,11 +40,6 @@ def test_ops_choose_the_operations_that_appear(ops, max_value):
             assert (op == "-" and v >= max_value) or (op == "+" and v <= 1), (op, v)
     if "*" not in ops:
         assert seen["*"] == 0
-
-
-def _values(p):
-    from stepdpo.arith import true_values
-    return true_values(p.meta)[:-1]
 
 
 def test_check_steps_flags_the_first_wrong_step_and_what_follows():
@@ -109,7 +105,6 @@ def test_answer_only_pool_is_disjoint_and_leaves_train_and_eval_alone():
 
 def make_gold(p):
     """The solution a pool problem's meta implies (what a correct sample reads)."""
-    from stepdpo.arith import true_values
 
     v, out = p.meta["start"], []
     for (op, b), new in zip(p.meta["ops"], true_values(p.meta)):
