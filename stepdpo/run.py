@@ -270,19 +270,18 @@ SFT_KEY_IGNORES = ("log_every", "eval_every", "save_every", "keep_checkpoints", 
                    "precompute_ref", "ref_cache_dir")
 
 
-def sft_cache_path(cfg: DictConfig, train: list | None = None) -> Path | None:
+def sft_cache_path(cfg: DictConfig, train: list) -> Path | None:
     """`sft_cache_dir/<hash>` of everything the warm-up depends on (model, data, SFT config, seed),
-    so the jobs of a sweep that differ only after the warm-up share one SFT run. With `train` (the
-    problems the warm-up trains on) the key also hashes their questions and gold steps, so a warm-up
-    is never reused for other data under the same config (a generator fix, an edited data file)."""
+    so the jobs of a sweep that differ only after the warm-up share one SFT run. The key hashes the
+    config and `train` (the problems the warm-up trains on: their questions and gold steps), so a
+    warm-up is never reused for other data under the same config (a generator fix, an edited file)."""
     if not cfg.sft_cache_dir or cfg.sft.max_steps == 0:
         return None
     import hashlib
 
     key = {k: to_container(cfg[k]) for k in ("model", "dataset", "sft")}
-    if train is not None:
-        data = json.dumps([[p.question, p.steps] for p in train if p.steps]).encode()
-        key["data_sha256"] = hashlib.sha256(data).hexdigest()
+    data = json.dumps([[p.question, p.steps] for p in train if p.steps]).encode()
+    key["data_sha256"] = hashlib.sha256(data).hexdigest()
     key["dataset"].pop("n_pool", None)  # answer-only problems, drawn after train: the warm-up never sees them
     for k in SFT_KEY_IGNORES:  # how the warm-up is logged, saved or resumed doesn't change its weights
         key["sft"].pop(k, None)

@@ -75,11 +75,14 @@ def test_qlora_block_size_checked_before_loading(tmp_path):
 
 
 def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
+    from stepdpo.arith import load
     from stepdpo.run import sft_cache_path
+
+    train = load(n_train=20, n_eval=5, max_operand=9, max_value=30, ops="-").train  # the same data throughout
 
     def key(*overrides):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return sft_cache_path(compose("config", overrides=[f"sft_cache_dir={tmp_path}", *overrides]))
+            return sft_cache_path(compose("config", overrides=[f"sft_cache_dir={tmp_path}", *overrides]), train)
 
     base = key()
     assert base.parent == tmp_path
@@ -100,6 +103,7 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
         cfg = compose("config", overrides=[f"sft_cache_dir={tmp_path}"])
     train = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
     same = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
+    other = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="+-").train
     edited = [*train[:-1], dataclasses.replace(train[-1], steps=["2 - 1 = 1", "The answer is 1"])]
-    assert sft_cache_path(cfg, train) == sft_cache_path(cfg, same) != sft_cache_path(cfg)
+    assert sft_cache_path(cfg, train) == sft_cache_path(cfg, same) != sft_cache_path(cfg, other)
     assert sft_cache_path(cfg, edited) != sft_cache_path(cfg, train)
