@@ -107,3 +107,26 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
     edited = [*train[:-1], dataclasses.replace(train[-1], steps=["2 - 1 = 1", "The answer is 1"])]
     assert sft_cache_path(cfg, train) == sft_cache_path(cfg, same) != sft_cache_path(cfg, other)
     assert sft_cache_path(cfg, edited) != sft_cache_path(cfg, train)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_arm_composes_validates_and_has_equal_compute(experiment):
+    # each arm of a saved sweep (the trainer options its sweeper lists), with the overlay applied
+    arms = str(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.trainer).split(",")
+    assert len(arms) > 1
+    cfgs = {}
+    for arm in arms:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfgs[arm] = compose("config", overrides=[f"experiment={experiment}", f"trainer={arm}"])
+        validate_targets(cfgs[arm])
+
+    def compute(t):  # optimizer steps x policy sequences per step (a DPO pair is 2 sequences)
+        return t.max_steps, t.batch_size * t.grad_accum * (2 if t.loss == "dpo" else 1)
+
+    assert len({compute(c.trainer) for c in cfgs.values()}) == 1, {a: compute(c.trainer) for a, c in cfgs.items()}
+    assert len({str(OmegaConf.to_container(c.sft)) for c in cfgs.values()}) == 1  # one warm-up for every arm
+    # the preference arms differ only in their token weights
+    pref = [OmegaConf.to_container(c.trainer) for c in cfgs.values() if c.trainer.loss == "dpo"]
+    for t in pref:
+        t.pop("weighting"), t.pop("weighting_kwargs", None)
+    assert all(t == pref[0] for t in pref)
