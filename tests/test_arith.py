@@ -105,7 +105,6 @@ def test_answer_only_pool_is_disjoint_and_leaves_train_and_eval_alone():
 
 def make_gold(p):
     """The solution a pool problem's meta implies (what a correct sample reads)."""
-
     v, out = p.meta["start"], []
     for (op, b), new in zip(p.meta["ops"], true_values(p.meta)):
         out.append(f"{v} {op} {b} = {new}")
