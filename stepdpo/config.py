@@ -76,6 +76,7 @@ class Config:
     seed: int = 0
     validate_only: bool = False  # build and validate pairs, report, exit without training
     sft_cache_dir: Optional[str] = None  # share SFT warm-ups between runs (keyed by model, data, sft, seed)
+    threads: Optional[int] = None  # torch CPU threads for this job (null = torch's default: one per core)
     dataset: Any = MISSING
     pairs: Any = MISSING
     reward: Any = MISSING
@@ -180,6 +181,8 @@ def validate_targets(cfg: DictConfig) -> None:
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")
     check_keys({k: None for k in cfg if k != "hydra"}, Config, "config")
+    if cfg.get("threads") is not None and cfg.threads < 1:
+        raise ValueError(f"conf/config.yaml: threads={cfg.threads}: must be >= 1 (or null for torch's default)")
 
 
 def build(node: Any, group: str = "?", **runtime) -> Any:

@@ -67,6 +67,8 @@ def run(cfg: DictConfig, out: Path) -> float:
 
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
     seed_everything(cfg.seed)
     rank, world = distributed.init()  # torchrun: DDP over `world` processes; rank 0 logs, evaluates, writes
     if world > 1:
@@ -117,7 +119,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = (build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg)) if rank == 0
                else distributed.NullTracker())
-    summary: dict = {}
+    summary: dict = {"threads": torch.get_num_threads()}
     try:
         model, tok = load_base(model_spec)
         summary.update(count_params(model))

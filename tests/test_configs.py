@@ -60,6 +60,7 @@ def test_bad_choice_names_allowed_values(key, value):
     ("trainer.beta=abc", "trainer.beta"),     # wrong type
     ("+dataset.bogus=1", "dataset.bogus: unknown key"),
     ("trainer.weighting=nope", "unknown scheme"),
+    ("threads=0", "threads=0: must be >= 1"),
 ])
 def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):
     proc, run_dir = run_cli(tmp_path, override, check=False, timeout=120)

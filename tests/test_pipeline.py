@@ -106,10 +106,10 @@ def test_full_finetune_and_sft_main_stage(tmp_path):
 def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     cache = tmp_path / "cache"
     _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
-    _, second = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "trainer=dpo")
-    assert len(list(cache.iterdir())) == 1
+    _, second = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "trainer=dpo", "threads=1")
+    assert len(list(cache.iterdir())) == 1  # `threads` is not part of the key
     s2 = json.loads((second / "summary.json").read_text())
-    assert "sft_cached" in s2 and "time/sft_s" not in s2
+    assert "sft_cached" in s2 and "time/sft_s" not in s2 and s2["threads"] == 1
     assert not any("sft/loss" in m for m in _read_jsonl(second / "metrics.jsonl"))
     before = [json.loads((d / "eval.json").read_text())["before"]["acc"] for d in (first, second)]
     assert before[0] == before[1]  # the same SFT model
