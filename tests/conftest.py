@@ -28,6 +28,19 @@ FAST = [
 ]
 
 
+def arith_solution(p, wrong_at: int | None = None) -> list[str]:
+    """The step lines an arith problem's meta implies: the gold solution, or (`wrong_at=i`) one whose
+    step i is off by one, with the running value carried on from before the error."""
+    from stepdpo.arith import true_values
+
+    v, out = p.meta["start"], []
+    for i, ((op, b), new) in enumerate(zip(p.meta["ops"], true_values(p.meta))):
+        new = new + 1 if i == wrong_at else new
+        out.append(f"{v} {op} {b} = {new}")
+        v = new if wrong_at is None or i < wrong_at else v
+    return out + [f"The answer is {v}"]
+
+
 def test_env() -> dict:
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",

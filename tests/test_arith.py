@@ -8,6 +8,8 @@ from stepdpo.arith import check_steps, corrupt, load, true_values
 from stepdpo.rewards.base import ScoreRequest
 from stepdpo.rewards.rule import RuleScorer
 
+from conftest import arith_solution
+
 
 def test_deterministic_and_disjoint():
     a, b = load(n_train=300, n_eval=50, seed=3), load(n_train=300, n_eval=50, seed=3)
@@ -95,18 +97,9 @@ def test_answer_only_pool_is_disjoint_and_leaves_train_and_eval_alone():
     assert not {p.question for p in b.pool} & ({p.question for p in b.train} | {p.question for p in b.eval})
     for p in b.pool:  # answer-only: no gold steps, but the meta the rule checker grades samples with
         assert p.steps == [] and p.id.startswith("arith-pool-")
-        gold = make_gold(p)
+        gold = arith_solution(p)
         assert check_steps(p.meta, gold) == [1.0] * len(gold) and gold[-1] == f"The answer is {p.answer}"
     with pytest.raises(ValueError, match="n_pool"):
         load(n_train=200, n_eval=50, max_operand=9, max_value=30, ops="+-", n_pool=100_000)
     with pytest.raises(ValueError, match="n_pool=-1"):
         load(n_pool=-1)
-
-
-def make_gold(p):
-    """The solution a pool problem's meta implies (what a correct sample reads)."""
-    v, out = p.meta["start"], []
-    for (op, b), new in zip(p.meta["ops"], true_values(p.meta)):
-        out.append(f"{v} {op} {b} = {new}")
-        v = new
-    return out + [f"The answer is {v}"]

@@ -5,17 +5,14 @@ rule-based top-up corrupts gold solutions of the SFT problems instead."""
 import pytest
 
 import stepdpo.pairs as pairs_mod
-from stepdpo.arith import load, true_values
+from stepdpo.arith import load
 from stepdpo.rewards.rule import RuleScorer
+
+from conftest import arith_solution
 
 
 def solution(p, wrong_at=None):
-    v, out = p.meta["start"], []
-    for i, ((op, b), new) in enumerate(zip(p.meta["ops"], true_values(p.meta))):
-        new = new + 1 if i == wrong_at else new
-        out.append(f"{v} {op} {b} = {new}")
-        v = new if wrong_at is None or i < wrong_at else v  # carried through after the error
-    return "\n".join(out + [f"The answer is {v}"])
+    return "\n".join(arith_solution(p, wrong_at))
 
 
 @pytest.fixture
