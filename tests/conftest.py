@@ -30,7 +30,7 @@ FAST = [
 
 def arith_solution(p, wrong_at: int | None = None) -> list[str]:
     """The step lines an arith problem's meta implies: the gold solution, or (`wrong_at=i`) one whose
-    step i is off by one, with the running value carried on from before the error."""
+    step i's result is off by one and whose later lines (and answer) keep the value from before step i."""
     from stepdpo.arith import true_values
 
     v, out = p.meta["start"], []
