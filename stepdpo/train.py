@@ -123,7 +123,8 @@ PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "sm
 class _HeadLogps(torch.autograd.Function):
     """log softmax(h @ W^T + b)[target] for M response positions. h: (M, H), W: (V, H) -> (M,).
 
-    Forward: one GEMM into an (M, V) buffer in the compute dtype (bf16 under autocast), then a
+    Forward: the GEMM into an (M, V) buffer in the compute dtype (bf16 under autocast; in row chunks
+    on CPU, `_gemm_rows`), then a
     gather and a fp32 logsumexp over row chunks (one fp32 temporary of 1/16 of the rows). Backward
     turns the buffer, chunk by chunk and in place, into dlogits = g * (onehot - softmax), then one
     GEMM per input gradient: neither an fp32 copy of the logits nor a separate logits-gradient
@@ -205,13 +206,28 @@ def _vocab_chunks(weight: torch.Tensor, cd: torch.dtype):
     return ((s, min(s + c, V)) for s in range(0, V, c))
 
 
+def _gemm_rows(h: torch.Tensor, V: int, cd: torch.dtype) -> int:
+    """Rows per LM-head GEMM. On CPUs a bf16/fp16 GEMM may compute into an fp32 buffer of its whole
+    output and then convert (measured: bf16 logits + an fp32 copy, 3.0x the logits, on an AVX-512
+    Xeon without AVX512-BF16), so on CPU a low-precision GEMM runs 1/16 of the rows at a time (at
+    least 8 rows, at most ~16M outputs); fp32 and accelerators run one GEMM."""
+    M = h.shape[0]
+    if h.device.type != "cpu" or cd == torch.float32:
+        return max(M, 1)
+    return max(1, min(M, max(8, math.ceil(M / 16)), max(1, (1 << 24) // max(V, 1))))
+
+
 def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
     chunks = list(_vocab_chunks(weight, cd))
-    if len(chunks) == 1:
+    M, V = h.shape[0], weight.shape[0]
+    rows = _gemm_rows(h, V, cd)
+    if len(chunks) == 1 and rows >= M:
         return F.linear(h, weight.to(cd), None if bias is None else bias.to(cd))
-    out = torch.empty((h.shape[0], weight.shape[0]), dtype=cd, device=h.device)
+    out = torch.empty((M, V), dtype=cd, device=h.device)
     for s, e in chunks:
-        out[:, s:e] = F.linear(h, weight[s:e].to(cd), None if bias is None else bias[s:e].to(cd))
+        w, b = weight[s:e].to(cd), None if bias is None else bias[s:e].to(cd)
+        for r in range(0, M, rows):
+            out[r:r + rows, s:e] = F.linear(h[r:r + rows], w, b)
     return out
 
 

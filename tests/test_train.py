@@ -7,12 +7,13 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stepdpo.batching import Example, collate
 from stepdpo.config import TrainerConfig
 from stepdpo.loss import token_logps
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
-from stepdpo.train import BatchStream, TokenLogps, _HeadLogps, flat_token_logps, reference_logps, train
+from stepdpo.train import BatchStream, TokenLogps, _gemm_rows, _HeadLogps, flat_token_logps, reference_logps, train
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
@@ -97,6 +98,26 @@ def test_head_logps_backward_matches_autograd_with_bias():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the reference pass keeps nothing for backward
         torch.testing.assert_close(_HeadLogps.apply(h, W, b, t), flat_token_logps(h @ W.t() + b, t))
+
+
+def test_head_logps_bf16_in_row_chunks_matches_one_gemm():
+    # on CPU a bf16 head GEMM runs 1/16 of the rows at a time (no fp32 buffer of all the logits)
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    W = (torch.randn(50, 16) * 0.3).requires_grad_()
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    g = torch.randn(300)
+    assert _gemm_rows(h, 50, torch.bfloat16) == 19 and _gemm_rows(h, 50, torch.float32) == 300
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_lp = _HeadLogps.apply(h, W, b, t)
+        got = torch.autograd.grad((got_lp * g).sum(), (h, W, b))
+    logits = F.linear(h.bfloat16(), W.bfloat16(), b.bfloat16())  # one bf16 GEMM
+    want_lp = flat_token_logps(logits, t)
+    want = torch.autograd.grad((want_lp * g).sum(), (h, W, b))
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-6)  # same bf16 logits row by row
+    for x, y in zip(got, want):  # the backward keeps dlogits in bf16: compare as a whole, to bf16 precision
+        assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 1e-2
 
 
 def test_reference_is_the_adapter_disabled_policy():
