@@ -124,10 +124,9 @@ class _HeadLogps(torch.autograd.Function):
     """log softmax(h @ W^T + b)[target] for M response positions. h: (M, H), W: (V, H) -> (M,).
 
     Forward: the GEMM into an (M, V) buffer in the compute dtype (bf16 under autocast; in row chunks
-    on CPU, `_gemm_rows`), then a
-    gather and a fp32 logsumexp over row chunks (one fp32 temporary of 1/16 of the rows). Backward
-    turns the buffer, chunk by chunk and in place, into dlogits = g * (onehot - softmax), then one
-    GEMM per input gradient: neither an fp32 copy of the logits nor a separate logits-gradient
+    on CPU, `_gemm_rows`), then a gather and a fp32 logsumexp over row chunks (one fp32 temporary
+    of 1/16 of the rows). Backward turns the buffer, chunk by chunk and in place, into
+    dlogits = g * (onehot - softmax), then one GEMM per input gradient: neither an fp32 copy of the logits nor a separate logits-gradient
     tensor is ever materialised, and nothing is recomputed. The chunk loops are many small
     memory-bound ops, so they run on one thread (`_one_thread`).
     """
@@ -214,7 +213,7 @@ def _gemm_rows(h: torch.Tensor, V: int, cd: torch.dtype) -> int:
     M = h.shape[0]
     if h.device.type != "cpu" or cd == torch.float32:
         return max(M, 1)
-    return max(1, min(M, max(8, math.ceil(M / 16)), max(1, (1 << 24) // max(V, 1))))
+    return max(1, min(M, max(8, math.ceil(M / 16)), (1 << 24) // max(V, 1)))
 
 
 def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
