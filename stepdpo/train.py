@@ -126,8 +126,9 @@ class _HeadLogps(torch.autograd.Function):
     Forward: the GEMM into an (M, V) buffer in the compute dtype (bf16 under autocast; in row chunks
     on CPU, `_gemm_rows`), then a gather and a fp32 logsumexp over row chunks (one fp32 temporary
     of 1/16 of the rows). Backward turns the buffer, chunk by chunk and in place, into
-    dlogits = g * (onehot - softmax), then one GEMM per input gradient: neither an fp32 copy of the logits nor a separate logits-gradient
-    tensor is ever materialised, and nothing is recomputed. The chunk loops are many small
+    dlogits = g * (onehot - softmax), then one GEMM per input gradient: neither an fp32 copy of
+    the logits nor a separate logits-gradient tensor is ever materialised, and nothing is
+    recomputed. The chunk loops are many small
     memory-bound ops, so they run on one thread (`_one_thread`).
     """
 
