@@ -1,14 +1,22 @@
-"""Summarise a Hydra multirun of `stepdpo.run`: mean ± std over seeds for every other setting.
+"""Summarise Hydra multiruns of `stepdpo.run`: mean ± std over seeds for every other setting.
 
     python scripts/collect_sweep.py outputs/multirun/2026-01-31/12-00-00
     python scripts/collect_sweep.py SWEEP_DIR --pool seed --pool dataset.seed --metric after/acc
+    python scripts/collect_sweep.py SWEEP_A SWEEP_B --out results --vs trainer=dpo --vs trainer=sft_control
 
 Reads each job's `.hydra/overrides.yaml` and `eval.json` (jobs without eval.json are listed as
 failed), groups jobs by their overrides minus the pooled keys (default: `seed`), and
 - prints a markdown table (one row per group; columns: the overrides that vary, seeds, then
   mean ± std of before/after accuracy, maj@k if evaluated, and the per-seed gain after - before);
+- with --vs KEY=VALUE (repeatable; several keys in one quoted argument narrow the match), a
+  paired table against that baseline group: for every other group, the per-seed difference of
+  --metric over the seeds both have, its mean ± std, standard error, and on how many seeds it
+  is ahead / behind / level. Arms that start from the same SFT warm-up per seed (the experiment)
+  differ by much less than their spread over seeds, which only a paired comparison shows;
 - writes sweep_results.{md,csv,json} and sweep_results.png (after-accuracy per group, error
-  bars = std over seeds, before-accuracy as a marker) into SWEEP_DIR (or --out).
+  bars = std over seeds, before-accuracy as a marker) into SWEEP_DIR (or --out; required when
+  several sweeps are pooled, e.g. seeds 0-2 and 3-5 run as two multiruns).
+A setting seen twice for the same seed (a sweep passed twice, or a re-run) is an error.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ def is_main(name: str) -> bool:
     return name == "acc" or name.startswith("maj@")
 
 
-def load_jobs(sweep_dir: Path) -> list[dict]:
-    """One dict per job dir below sweep_dir: {dir, overrides: {key: value}, metrics: {stage/metric: x} | None}."""
+def load_jobs(sweep_dir: Path, root: Path | None = None) -> list[dict]:
+    """One dict per job dir below sweep_dir: {dir (relative to root, default sweep_dir), overrides: {key: value},
+    metrics: {stage/metric: x} | None}."""
     jobs = []
+    root = root or sweep_dir
     for ov_file in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
         job_dir = ov_file.parent.parent
         raw = yaml.safe_load(ov_file.read_text(encoding="utf-8")) or []
@@ -51,7 +61,7 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "seconds")}
             if "before/acc" in metrics and "after/acc" in metrics:
                 metrics["gain/acc"] = metrics["after/acc"] - metrics["before/acc"]
-        jobs.append({"dir": str(job_dir.relative_to(sweep_dir)), "overrides": overrides, "metrics": metrics})
+        jobs.append({"dir": str(job_dir.relative_to(root)), "overrides": overrides, "metrics": metrics})
     return jobs
 
 
@@ -75,10 +85,15 @@ def group_jobs(jobs: list[dict], pool: tuple[str, ...] = ("seed",)) -> tuple[lis
         if j["metrics"] is None:
             g["failed"].append(j["dir"])
             continue
+        if pooled in g["seeds"]:
+            other = g["jobs"][g["seeds"].index(pooled)]
+            raise ValueError(f"jobs {other} and {j['dir']} both ran {pooled} with the same settings "
+                             f"({settings or 'no varying overrides'}); pass each sweep once, or move the re-run out")
         g["seeds"].append(pooled)
         g["jobs"].append(j["dir"])
         for m, v in j["metrics"].items():
             g["values"].setdefault(m, []).append(v)
+            g.setdefault("by_seed", {}).setdefault(m, {})[pooled] = v
     out = sorted(groups.values(), key=lambda g: [_sort_key(v) for v in g["settings"].values()])
     for g in out:
         g["stats"] = {m: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -104,6 +119,86 @@ def markdown(varying: list[str], groups: list[dict], metrics: list[str]) -> str:
             cells.append("—" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}")
         if len(head) > len(cells):
             cells.append(str(len(g["failed"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TIE = 1e-9  # |difference| below this is level (accuracies are k/n; gains differ by float rounding)
+
+
+def _matches(value: str, want: str) -> bool:
+    if value == want:
+        return True
+    try:
+        return float(value) == float(want)  # 3e-3 == 0.003 == 3.0e-3
+    except ValueError:
+        return False
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """'trainer=dpo trainer.lr=3e-3' -> {key: value}."""
+    sel = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--vs {text!r}: {item!r} is not KEY=VALUE (e.g. --vs trainer=dpo)")
+        sel[key] = value
+    if not sel:
+        raise ValueError("--vs needs KEY=VALUE, e.g. --vs trainer=dpo")
+    return sel
+
+
+def paired(groups: list[dict], selector: dict[str, str], metric: str) -> dict:
+    """Every group against the one group `selector` picks, seed by seed on `metric`.
+    Returns {baseline: settings, metric, rows: [{settings, n, diffs: {seed: d}, mean, std, se, ahead, behind, level}]}."""
+    base = [g for g in groups if all(_matches(g["settings"].get(k, ""), v) for k, v in selector.items())]
+    desc = " ".join(f"{k}={v}" for k, v in selector.items())
+    unknown = [k for k in selector if k not in (groups[0]["settings"] if groups else {})]
+    if unknown:
+        raise ValueError(f"--vs {desc}: {', '.join(unknown)} does not vary across these jobs "
+                         f"(varying: {', '.join(groups[0]['settings']) if groups else 'none'})")
+    if len(base) != 1:
+        found = "; ".join(" ".join(f"{k}={v}" for k, v in g["settings"].items()) for g in base)
+        raise ValueError(f"--vs {desc}: matches {len(base)} groups{' (' + found + ')' if found else ''}; "
+                         "name one group, e.g. add more KEY=VALUE in the same quoted argument")
+    base = base[0]
+    ref = base.get("by_seed", {}).get(metric, {})
+    rows = []
+    for g in groups:
+        if g is base:
+            continue
+        mine = g.get("by_seed", {}).get(metric, {})
+        common = sorted(set(mine) & set(ref), key=lambda s: [_sort_key(x) for x in s.split(",")])
+        diffs = {s: mine[s] - ref[s] for s in common}
+        d = list(diffs.values())
+        std = statistics.stdev(d) if len(d) > 1 else 0.0
+        rows.append({"settings": g["settings"], "n": len(d), "diffs": diffs,
+                     "mean": statistics.fmean(d) if d else math.nan, "std": std,
+                     "se": std / math.sqrt(len(d)) if len(d) > 1 else math.nan,
+                     "ahead": sum(x > TIE for x in d), "behind": sum(x < -TIE for x in d),
+                     "level": sum(abs(x) <= TIE for x in d)})
+    return {"baseline": base["settings"], "selector": selector, "metric": metric, "rows": rows}
+
+
+def _seed_label(pooled: str) -> str:
+    """'seed=3' -> '3'; 'seed=3,dataset.seed=1' -> '3,1' (the pooled values, in --pool order)."""
+    return ",".join(part.partition("=")[2] or part for part in pooled.split(","))
+
+
+def paired_markdown(varying: list[str], comp: dict) -> str:
+    desc = " ".join(f"{k}={v}" for k, v in comp["selector"].items())
+    head = (varying or ["setting"]) + ["seeds", f"{comp['metric']} − baseline", "std err", "ahead / behind / level",
+                                       "per seed"]
+    lines = [f"Paired per seed vs {desc} ({comp['metric']}):", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in comp["rows"]:
+        cells = list(r["settings"].values()) or ["(all jobs)"]
+        if r["n"] == 0:
+            cells += ["0", "—", "—", "—", "no seed in common"]
+        else:
+            cells += [str(r["n"]), f"{r['mean']:+.4f} ± {r['std']:.4f}", "—" if math.isnan(r["se"]) else f"{r['se']:.4f}",
+                      f"{r['ahead']} / {r['behind']} / {r['level']}",
+                      " / ".join(f"{_seed_label(s)}: {d:+.4f}" for s, d in r["diffs"].items())]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -160,21 +255,35 @@ def plot(groups: list[dict], metric: str, path: Path) -> Path | None:
     return path
 
 
-def collect(sweep_dir: Path, out_dir: Path | None = None, pool: tuple[str, ...] = ("seed",),
-            metric: str = "after/acc") -> dict:
-    """Everything the CLI does; returns the JSON written (varying keys, metrics, groups)."""
-    sweep_dir = Path(sweep_dir)
-    out_dir = Path(out_dir or sweep_dir)
-    jobs = load_jobs(sweep_dir)
-    if not jobs:
-        raise ValueError(f"{sweep_dir}: no job directories (.hydra/overrides.yaml) found; is this a multirun sweep dir?")
+def collect(sweep_dir: Path | list[Path], out_dir: Path | None = None, pool: tuple[str, ...] = ("seed",),
+            metric: str = "after/acc", vs: list[str] = ()) -> dict:
+    """Everything the CLI does; returns the JSON written (varying keys, metrics, groups, paired comparisons).
+    sweep_dir: one multirun dir, or several whose jobs are pooled (then out_dir is required)."""
+    dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, (list, tuple)) else [sweep_dir])]
+    if len(dirs) > 1 and out_dir is None:
+        raise ValueError(f"{len(dirs)} sweep dirs: pass --out DIR for the pooled results")
+    root = Path(os.path.commonpath([d.resolve() for d in dirs])) if len(dirs) > 1 else dirs[0]
+    out_dir = Path(out_dir or dirs[0])
+    jobs = []
+    for d in dirs:
+        found = load_jobs(d.resolve(), root) if len(dirs) > 1 else load_jobs(d)
+        if not found:
+            raise ValueError(f"{d}: no job directories (.hydra/overrides.yaml) found; is this a multirun sweep dir?")
+        jobs += found
+    seen = {m for j in jobs if j["metrics"] for m in j["metrics"]}
+    if seen and metric not in seen:
+        raise ValueError(f"--metric {metric}: no job has it (e.g. after/acc, gain/acc, after/maj@8)")
+    selectors = [parse_selector(v) for v in vs]  # bad --vs fails before anything is written
     varying, groups = group_jobs(jobs, pool)
+    comps = [paired(groups, sel, metric) for sel in selectors]
     metrics = table_metrics(groups)
-    md = markdown(varying, groups, metrics)
+    md = markdown(varying, groups, metrics) + "".join("\n" + paired_markdown(varying, c) for c in comps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"sweep_dir": str(sweep_dir), "pooled": list(pool), "varying": varying, "metrics": metrics,
+    result = {"sweep_dir": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs], "pooled": list(pool),
+              "varying": varying, "metrics": metrics,
               "n_jobs": len(jobs), "n_failed": sum(len(g["failed"]) for g in groups),
-              "groups": [{k: g[k] for k in ("settings", "seeds", "jobs", "failed", "values", "stats")} for g in groups]}
+              "groups": [{k: g[k] for k in ("settings", "seeds", "jobs", "failed", "values", "stats")} for g in groups],
+              "paired": comps}
     atomic_write(out_dir / "sweep_results.md", md)
     atomic_write(out_dir / "sweep_results.csv", to_csv(varying, groups))
     atomic_write(out_dir / "sweep_results.json", json.dumps(result, indent=2))
@@ -185,24 +294,29 @@ def collect(sweep_dir: Path, out_dir: Path | None = None, pool: tuple[str, ...] 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep_dir", type=Path, help="a Hydra multirun dir, e.g. outputs/multirun/2026-01-31/12-00-00")
+    ap.add_argument("sweep_dir", type=Path, nargs="+",
+                    help="Hydra multirun dir(s), e.g. outputs/multirun/2026-01-31/12-00-00; several are pooled")
     ap.add_argument("--pool", action="append", help="override key to average over (repeatable; default: seed)")
-    ap.add_argument("--metric", default="after/acc", help="metric for the plot (stage/name, e.g. after/maj@8)")
-    ap.add_argument("--out", type=Path, help="where to write sweep_results.* (default: the sweep dir)")
+    ap.add_argument("--metric", default="after/acc", help="metric for the plot and --vs (stage/name, e.g. after/maj@8, gain/acc)")
+    ap.add_argument("--out", type=Path, help="where to write sweep_results.* (default: the sweep dir; required for several)")
+    ap.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
+                    help="baseline group for per-seed paired differences of --metric (repeatable), e.g. trainer=dpo")
     args = ap.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        ap.error(f"{args.sweep_dir} is not a directory")
+    for d in args.sweep_dir:
+        if not d.is_dir():
+            ap.error(f"{d} is not a directory")
     try:
-        res = collect(args.sweep_dir, args.out, tuple(args.pool or ["seed"]), args.metric)
+        res = collect(args.sweep_dir, args.out, tuple(args.pool or ["seed"]), args.metric, args.vs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res["markdown"], end="")
-    out = args.out or args.sweep_dir
+    out = args.out or args.sweep_dir[0]
     print(f"\n{res['n_jobs']} jobs ({res['n_failed']} failed) -> {out}/sweep_results.{{md,csv,json,png}}")
-    best = args.sweep_dir / "optimization_results.yaml"  # Optuna sweeper
-    if best.exists():
-        print(f"optuna: {best}\n{best.read_text()}")
+    for d in args.sweep_dir:
+        best = d / "optimization_results.yaml"  # Optuna sweeper
+        if best.exists():
+            print(f"optuna: {best}\n{best.read_text()}")
     return 0
 
 

@@ -67,6 +67,57 @@ def test_collect_sweep_errors(tmp_path, capsys):
     assert "no job directories" in capsys.readouterr().err
 
 
+def test_collect_sweep_pools_sweeps_and_pairs_by_seed(tmp_path, capsys):
+    """Two multiruns (seeds 0-1 and 2-3) pooled; --vs compares every arm with one baseline seed by seed."""
+    after = {"dpo": [0.30, 0.50, 0.20, 0.60], "stepdpo": [0.34, 0.49, 0.26, 0.60], "sft_control": [0.32, 0.52, 0.24, 0.61]}
+    for half, seeds in (("a", (0, 1)), ("b", (2, 3))):
+        i = 0
+        for trainer, accs in after.items():
+            extra = ["trainer.nll_alpha=10"] if trainer != "sft_control" else []
+            for seed in seeds:
+                fake_job(tmp_path / half, i, [f"trainer={trainer}", f"seed={seed}", *extra],
+                         {"before": {"acc": 0.1 * seed}, "after": {"acc": accs[seed]}})
+                i += 1
+    out = tmp_path / "pooled"
+    assert collect_sweep.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--vs", "trainer=dpo",
+                               "--vs", "trainer=stepdpo trainer.nll_alpha=10.0"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads((out / "sweep_results.json").read_text())
+    assert res["n_jobs"] == 12 and [len(g["seeds"]) for g in res["groups"]] == [4, 4, 4]
+    assert res["groups"][0]["jobs"][0] == "a/0"  # job dirs named relative to the sweeps' common parent
+    vs_dpo, vs_step = res["paired"]
+    assert vs_dpo["baseline"] == {"trainer": "dpo", "trainer.nll_alpha": "10"}
+    step = next(r for r in vs_dpo["rows"] if r["settings"]["trainer"] == "stepdpo")
+    d = [0.04, -0.01, 0.06, 0.0]
+    assert step["n"] == 4 and list(step["diffs"]) == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    assert step["diffs"]["seed=2"] == pytest.approx(0.06)
+    assert step["mean"] == pytest.approx(sum(d) / 4) and (step["ahead"], step["behind"], step["level"]) == (2, 1, 1)
+    import statistics
+    assert step["std"] == pytest.approx(statistics.stdev(d)) and step["se"] == pytest.approx(statistics.stdev(d) / 2)
+    sft = next(r for r in vs_step["rows"] if r["settings"]["trainer"] == "sft_control")
+    assert [round(x, 6) for x in sft["diffs"].values()] == [-0.02, 0.03, -0.02, 0.01]
+    assert "| stepdpo | 10 | 4 | +0.0225 ± 0.0330 | 0.0165 | 2 / 1 / 1 | 0: +0.0400 / 1: -0.0100 / 2: +0.0600 / 3: +0.0000 |" in text
+    assert (out / "sweep_results.md").read_text() in text and not (tmp_path / "a" / "sweep_results.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a", "b"], "pass --out"),
+    (["a", "a", "--out", "o"], "both ran seed=0 with the same settings"),
+    (["a", "--vs", "trainer"], "'trainer' is not KEY=VALUE"),
+    (["a", "--vs", "trainer=ppo"], "matches 0 groups"),
+    (["a", "--vs", "model=tiny"], "model does not vary"),
+    (["a", "--metric", "after/maj@8"], "--metric after/maj@8: no job has it"),
+])
+def test_collect_sweep_bad_arguments(tmp_path, capsys, monkeypatch, args, message):
+    for name in ("a", "b"):
+        for i, trainer in enumerate(("dpo", "stepdpo")):
+            fake_job(tmp_path / name, i, [f"trainer={trainer}", "seed=0"], {"after": {"acc": 0.5}})
+    monkeypatch.chdir(tmp_path)
+    assert collect_sweep.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "a" / "sweep_results.md").exists()  # nothing written
+
+
 def test_slurm_config_renders_sbatch(tmp_path, monkeypatch):
     """conf/hydra/launcher/slurm.yaml through submitit's SlurmExecutor, as the plugin's launch() passes it
     (hydra_submitit_launcher/submitit_launcher.py), up to the sbatch script; nothing is submitted."""
