@@ -25,6 +25,7 @@ class TrainerConfig:
     """One training stage. `conf/trainer/*.yaml` fill this in; every field is documented there."""
 
     loss: str = "dpo"  # sft | dpo
+    sft_data: str = "gold"  # loss=sft in the main stage: gold (training solutions) | chosen (the pairs' chosen sides)
     weighting: str = "uniform"  # uniform | first_error | score | module:function
     weighting_kwargs: dict = field(default_factory=dict)
     loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo
@@ -97,6 +98,7 @@ def register_configs() -> None:
 
 TRAINER_CHOICES = {
     "loss": ("sft", "dpo"),
+    "sft_data": ("gold", "chosen"),
     "loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "token_reduction": ("sum", "mean"),
     "nll_on": ("continuation", "solution"),
@@ -132,6 +134,10 @@ def validate_trainer(node: Any, group: str) -> None:
     if node.rounds > 1 and node.resume is not None:
         raise ValueError(f"{group}.rounds={node.rounds} with {group}.resume: resuming a multi-round run is not "
                          "supported yet; resume needs rounds=1")
+    if node.sft_data != "gold" and (group == "sft" or node.loss != "sft"):
+        raise ValueError(f"{group}.sft_data={node.sft_data}: only the main stage's SFT (trainer.loss=sft, e.g. "
+                         f"trainer=sft_control) can train on the pairs' chosen sides; "
+                         f"{'the warm-up trains on gold solutions' if group == 'sft' else 'use trainer=sft_control'}")
     if node.ref_update == "round" and node.rounds < 2 and node.loss != "sft":
         raise ValueError(f"{group}.ref_update=round: the reference is updated at each round boundary and "
                          f"{group}.rounds={node.rounds} has none; set {group}.rounds>=2 or ref_update=fixed")

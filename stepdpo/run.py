@@ -87,7 +87,8 @@ def run(cfg: DictConfig, out: Path) -> float:
     log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
              f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
     eval_problems = bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval
-    if cfg.trainer.rounds > 1 and cfg.trainer.loss != "sft" and bundle.pairs is not None:
+    uses_pairs = cfg.trainer.loss != "sft" or cfg.trainer.sft_data == "chosen"  # sft_data=chosen: SFT on chosen sides
+    if cfg.trainer.rounds > 1 and uses_pairs and bundle.pairs is not None:
         raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
                          f"but dataset={cfg.dataset._target_} brings its own pairs; set trainer.rounds=1")
     # validate_only=true builds and checks the first round's pairs (later rounds need training): rounds are ignored
@@ -171,11 +172,14 @@ def run(cfg: DictConfig, out: Path) -> float:
         # ---------------------------------------------------------------- pairs and step scores
         t = time.perf_counter()
         def encode(pairs):
+            if cfg.trainer.loss == "sft":  # sft_data=chosen: each distinct correct solution once
+                sols = {(p.question, tuple(p.prefix) + tuple(p.chosen)): None for p in pairs}
+                return [encode_sft(q, list(steps), tok) for q, steps in sols]
             return [encode_pair(p, tok, weighting=cfg.trainer.weighting,
                                 weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
                                 max_length=cfg.trainer.max_length) for p in pairs]
 
-        if cfg.trainer.loss == "sft":
+        if not uses_pairs:
             examples = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
             pair_report: dict = {"pairs": 0}
         else:
@@ -199,7 +203,9 @@ def run(cfg: DictConfig, out: Path) -> float:
                     summary["judge"] = scorer.summary()
                     tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
             examples = encode(pairs)
-            weights = [w for e in examples for w in e.chosen_w + e.rejected_w]
+            if cfg.trainer.loss == "sft":
+                pair_report["sft_examples"] = len(examples)
+            weights = [w for e in examples for w in e.chosen_w + e.rejected_w] if cfg.trainer.loss != "sft" else []
             if weights:
                 tracker.log_histogram("pairs/token_weights", weights, step)
         summary["pairs"] = pair_report
@@ -236,7 +242,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
               eval_fn=eval_fn if rank == 0 else None, step_offset=step, ckpt_dir=out / "checkpoints" / stage,
               resume_from=resume.checkpoint(stage) if resume else None,
-              refresh=refresh if cfg.trainer.rounds > 1 else None)
+              refresh=refresh if cfg.trainer.rounds > 1 and uses_pairs else None)
         step += cfg.trainer.max_steps
         if rank > 0:  # rank 0 saves the adapter and evaluates
             return float("nan")
@@ -268,7 +274,7 @@ def run(cfg: DictConfig, out: Path) -> float:
             scorer.close()
 
 
-SFT_KEY_IGNORES = ("log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "ref_update",
+SFT_KEY_IGNORES = ("sft_data", "log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "ref_update",
                    "precompute_ref", "ref_cache_dir")
 
 

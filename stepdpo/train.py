@@ -351,8 +351,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     max_steps * round / rounds + 1 for round = 1..rounds-1; returns the examples for the next round
     (on-policy pairs sampled from the current policy). Optimizer and schedule carry on; the data
     stream restarts on the new examples. The reference stays the same (cfg.ref_update="fixed") or
-    becomes the policy at the round's start (cfg.ref_update="round", iterative DPO). SFT ignores rounds
-    (like beta and nll_alpha), so one sweep can share them across trainer=sft_control,dpo,stepdpo.
+    becomes the policy at the round's start (cfg.ref_update="round", iterative DPO). SFT re-samples
+    only when given a refresh: run.py passes none to SFT on gold solutions (nothing to re-sample, so
+    one sweep can share trainer.rounds across sft_control,dpo,stepdpo) and one with sft_data=chosen.
     Under torchrun every rank calls this; rank 0 alone logs and writes.
     """
     if not examples:
@@ -403,7 +404,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     last: dict[str, float] = {}
     t0, tokens = time.perf_counter(), 0
     hists: dict[str, list[float]] = {}  # per-pair margins since the last log step
-    rounds = cfg.rounds if refresh is not None and not sft else 1
+    rounds = cfg.rounds if refresh is not None else 1
     if rounds > 1 and resume_from is not None:
         raise ValueError(f"{prefix}: trainer.rounds={cfg.rounds} can't resume from a checkpoint yet; use rounds=1")
     boundaries = {round(cfg.max_steps * r / rounds): r for r in range(1, rounds)}  # step -> round starting after it
@@ -416,7 +417,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                 raise ValueError(f"{prefix}: round {r} produced no training examples")
             stream = BatchStream([len(e) for e in examples], stream.global_batch, seed + r)
             meta["n_examples"] = len(examples)
-            if cfg.ref_update == "round":  # iterative DPO: the policy this round starts from is its reference
+            if cfg.ref_update == "round" and not sft:  # iterative DPO: the policy this round starts from is its reference
                 ref_table = policy_reference(cfg, policy, tokenizer, examples, device=device, autocast=autocast)
             elif ref_table is not None:
                 ref_table = precomputed_reference(cfg, policy, reference, model if ref_model is None else ref_model,

@@ -61,6 +61,8 @@ def test_bad_choice_names_allowed_values(key, value):
     ("+dataset.bogus=1", "dataset.bogus: unknown key"),
     ("trainer.weighting=nope", "unknown scheme"),
     ("threads=0", "threads=0: must be >= 1"),
+    ("sft.sft_data=chosen", "the warm-up trains on gold solutions"),
+    ("trainer.sft_data=chosen", "use trainer=sft_control"),  # trainer=stepdpo has no SFT data
 ])
 def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):
     proc, run_dir = run_cli(tmp_path, override, check=False, timeout=120)

@@ -133,6 +133,28 @@ def test_rounds_resample_pairs_from_the_trained_policy(tmp_path):
     assert dpo_steps == [21, 22, 23, 24]
 
 
+def test_sft_control_on_the_chosen_sides_of_the_same_pairs(tmp_path):
+    """trainer=sft_control trainer.sft_data=chosen: SFT on each distinct chosen solution of the very pairs
+    trainer=dpo builds from the same warm-up and seed (rejection-sampling fine-tuning), re-built each round."""
+    cache = tmp_path / "cache"
+    _, dpo = run_cli(tmp_path / "dpo", f"sft_cache_dir={cache}", "trainer=dpo")
+    _, sft = run_cli(tmp_path / "sft", f"sft_cache_dir={cache}", "trainer=sft_control", "trainer.sft_data=chosen",
+                     "trainer.max_steps=4", "trainer.rounds=2", "trainer.batch_size=4")
+    pairs = _read_jsonl(sft / "pairs.jsonl")
+    assert pairs and pairs == _read_jsonl(dpo / "pairs.jsonl")  # the same first-round pairs as the DPO arm
+    distinct = {(p["question"], tuple(p["prefix"] + p["chosen"])) for p in pairs}
+    summary = json.loads((sft / "summary.json").read_text())
+    assert summary["pairs"]["sft_examples"] == len(distinct) <= len(pairs)
+    (r1,) = summary["pairs_rounds"]  # round 2 re-sampled from the policy being trained
+    assert r1["step"] == 20 + 2 and (sft / "pairs_round1.jsonl").exists()
+    metrics = _read_jsonl(sft / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "train_sft/loss" in m] == [21, 22, 23, 24]
+    assert not any("dpo/loss" in m for m in metrics)
+    _, gold = run_cli(tmp_path / "gold", f"sft_cache_dir={cache}", "trainer=sft_control", "trainer.rounds=2",
+                      "trainer.max_steps=2")
+    assert not (gold / "pairs.jsonl").exists() and "pairs_rounds" not in json.loads((gold / "summary.json").read_text())
+
+
 def test_rounds_need_pairs_built_by_the_run(tmp_path):
     proc, _ = run_cli(tmp_path, "dataset=pairs", "dataset.path=tests/fixtures/pairs/pairs.jsonl", "trainer.rounds=2",
                       check=False)
