@@ -61,7 +61,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     from .batching import encode_pair, encode_sft
     from .data import StepPair, atomic_write_text, read_jsonl, write_json
     from .model import add_lora, count_params, load_base
-    from .pairs import check_reject, request_for
+    from .pairs import check_reject, check_resample, request_for
     from .train import train
     from . import checkpoint, distributed
 
@@ -97,6 +97,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     if pair_split not in ("train", "pool"):
         raise ValueError(f"pairs.from_split={pair_split!r}: choose train (the SFT problems) or pool (answer-only)")
     check_reject(cfg.pairs.get("reject", "process"))
+    check_resample(cfg.pairs.get("resample_k", 0), cfg.pairs.get("resample_temperature", 0.7))
     if pair_split == "pool" and not bundle.pool and bundle.pairs is None:
         raise ValueError(f"pairs.from_split=pool, but dataset={cfg.dataset._target_.rsplit('.', 2)[-2]} has no "
                          "answer-only pool problems: set dataset.n_pool (arith, gsm8k) or pairs.from_split=train")

@@ -98,3 +98,51 @@ def test_reject_answer_skips_right_answers_with_a_flagged_step(bundle, reject, m
         assert "skipped_right_answer" not in report and report["pairs_on_policy"] == 10 and len(lucky_rejected) == 5
     with pytest.raises(ValueError, match="pairs.reject='outcome'"):
         pairs_mod.build_on_policy_pairs(probs, model=None, tokenizer=None, scorer=RuleScorer(), reject="outcome")
+
+
+def test_resample_continues_the_correct_prefix_for_a_chosen_side(bundle, monkeypatch):
+    """pairs.resample_k (Step-DPO's recipe): every sample of an answer-only problem is wrong, so no
+    sample can be the chosen side; the policy continues each rejected sample's correct prefix, and
+    the first continuation graded correct step by step is paired against it."""
+    pool = bundle.pool[:6]
+    calls = []
+
+    def gen(model, tok, prompts, *, num_return_sequences=1, temperature=None, **_):
+        calls.append((list(prompts), num_return_sequences, temperature))
+        by_q = {pairs_mod.format_prompt(p.question, None): p for p in pool}
+        if len(calls) == 1:  # the k samples: wrong at step 1 (prefix = step 0), and wrong at step 0 (no prefix)
+            return [[solution(by_q[q], wrong_at=1), solution(by_q[q], wrong_at=0)] for q in prompts]
+        out = []
+        for q in prompts:  # continuations: of prefix step 0, right for problems 0-2; of the empty prefix, wrong
+            base = next(b for b in by_q if q.startswith(b))
+            p, prefix = by_q[base], q[len(base):]
+            i = int(p.id.rsplit("-", 1)[1])
+            right = "\n".join(solution(p).split("\n")[1:])
+            wrong = "\n".join(solution(p, wrong_at=1).split("\n")[1:])
+            out.append([wrong, right, right] if prefix and i < 3 else [wrong, wrong, wrong])
+        return out
+
+    monkeypatch.setattr(pairs_mod, "generate", gen)
+    pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                    n_problems=6, min_pairs=0, resample_k=3,
+                                                    resample_temperature=0.9)
+    assert report["correct"] == 0 and report["pairs_on_policy"] == 0
+    assert report["resample_prefixes"] == 12 and report["resample_samples"] == 36 and report["pairs_resampled"] == 3
+    (prompts, k, temp), = calls[1:]
+    assert k == 3 and temp == 0.9 and len(prompts) == 12
+    plain = {pairs_mod.format_prompt(p.question, None) for p in pool}
+    assert sum(q not in plain for q in prompts) == 6  # six prefixes of one correct step, six empty ones
+    assert sorted(int(pr.meta["problem_id"].rsplit("-", 1)[1]) for pr in pairs) == [0, 1, 2]
+    for pr in pairs:
+        p = next(q for q in pool if q.id == pr.meta["problem_id"])
+        gold = solution(p).split("\n")
+        assert pr.source == "on_policy_resampled" and pr.prefix == gold[:1] and pr.chosen == gold[1:]
+        assert pr.rejected == solution(p, wrong_at=1).split("\n")[1:]
+        assert pr.rejected_scores[0] == 0.0 and all(s == 1.0 for s in pr.chosen_scores)
+    # off (the default): the same samples give no pairs and nothing is re-sampled
+    calls.clear()
+    pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                    n_problems=6, min_pairs=0)
+    assert pairs == [] and len(calls) == 1 and "resample_samples" not in report
+    with pytest.raises(ValueError, match="pairs.resample_k=-1"):
+        pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), resample_k=-1)

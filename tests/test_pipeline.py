@@ -169,21 +169,26 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     cache = tmp_path / "cache"
     _, plain = run_cli(tmp_path / "a", f"sft_cache_dir={cache}", "trainer.max_steps=1")
     _, run_dir = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "dataset.n_pool=24", "pairs.from_split=pool",
-                         "pairs.n_problems=1000", "pairs.k=2")
+                         "pairs.n_problems=1000", "pairs.k=2", "pairs.resample_k=2")
     assert len(list(cache.iterdir())) == 1
     assert "sft_cached" in json.loads((run_dir / "summary.json").read_text())  # the same warm-up
     pairs = _read_jsonl(run_dir / "pairs.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["pairs"]["problems"] == 24 and summary["pairs"]["samples"] == 24 * 2  # the pool, not the 64 SFT problems
     assert pairs and len(pairs) == summary["pairs"]["pairs"]
+    rep = summary["pairs"]  # the samples' rejected prefixes without a correct sample were continued twice each
+    assert rep["resample_prefixes"] > 0 and rep["resample_samples"] == 2 * rep["resample_prefixes"]
+    assert sum(p["source"] == "on_policy_resampled" for p in pairs) == rep.get("pairs_resampled", 0)
     for p in pairs:
-        kind = "pool" if p["source"] == "on_policy" else "train"
+        kind = "pool" if p["source"].startswith("on_policy") else "train"
         assert p["meta"]["problem_id"].startswith(f"arith-{kind}-"), p
     proc, _ = run_cli(tmp_path / "c", "pairs.from_split=pool", check=False)
     assert proc.returncode != 0 and "pairs.from_split=pool" in proc.stderr and "dataset.n_pool" in proc.stderr
     assert not (tmp_path / "c" / "run" / "config_resolved.yaml").exists()
     proc, _ = run_cli(tmp_path / "d", "pairs.from_split=eval", check=False)
     assert proc.returncode != 0 and "choose train" in proc.stderr
+    proc, _ = run_cli(tmp_path / "f", "pairs.resample_k=-2", check=False)
+    assert proc.returncode != 0 and "pairs.resample_k=-2: must be >= 0" in proc.stderr
     proc, _ = run_cli(tmp_path / "e", "pairs.reject=outcome", check=False)
     assert proc.returncode != 0 and "pairs.reject='outcome'" in proc.stderr and "process, answer" in proc.stderr
     assert not (tmp_path / "e" / "run" / "config_resolved.yaml").exists()  # before any work
