@@ -80,7 +80,7 @@ def group_jobs(jobs: list[dict], pool: tuple[str, ...] = ("seed",)) -> tuple[lis
     for j in jobs:
         settings = {k: j["overrides"].get(k, "") for k in varying}
         g = groups.setdefault(tuple(settings.values()), {"settings": settings, "seeds": [], "jobs": [], "failed": [],
-                                                          "values": {}})
+                                                          "by_seed": {}})
         pooled = ",".join(f"{k}={j['overrides'][k]}" for k in pool if k in j["overrides"]) or j["dir"]
         if j["metrics"] is None:
             g["failed"].append(j["dir"])
@@ -92,10 +92,10 @@ def group_jobs(jobs: list[dict], pool: tuple[str, ...] = ("seed",)) -> tuple[lis
         g["seeds"].append(pooled)
         g["jobs"].append(j["dir"])
         for m, v in j["metrics"].items():
-            g["values"].setdefault(m, []).append(v)
-            g.setdefault("by_seed", {}).setdefault(m, {})[pooled] = v
+            g["by_seed"].setdefault(m, {})[pooled] = v  # {metric: {pooled seed label: value}}, in job order
     out = sorted(groups.values(), key=lambda g: [_sort_key(v) for v in g["settings"].values()])
     for g in out:
+        g["values"] = {m: list(by.values()) for m, by in g["by_seed"].items()}
         g["stats"] = {m: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
                       for m, v in g["values"].items()}
     return varying, out
@@ -151,23 +151,24 @@ def parse_selector(text: str) -> dict[str, str]:
 def paired(groups: list[dict], selector: dict[str, str], metric: str) -> dict:
     """Every group against the one group `selector` picks, seed by seed on `metric`.
     Returns {baseline: settings, metric, rows: [{settings, n, diffs: {seed: d}, mean, std, se, ahead, behind, level}]}."""
-    base = [g for g in groups if all(_matches(g["settings"].get(k, ""), v) for k, v in selector.items())]
     desc = " ".join(f"{k}={v}" for k, v in selector.items())
-    unknown = [k for k in selector if k not in (groups[0]["settings"] if groups else {})]
+    varying = list(groups[0]["settings"]) if groups else []
+    unknown = [k for k in selector if k not in varying]
     if unknown:
         raise ValueError(f"--vs {desc}: {', '.join(unknown)} does not vary across these jobs "
-                         f"(varying: {', '.join(groups[0]['settings']) if groups else 'none'})")
+                         f"(varying: {', '.join(varying) or 'none'})")
+    base = [g for g in groups if all(_matches(g["settings"][k], v) for k, v in selector.items())]
     if len(base) != 1:
         found = "; ".join(" ".join(f"{k}={v}" for k, v in g["settings"].items()) for g in base)
         raise ValueError(f"--vs {desc}: matches {len(base)} groups{' (' + found + ')' if found else ''}; "
                          "name one group, e.g. add more KEY=VALUE in the same quoted argument")
     base = base[0]
-    ref = base.get("by_seed", {}).get(metric, {})
+    ref = base["by_seed"].get(metric, {})
     rows = []
     for g in groups:
         if g is base:
             continue
-        mine = g.get("by_seed", {}).get(metric, {})
+        mine = g["by_seed"].get(metric, {})
         common = sorted(set(mine) & set(ref), key=lambda s: [_sort_key(x) for x in s.split(",")])
         diffs = {s: mine[s] - ref[s] for s in common}
         d = list(diffs.values())
@@ -262,11 +263,12 @@ def collect(sweep_dir: Path | list[Path], out_dir: Path | None = None, pool: tup
     dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, (list, tuple)) else [sweep_dir])]
     if len(dirs) > 1 and out_dir is None:
         raise ValueError(f"{len(dirs)} sweep dirs: pass --out DIR for the pooled results")
-    root = Path(os.path.commonpath([d.resolve() for d in dirs])) if len(dirs) > 1 else dirs[0]
+    multi = len(dirs) > 1  # job dirs are then named relative to the sweeps' common parent
+    root = Path(os.path.commonpath([d.resolve() for d in dirs])) if multi else None
     out_dir = Path(out_dir or dirs[0])
     jobs = []
     for d in dirs:
-        found = load_jobs(d.resolve(), root) if len(dirs) > 1 else load_jobs(d)
+        found = load_jobs(d.resolve() if multi else d, root)
         if not found:
             raise ValueError(f"{d}: no job directories (.hydra/overrides.yaml) found; is this a multirun sweep dir?")
         jobs += found

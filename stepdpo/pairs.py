@@ -41,6 +41,10 @@ def check_resample(k: int, temperature: float) -> None:
         raise ValueError(f"pairs.resample_temperature={temperature}: must be > 0 (continuations are sampled)")
 
 
+def answer_right(steps: Sequence[str], answer: str) -> bool:
+    return bool(steps) and answers_match(extract_answer("\n".join(steps)), answer)
+
+
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
     return ScoreRequest(question=problem_question, steps=tuple(steps), answer=answer,
                         meta=tuple(sorted(meta.items())))
@@ -116,7 +120,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
             if r.scores is None:
                 report["score_failed"] += 1
                 continue
-            ok = bool(st) and answers_match(extract_answer("\n".join(st)), p.answer)
+            ok = answer_right(st, p.answer)
             if ok and reject == "answer" and any(s < 0.5 for s in r.scores):
                 report["skipped_right_answer"] += 1
                 continue
@@ -181,7 +185,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
         for f in fs:
             res = next(results)
             if (chosen is None and res.scores is not None and len(f) > fe and f[fe:] != st[fe:]
-                    and answers_match(extract_answer("\n".join(f)), p.answer) and all(x >= 0.5 for x in res.scores)):
+                    and answer_right(f, p.answer) and all(x >= 0.5 for x in res.scores)):
                 chosen, cs = f[fe:], res.scores[fe:]
         if chosen is None:
             continue

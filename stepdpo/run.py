@@ -206,8 +206,7 @@ def run(cfg: DictConfig, out: Path) -> float:
             examples = encode(pairs)
             if cfg.trainer.loss == "sft":
                 pair_report["sft_examples"] = len(examples)
-            weights = [w for e in examples for w in e.chosen_w + e.rejected_w] if cfg.trainer.loss != "sft" else []
-            if weights:
+            elif weights := [w for e in examples for w in e.chosen_w + e.rejected_w]:
                 tracker.log_histogram("pairs/token_weights", weights, step)
         summary["pairs"] = pair_report
         summary["time/pairs_s"] = time.perf_counter() - t
