@@ -21,22 +21,19 @@ Parallel jobs are safe: the first to take `<key>.lock` (fcntl) computes and writ
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from . import checkpoint
 from .batching import Example, PreferenceBatch, collate
 
-log = logging.getLogger(__name__)
 VERSION = 1  # bump when the way log-probs are computed changes
 VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version", "use_cache",
                         "_commit_hash", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
@@ -149,11 +146,8 @@ def load_or_compute(cache_dir: str | os.PathLike, key: str, n_examples: int,
     path = root / f"{key}.pt"
     if path.exists():
         return _load(path, n_examples), True
-    with open(root / f"{key}.lock", "w") as lock:
-        t = time.perf_counter()
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another job may be computing this very file: wait for it
+    with checkpoint.exclusive_lock(root / f"{key}.lock", "reference log-probs"):  # another job may be computing this very file
         if path.exists():
-            log.info("reference log-probs: %s written by another job while we waited %.1fs", path, time.perf_counter() - t)
             return _load(path, n_examples), True
         ref = compute_fn()
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")

@@ -8,6 +8,7 @@ Returns the held-out accuracy after training (the sweep metric, e.g. for Optuna)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -129,21 +130,25 @@ def run(cfg: DictConfig, out: Path) -> float:
         # ---------------------------------------------------------------- SFT warm-up (full fine-tune)
         cached = sft_cache_path(cfg, bundle.train)
         done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
-        if done is not None:
-            log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
-            model, tok = load_base(model_spec, path=str(done))
-        elif cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
-            log.info("sft: reusing the cached warm-up at %s", cached)
-            model, tok = load_base(model_spec, path=str(cached))
-            summary["sft_cached"] = str(cached)
-        elif cfg.sft.max_steps > 0:
-            t = time.perf_counter()
-            sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
-            train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft", ckpt_dir=out / "checkpoints" / "sft",
-                  resume_from=resume.checkpoint("sft") if resume else None)
-            summary["time/sft_s"] = time.perf_counter() - t
-            if cached is not None and rank == 0:
-                save_atomic_dir(model, tok, cached)
+        # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
+        # its ranks train the warm-up together)
+        shared = cached is not None and done is None and distributed.world_size() == 1
+        with checkpoint.exclusive_lock(f"{cached}.lock", "SFT warm-up") if shared else contextlib.nullcontext():
+            if done is not None:
+                log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
+                model, tok = load_base(model_spec, path=str(done))
+            elif cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
+                log.info("sft: reusing the cached warm-up at %s", cached)
+                model, tok = load_base(model_spec, path=str(cached))
+                summary["sft_cached"] = str(cached)
+            elif cfg.sft.max_steps > 0:
+                t = time.perf_counter()
+                sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
+                train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft", ckpt_dir=out / "checkpoints" / "sft",
+                      resume_from=resume.checkpoint("sft") if resume else None)
+                summary["time/sft_s"] = time.perf_counter() - t
+                if cached is not None and rank == 0:
+                    save_atomic_dir(model, tok, cached)
         step += cfg.sft.max_steps
         base_path = model_spec.path
         if done is not None:

@@ -104,12 +104,33 @@ def test_full_finetune_and_sft_main_stage(tmp_path):
 
 
 def test_sft_warmup_is_shared_through_the_cache(tmp_path):
+    """A job reuses the warm-up another job cached; one that starts while the same warm-up is still
+    being trained (its lock held) waits for it instead of training it a second time."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import FAST, ROOT, test_env
+    from stepdpo.checkpoint import exclusive_lock
+
     cache = tmp_path / "cache"
     _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
-    _, second = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "trainer=dpo", "threads=1")
-    assert len(list(cache.iterdir())) == 1  # `threads` is not part of the key
+    (key,) = [p for p in cache.iterdir() if p.is_dir()]
+    held = key.rename(tmp_path / "held")  # as if the first job were still training the warm-up...
+    second, log = tmp_path / "b" / "run", tmp_path / "b.out"
+    with exclusive_lock(f"{key}.lock"), open(log, "w") as out:  # ...and held its lock
+        proc = subprocess.Popen([sys.executable, "-m", "stepdpo.run", f"hydra.run.dir={second}", *FAST,
+                                 f"sft_cache_dir={cache}", "trainer=dpo", "threads=1"],
+                                cwd=ROOT, env=test_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "waiting for another job's SFT warm-up" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        held.rename(key)  # the first job writes the cache and releases the lock
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [key.name]  # `threads` is not part of the key
     s2 = json.loads((second / "summary.json").read_text())
-    assert "sft_cached" in s2 and "time/sft_s" not in s2 and s2["threads"] == 1
+    assert s2["sft_cached"] == str(key) and "time/sft_s" not in s2 and s2["threads"] == 1
     assert not any("sft/loss" in m for m in _read_jsonl(second / "metrics.jsonl"))
     before = [json.loads((d / "eval.json").read_text())["before"]["acc"] for d in (first, second)]
     assert before[0] == before[1]  # the same SFT model
