@@ -132,8 +132,8 @@ def run(cfg: DictConfig, out: Path) -> float:
         done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
         # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
         # its ranks train the warm-up together)
-        shared = cached is not None and done is None and distributed.world_size() == 1
-        with checkpoint.exclusive_lock(f"{cached}.lock", "SFT warm-up") if shared else contextlib.nullcontext():
+        lock = cached.parent / f".{cached.name}.lock" if cached and done is None and distributed.world_size() == 1 else None
+        with checkpoint.exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
             if done is not None:
                 log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
                 model, tok = load_base(model_spec, path=str(done))

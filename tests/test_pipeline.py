@@ -118,7 +118,7 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     (key,) = [p for p in cache.iterdir() if p.is_dir()]
     held = key.rename(tmp_path / "held")  # as if the first job were still training the warm-up...
     second, log = tmp_path / "b" / "run", tmp_path / "b.out"
-    with exclusive_lock(f"{key}.lock"), open(log, "w") as out:  # ...and held its lock
+    with exclusive_lock(cache / f".{key.name}.lock"), open(log, "w") as out:  # ...and held its lock
         proc = subprocess.Popen([sys.executable, "-m", "stepdpo.run", f"hydra.run.dir={second}", *FAST,
                                  f"sft_cache_dir={cache}", "trainer=dpo", "threads=1"],
                                 cwd=ROOT, env=test_env(), stdout=out, stderr=subprocess.STDOUT)
@@ -191,7 +191,7 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     _, plain = run_cli(tmp_path / "a", f"sft_cache_dir={cache}", "trainer.max_steps=1")
     _, run_dir = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "dataset.n_pool=24", "pairs.from_split=pool",
                          "pairs.n_problems=1000", "pairs.k=2", "pairs.resample_k=2")
-    assert len(list(cache.iterdir())) == 1
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
     assert "sft_cached" in json.loads((run_dir / "summary.json").read_text())  # the same warm-up
     pairs = _read_jsonl(run_dir / "pairs.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
