@@ -132,7 +132,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
         # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
         # its ranks train the warm-up together)
-        lock = cached.parent / f".{cached.name}.lock" if cached and done is None and distributed.world_size() == 1 else None
+        lock = sft_lock_path(cached) if cached and done is None and distributed.world_size() == 1 else None
         with checkpoint.exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
             if done is not None:
                 log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
@@ -301,6 +301,11 @@ def sft_cache_path(cfg: DictConfig, train: list) -> Path | None:
     key["seed"] = cfg.seed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cfg.sft_cache_dir).expanduser() / digest
+
+
+def sft_lock_path(cached: Path) -> Path:
+    """The flock that parallel jobs needing the warm-up `cached` share: hidden, beside it in the cache."""
+    return cached.parent / f".{cached.name}.lock"
 
 
 def save_atomic_dir(model, tok, dest: Path) -> None:

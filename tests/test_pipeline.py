@@ -112,13 +112,14 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
 
     from conftest import FAST, ROOT, test_env
     from stepdpo.checkpoint import exclusive_lock
+    from stepdpo.run import sft_lock_path
 
     cache = tmp_path / "cache"
     _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
     (key,) = [p for p in cache.iterdir() if p.is_dir()]
     held = key.rename(tmp_path / "held")  # as if the first job were still training the warm-up...
     second, log = tmp_path / "b" / "run", tmp_path / "b.out"
-    with exclusive_lock(cache / f".{key.name}.lock"), open(log, "w") as out:  # ...and held its lock
+    with exclusive_lock(sft_lock_path(key)), open(log, "w") as out:  # ...and held its lock
         proc = subprocess.Popen([sys.executable, "-m", "stepdpo.run", f"hydra.run.dir={second}", *FAST,
                                  f"sft_cache_dir={cache}", "trainer=dpo", "threads=1"],
                                 cwd=ROOT, env=test_env(), stdout=out, stderr=subprocess.STDOUT)
