@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 
 from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
-from .weights import NORMALISE, first_error, get_scheme, normalise_mean_one, step_token_weights
+from .weights import (NORMALISE, WRONG, first_difference, first_error, get_scheme, localise_step, normalise_mean_one,
+                      step_token_weights)
 
 IGNORE = -100
 
@@ -61,7 +62,9 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     """Tokenize a scored pair; compute token weights with the chosen scheme."""
     cs = pair.chosen_scores if pair.chosen_scores is not None else [1.0] * len(pair.chosen)
     rs = pair.rejected_scores if pair.rejected_scores is not None else [0.0] * len(pair.rejected)
-    cw, rw = get_scheme(weighting)(cs, rs, **(weighting_kwargs or {}))
+    kwargs = dict(weighting_kwargs or {})
+    error_span = kwargs.pop("error_span", "step") if weighting == "first_error" else "step"
+    cw, rw = get_scheme(weighting)(cs, rs, **kwargs)
     cf, rf = first_error(cs, rs)
     p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
     n_prefix = 0
@@ -69,6 +72,8 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
         n_prefix = max(0, len(p_ids) - len(prompt_ids(tokenizer, prompt_text(pair.question, (), tokenizer))))
     c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
     r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
+    if error_span == "token":
+        c_w, r_w = _localise_first_error(pair, rs, cw, rw, c_off, r_off, c_w, r_w)
     if weighting in NORMALISE:
         c_w, r_w = normalise_mean_one(c_w), normalise_mean_one(r_w)
     c_f = step_token_weights(c_off, step_spans(pair.chosen), cf)
@@ -81,6 +86,21 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
             p_ids = p_ids[over:]
             n_prefix = min(n_prefix, len(p_ids))
     return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f, n_prefix)
+
+
+def _localise_first_error(pair: StepPair, rs, cw, rw, c_off, r_off, c_w, r_w):
+    """`first_error` with error_span=token: step k's weight only on the token where the chosen and
+    rejected step-k texts first differ (each side's own token there). Unchanged (whole step) when the
+    rejected side has no wrong step, the chosen side has no step k, or the two step texts are equal."""
+    k = next((i for i, s in enumerate(rs) if s < WRONG), None)
+    if k is None or k >= len(pair.chosen):
+        return c_w, r_w
+    d = first_difference(pair.chosen[k], pair.rejected[k])
+    if d is None:
+        return c_w, r_w
+    c_spans, r_spans = step_spans(pair.chosen), step_spans(pair.rejected)
+    return (localise_step(c_off, c_spans, cw, k, c_spans[k][0] + d),
+            localise_step(r_off, r_spans, rw, k, r_spans[k][0] + d))
 
 
 def encode_sft(question: str, steps: list[str], tokenizer) -> Example:

@@ -151,6 +151,15 @@ def validate_trainer(node: Any, group: str) -> None:
         get_scheme(node.weighting)
     except ValueError as e:
         raise ValueError(f"{group}.weighting: {e}") from None
+    from .weights import ERROR_SPANS
+
+    span = (node.weighting_kwargs or {}).get("error_span", "step")
+    if span not in ERROR_SPANS:
+        raise ValueError(f"{group}.weighting_kwargs.error_span={span!r}: choose one of {list(ERROR_SPANS)} "
+                         f"(token = only the token where the first wrong step departs from the chosen one)")
+    if span != "step" and node.weighting != "first_error":
+        raise ValueError(f"{group}.weighting_kwargs.error_span={span}: only trainer.weighting=first_error "
+                         f"localises the error; it has weighting={node.weighting}")
 
 
 def _import(path: str) -> Any:

@@ -12,7 +12,12 @@ scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
   `after_error`) sets the chosen side's later steps alone: 1 pushes the whole correct continuation
   up while the rejected steps after its error (which usually carry the wrong value forward with
   correct arithmetic) stay out of the loss. A rejected response with no wrong step falls back to
-  uniform weights.
+  uniform weights. `error_span` (applied in `stepdpo.batching.encode_pair`, which has the texts):
+  `step` (default) weighs every token of step k; `token` keeps step k's weight only on the token
+  where the two step-k texts first differ, on each side, and 0 on the rest of step k. A wrong step
+  that miscopies an operand (`13 - 7 = 6` for `13 - 4 = 9`) then has only `7` pushed down, not the
+  `6`, which is correct arithmetic for the operand written. It assumes one canonical way of writing
+  a step (the built-in task); with free-form steps the first difference need not be the error.
 - `score`: chosen step i weighs c_i, rejected step j weighs 1 - r_j (good steps pushed up, bad
   steps pushed down, in proportion to the scorer's confidence). Each response's weights are then
   normalised to mean 1 over its tokens, so beta keeps the meaning it has in DPO.
@@ -100,6 +105,37 @@ def _at(pos: int, spans, weights, default: float) -> float:
         if a <= pos < b:
             return float(w)
     return float(default)
+
+
+ERROR_SPANS = ("step", "token")
+
+
+def first_difference(a: str, b: str) -> int | None:
+    """Index of the first character where a and b differ (len of the shorter when one is a prefix of
+    the other); None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def localise_step(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
+                  step_weights: Sequence[float], k: int, pos: int) -> list[float]:
+    """Token weights as `step_token_weights`, except that step k's weight stays only on the token
+    covering response character `pos` (inside step k's span, or at the text's end: EOS); the rest of
+    step k weighs 0."""
+    a, b = spans[k]
+    if not a <= pos <= b:
+        raise ValueError(f"localise_step: position {pos} outside step {k}'s span {spans[k]}")
+    tok = next(((s, e) for s, e in offsets if s <= pos < e), None)
+    spans2, w2 = list(spans[:k]), list(step_weights[:k])
+    if tok is None:  # pos is the end of the text: the differing "token" is EOS
+        if k != len(spans) - 1:
+            raise ValueError(f"localise_step: no token covers position {pos} of step {k}")
+        return step_token_weights(offsets, spans2 + [(a, b), (b, b)], w2 + [0.0, step_weights[k]])
+    s, e = max(tok[0], a), min(tok[1], b)
+    spans2 += [(a, s), (s, e), (e, b)] + list(spans[k + 1:])
+    w2 += [0.0, step_weights[k], 0.0] + list(step_weights[k + 1:])
+    return step_token_weights(offsets, spans2, w2)
 
 
 def normalise_mean_one(weights: list[float]) -> list[float]:

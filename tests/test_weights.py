@@ -61,3 +61,71 @@ def test_prompt_and_padding_weigh_zero_and_steps_align():
     L = n_prompt + len(ex.chosen_ids)
     assert (b.token_weights[0, L:] == 0).all() and (b.labels[0, L:] == -100).all() and (b.attention_mask[0, L:] == 0).all()
     assert b.token_weights[2, n_prompt:n_prompt + 10].tolist() == [1.0] * 10
+
+
+MISCOPY = StepPair(id="m", question="Start with 13, subtract 4, subtract 7. What is the result?", answer="2",
+                   prefix=[], chosen=["13 - 4 = 9", "9 - 7 = 2", "The answer is 2"],
+                   rejected=["13 - 7 = 6", "6 - 7 = 0", "The answer is 0"],
+                   chosen_scores=[1.0, 1.0, 1.0], rejected_scores=[0.0, 1.0, 1.0])
+
+
+def _weighted(tok, ids, w):
+    return [(i, tok.decode([t]), x) for i, (t, x) in enumerate(zip(ids, w)) if x]
+
+
+def test_error_span_token_keeps_only_the_first_differing_token():
+    tok = char_tokenizer()
+    step = encode_pair(MISCOPY, tok, weighting="first_error", weighting_kwargs={"error_span": "step"})
+    assert sum(step.rejected_w) == len("13 - 7 = 6\n")  # the whole wrong step, its correct "= 6" too
+    ex = encode_pair(MISCOPY, tok, weighting="first_error", weighting_kwargs={"error_span": "token"})
+    # only the miscopied operand is pushed down and the right one up, at the same position
+    assert _weighted(tok, ex.rejected_ids, ex.rejected_w) == [(5, "7", 1.0)]
+    assert _weighted(tok, ex.chosen_ids, ex.chosen_w) == [(5, "4", 1.0)]
+    # later steps keep their first_error weights
+    after = encode_pair(MISCOPY, tok, weighting="first_error",
+                        weighting_kwargs={"error_span": "token", "chosen_after_error": 1.0})
+    n0 = len("13 - 4 = 9\n")
+    assert after.chosen_w[:n0] == [0.0] * 5 + [1.0] + [0.0] * 5 and after.chosen_w[n0:] == [1.0] * (len(after.chosen_w) - n0)
+    assert _weighted(tok, after.rejected_ids, after.rejected_w) == [(5, "7", 1.0)]
+
+
+def test_error_span_token_edge_cases():
+    tok = char_tokenizer()
+    kw = {"error_span": "token"}
+    # one step text a prefix of the other: the differing token is the chosen's separator / the rejected's extra char
+    pair = StepPair(id="e", question="q", answer="0", prefix=[], chosen=["1 - 1 = 0", "The answer is 0"],
+                    rejected=["1 - 1 = 0 0"], chosen_scores=[1.0, 1.0], rejected_scores=[0.0])
+    ex = encode_pair(pair, tok, weighting="first_error", weighting_kwargs=kw)
+    assert _weighted(tok, ex.chosen_ids, ex.chosen_w) == [(9, "\n", 1.0)]
+    assert _weighted(tok, ex.rejected_ids, ex.rejected_w) == [(9, " ", 1.0)]
+    # the wrong step is the last one and the chosen step extends it: the rejected side's EOS is the difference
+    pair = StepPair(id="e", question="q", answer="0", prefix=[], chosen=["1 - 1 = 00"], rejected=["1 - 1 = 0"],
+                    chosen_scores=[1.0], rejected_scores=[0.0])
+    ex = encode_pair(pair, tok, weighting="first_error", weighting_kwargs=kw)
+    assert ex.rejected_w == [0.0] * 9 + [1.0] and ex.rejected_ids[-1] == tok.eos_token_id
+    assert _weighted(tok, ex.chosen_ids, ex.chosen_w) == [(9, "0", 1.0)]
+    # equal step texts (a scorer that flags a step the chosen side has too), or no wrong step: whole-step weights
+    same = StepPair(id="s", question="q", answer="0", prefix=[], chosen=["1 - 1 = 0", "The answer is 0"],
+                    rejected=["1 - 1 = 0", "The answer is 9"], chosen_scores=[1.0, 1.0], rejected_scores=[0.0, 0.0])
+    for p in (same, StepPair(**{**MISCOPY.__dict__, "rejected_scores": [1.0, 1.0, 1.0]})):
+        assert encode_pair(p, tok, weighting="first_error", weighting_kwargs=kw).rejected_w == \
+            encode_pair(p, tok, weighting="first_error").rejected_w
+
+
+@pytest.mark.parametrize("kwargs,expect", [
+    ({"error_span": "word"}, "error_span='word': choose one of"),
+    ({"error_span": "token", "weighting": "uniform"}, "only trainer.weighting=first_error"),
+])
+def test_error_span_validated(kwargs, expect):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from stepdpo.config import validate_trainer
+
+    overrides = [f"trainer.weighting_kwargs.error_span={kwargs['error_span']}"]
+    if "weighting" in kwargs:
+        overrides.append(f"trainer.weighting={kwargs['weighting']}")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["trainer=stepdpo", *overrides])
+    with pytest.raises(ValueError, match=expect):
+        validate_trainer(cfg.trainer, "trainer")
