@@ -28,6 +28,22 @@ class Example:
     rejected_focus: list[float]  # 1 on the first wrong rejected step
     n_prefix: int = 0  # the last n_prefix prompt tokens are the pair's shared prefix steps
 
+    @property
+    def shared_upto(self) -> int:
+        """j: the first j response tokens of the two sides are the same ids, so rejected token t <= j is
+        predicted from exactly the context chosen token t is."""
+        c, r = self.chosen_ids, self.rejected_ids
+        return next((t for t, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+
+    @property
+    def rejected_on_chosen_row(self) -> bool:
+        """Every weighted rejected token lies at or before the first differing token: the rejected side's
+        log-probs can be read off the chosen row (one forward for the pair, the same loss exactly)."""
+        j = self.shared_upto
+        if j >= min(len(self.chosen_ids), len(self.rejected_ids)):
+            return False
+        return all(w == 0 for w in self.rejected_w[j + 1:])
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
@@ -40,10 +56,17 @@ class PreferenceBatch:
     token_weights: torch.Tensor  # (2B, T) float, 0 on prompt/pad
     focus: torch.Tensor  # (2B, T) float, 1 on the first-error step tokens (metrics only)
     nll_only: torch.Tensor  # (2B, T) bool, True on prefix tokens labelled for the NLL anchor only
+    row_src: torch.Tensor  # (2B,) long: the row whose tokens this row's log-probs are read from (itself, or
+    #                        for a rejected side read off its chosen row, that row: see Example.rejected_on_chosen_row)
 
     @property
     def n_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
+
+    @property
+    def computed_rows(self) -> torch.Tensor:
+        """(2B,) bool: the rows the model actually runs on (not read off another row)."""
+        return self.row_src == torch.arange(len(self.row_src), device=self.row_src.device)
 
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -109,17 +132,29 @@ def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
     return encode_pair(pair, tokenizer)
 
 
-def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False) -> PreferenceBatch:
+def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False,
+            share_rows: bool = True) -> PreferenceBatch:
     """Right-pad to the longest row in this batch (dynamic padding, never to max_length).
 
     nll_prefix: also label the chosen rows' prefix-step tokens (weight 0, `nll_only` True), so the
     NLL anchor can cover the whole correct solution (trainer.nll_on=solution).
+    share_rows: a pair whose weighted rejected tokens all sit at or before the first token where the
+    two sides differ (`Example.rejected_on_chosen_row`: first_error with error_span=token and
+    after_error=0) gets a rejected row that *is* its chosen row's tokens, labelled with the rejected
+    tokens 0..j; `row_src` points it at the chosen row, and the model runs once for both. The
+    log-probs are those of the separate rejected row, exactly: the context is the same token ids.
     """
-    sides = [("chosen_ids", "chosen_w", "chosen_focus")]
+    B = len(examples)
+    shared = [not sft and share_rows and ex.rejected_on_chosen_row for ex in examples]
+    rows = [(ex.prompt_ids, ex.chosen_ids, ex.chosen_ids, ex.chosen_w, ex.chosen_focus) for ex in examples]
     if not sft:
-        sides.append(("rejected_ids", "rejected_w", "rejected_focus"))
-    rows = [(ex.prompt_ids, getattr(ex, i), getattr(ex, w), getattr(ex, f)) for i, w, f in sides for ex in examples]
-    T = max(len(p) + len(r) for p, r, _, _ in rows)
+        for ex, sh in zip(examples, shared):
+            if sh:  # the chosen row's tokens; labels = the rejected tokens 0..j
+                n = ex.shared_upto + 1
+                rows.append((ex.prompt_ids, ex.chosen_ids, ex.rejected_ids[:n], ex.rejected_w[:n], ex.rejected_focus[:n]))
+            else:
+                rows.append((ex.prompt_ids, ex.rejected_ids, ex.rejected_ids, ex.rejected_w, ex.rejected_focus))
+    T = max(len(p) + len(r) for p, r, _, _, _ in rows)
     n = len(rows)
     ids = torch.full((n, T), pad_id, dtype=torch.long)
     labels = torch.full((n, T), IGNORE, dtype=torch.long)
@@ -127,18 +162,21 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
     w = torch.zeros((n, T), dtype=torch.float32)
     foc = torch.zeros((n, T), dtype=torch.float32)
     nll_only = torch.zeros((n, T), dtype=torch.bool)
-    for i, (p, r, rw, rf) in enumerate(rows):
-        L = len(p) + len(r)
+    src = torch.arange(n)
+    for i, (p, r, lab, rw, rf) in enumerate(rows):
+        L, P, K = len(p) + len(r), len(p), len(lab)
         ids[i, :L] = torch.tensor(p + r)
         attn[i, :L] = 1
-        labels[i, len(p):L] = torch.tensor(r)
-        w[i, len(p):L] = torch.tensor(rw)
-        foc[i, len(p):L] = torch.tensor(rf)
-        k = examples[i].n_prefix if nll_prefix and i < len(examples) else 0
+        labels[i, P:P + K] = torch.tensor(lab)
+        w[i, P:P + K] = torch.tensor(rw)
+        foc[i, P:P + K] = torch.tensor(rf)
+        if i >= B and shared[i - B]:
+            src[i] = i - B
+        k = examples[i].n_prefix if nll_prefix and i < B else 0
         if k:
-            labels[i, len(p) - k:len(p)] = torch.tensor(p[len(p) - k:])
-            nll_only[i, len(p) - k:len(p)] = True
-    return PreferenceBatch(ids, attn, labels, w, foc, nll_only)
+            labels[i, P - k:P] = torch.tensor(p[P - k:])
+            nll_only[i, P - k:P] = True
+    return PreferenceBatch(ids, attn, labels, w, foc, nll_only, src)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,

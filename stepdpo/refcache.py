@@ -58,6 +58,8 @@ class RefLogps:
                 lp = self.values[start:start + len(ex.chosen_ids)]
             else:
                 lp = self.values[start + len(ex.chosen_ids):int(self.offsets[i + 1])]
+                if int(batch.row_src[row]) != row:  # read off the chosen row: only rejected tokens 0..j are labelled
+                    lp = lp[:ex.shared_upto + 1]
             p = len(ex.prompt_ids)  # response token k sits at position p + k, predicted at p + k - 1
             lo = max(p - 1, 0)
             out[row, lo:p - 1 + len(lp)] = lp[lo - (p - 1):]
@@ -124,7 +126,8 @@ def compute(ref_fn: Callable[[PreferenceBatch], torch.Tensor], examples: Sequenc
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]), reverse=True)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = collate([examples[i] for i in idx], pad_id).to(device)
+        batch = collate([examples[i] for i in idx], pad_id, share_rows=False).to(device)  # every token, whatever
+        # the weights: one file serves every weighting of the same pairs
         lp = ref_fn(batch).float().cpu()  # (2B, T-1)
         B = len(idx)
         for row in range(2 * B):

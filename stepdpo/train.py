@@ -271,19 +271,33 @@ class TokenLogps(torch.nn.Module):
             if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Module):
                 self.parts = (decoder, head)  # a tuple: not registered twice as submodules
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, row_src=None):
+        """row_src: optional (N,) long; row i's log-probs are read from the hidden states of row
+        row_src[i] (a rejected side read off its chosen row, `batching.collate`): the model runs only
+        on the rows with row_src[i] == i."""
+        keep = inv = None
+        if row_src is not None:
+            own = row_src == torch.arange(len(row_src), device=row_src.device)
+            if not bool(own.all()):
+                keep = own.nonzero().squeeze(1)
+                pos = torch.full_like(row_src, -1)
+                pos[keep] = torch.arange(len(keep), device=row_src.device)
+                inv = pos[row_src]  # each row -> its computed row
+                if bool((inv < 0).any()):
+                    raise ValueError("TokenLogps: row_src points at a row that is itself read from another row")
+                input_ids, attention_mask = input_ids[keep], attention_mask[keep]
         if self.parts is None:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
-            return token_logps(logits, labels)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (n, T, V)
+            return token_logps(logits if inv is None else logits[inv], labels)
         decoder, head = self.parts
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return response_logps(hidden, head, labels)  # (N, T-1)
+        return response_logps(hidden if inv is None else hidden[inv], head, labels)  # (N, T-1)
 
 
 def reference_logps(policy: TokenLogps, reference: TokenLogps | None, batch: PreferenceBatch) -> torch.Tensor:
     """Reference per-token log-probs: the frozen copy, or the policy with its LoRA adapter off."""
     with torch.no_grad(), (policy.model.disable_adapter() if reference is None else contextlib.nullcontext()):
-        return (reference or policy)(batch.input_ids, batch.attention_mask, batch.labels)
+        return (reference or policy)(batch.input_ids, batch.attention_mask, batch.labels, batch.row_src)
 
 
 def precomputed_reference(cfg: TrainerConfig, policy: TokenLogps, reference: TokenLogps | None, ref_weights,
@@ -443,7 +457,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                         ref_lp = ref_table.for_batch(examples, idx, batch)  # (2B, T-1) from the cache
                     else:
                         ref_lp = reference_logps(policy, reference, batch)  # (2B, T-1)
-                    pol_lp = ddp(batch.input_ids, batch.attention_mask, batch.labels)  # (N, T-1)
+                    pol_lp = ddp(batch.input_ids, batch.attention_mask, batch.labels, batch.row_src)  # (N, T-1)
                     if sft:
                         loss, m = sft_loss(pol_lp, mask)
                     else:
@@ -453,9 +467,10 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                             token_reduction=cfg.token_reduction, focus=batch.focus[:, 1:],
                             nll_mask=labelled if nll_prefix else None)
                 (loss * share * world).backward()  # DDP averages gradients over ranks; * world makes it a sum
-            n_real = int(batch.attention_mask.sum())
+            run_rows = batch.attention_mask[batch.computed_rows]  # the rows the model ran on
+            n_real = int(run_rows.sum())
             tokens += n_real
-            m = {**m, "tokens/nonpad": n_real, "tokens/padded": batch.attention_mask.numel()}
+            m = {**m, "tokens/nonpad": n_real, "tokens/padded": run_rows.numel(), "tokens/rows": run_rows.shape[0]}
             for k, v in m.items():  # counts add up; everything else is a mean over the global batch
                 if isinstance(v, torch.Tensor) and v.dim():  # per-pair values: histogram over the log window
                     hists.setdefault(k, []).extend(v.float().cpu().tolist())

@@ -123,13 +123,16 @@ def test_every_experiment_arm_composes_validates_and_has_equal_compute(experimen
             cfgs[arm] = compose("config", overrides=[f"experiment={experiment}", f"trainer={arm}"])
         validate_targets(cfgs[arm])
 
-    def compute(t):  # optimizer steps x policy sequences per step (a DPO pair is 2 sequences)
-        return t.max_steps, t.batch_size * t.grad_accum * (2 if t.loss == "dpo" else 1)
+    def compute(t):  # optimizer steps x policy sequences per step (a DPO pair is 2 sequences, 1 when its
+        # rejected side is read off the chosen row: first_error, error_span=token, after_error=0)
+        kw = t.weighting_kwargs or {}
+        one_row = t.weighting == "first_error" and kw.get("error_span") == "token" and not kw.get("after_error")
+        return t.max_steps, t.batch_size * t.grad_accum * (2 if t.loss == "dpo" and not one_row else 1)
 
     assert len({compute(c.trainer) for c in cfgs.values()}) == 1, {a: compute(c.trainer) for a, c in cfgs.items()}
     assert len({str(OmegaConf.to_container(c.sft)) for c in cfgs.values()}) == 1  # one warm-up for every arm
     # the preference arms differ only in their token weights
-    drop = ("weighting", "weighting_kwargs")
+    drop = ("weighting", "weighting_kwargs", "batch_size")  # batch_size: checked by compute() above
     pref = [{k: v for k, v in OmegaConf.to_container(c.trainer).items() if k not in drop}
             for c in cfgs.values() if c.trainer.loss == "dpo"]
     assert len(pref) >= 2 and all(t == pref[0] for t in pref)

@@ -29,6 +29,27 @@ def test_cached_rows_line_up_with_a_live_reference_forward():
         torch.testing.assert_close(ref.for_batch(ex, idx, batch), want, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_serves_rejected_sides_read_off_the_chosen_row():
+    """One file per pairs, whatever the weights: it holds every rejected token (computed on separate
+    rows), and a batch whose rejected sides are read off the chosen rows takes tokens 0..j of it."""
+    from dataclasses import replace
+
+    from test_train import _token_span_pairs
+
+    policy, _, tok = lora_model()
+    ex = _token_span_pairs(tok)
+    lp = TokenLogps(policy)
+    ref = refcache.compute(lambda b: reference_logps(lp, None, b), ex, tok.pad_token_id, batch_size=4,
+                           device=torch.device("cpu"))
+    assert ref.values.numel() == sum(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
+    uniform = [replace(e, rejected_w=[1.0] * len(e.rejected_w)) for e in ex]  # plain DPO: separate rows
+    for exs in (ex, uniform):
+        idx = [5, 0, 3]
+        batch = collate([exs[i] for i in idx], tok.pad_token_id)
+        assert int(batch.computed_rows.sum()) == (3 if exs is ex else 6)
+        torch.testing.assert_close(ref.for_batch(exs, idx, batch), reference_logps(lp, None, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_precompute_matches_the_live_reference_and_is_reused(tmp_path, monkeypatch):
     ex = make_examples(16)
     runs = {}

@@ -401,3 +401,93 @@ def test_rounds_config_errors():
                     (dict(ref_update="policy", rounds=2), "trainer.ref_update: 'policy' is not one of")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             check(**kw)
+
+
+def _token_span_pairs(tok, n: int = 6):
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair
+
+    pairs = []
+    for i in range(n):
+        a, b = 10 + i, 1 + i % 4
+        wrong_operand = i % 2 == 0  # "13 - 7 = 6" for "13 - 4 = 9"; else a wrong result "13 - 4 = 8"
+        rej = f"{a} - {b + 2} = {a - b - 2}" if wrong_operand else f"{a} - {b} = {a - b + 1}"
+        pairs.append(StepPair(id=str(i), question=f"Start with {a}, subtract {b}, subtract 1. What is the result?",
+                              answer=str(a - b - 1), prefix=[] if i % 3 else [f"{a} - 0 = {a}"],
+                              chosen=[f"{a} - {b} = {a - b}", f"{a - b} - 1 = {a - b - 1}", f"The answer is {a - b - 1}"],
+                              rejected=[rej, "x - 1 = y", "The answer is y"],
+                              chosen_scores=[1.0, 1.0, 1.0], rejected_scores=[0.0, 1.0, 1.0]))
+    return [encode_pair(p, tok, weighting="first_error", weighting_kwargs={"error_span": "token"}) for p in pairs]
+
+
+def test_rejected_read_off_the_chosen_row_is_exact():
+    """first_error + error_span=token: the rejected side's one weighted token has the chosen side's
+    context, so collate reads it off the chosen row (the model runs on B rows, not 2B) and the
+    log-probs, loss, gradients and trained weights are those of separate rejected rows."""
+    torch.manual_seed(0)
+    model, tok = tiny_llama(**TINY)
+    ex = _token_span_pairs(tok)
+    assert all(e.rejected_on_chosen_row for e in ex)
+    B = len(ex)
+    shared, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, share_rows=False)
+    assert shared.row_src.tolist() == list(range(B)) * 2 and full.row_src.tolist() == list(range(2 * B))
+    assert int(shared.computed_rows.sum()) == B
+    assert torch.equal(shared.input_ids[B:], shared.input_ids[:B])  # the chosen rows' tokens
+    for i, e in enumerate(ex):  # rejected labels: tokens 0..j only, j the first differing token
+        j, p = e.shared_upto, len(e.prompt_ids)
+        assert e.chosen_ids[:j] == e.rejected_ids[:j] and e.chosen_ids[j] != e.rejected_ids[j]
+        assert shared.labels[B + i, p:p + j + 1].tolist() == e.rejected_ids[:j + 1]
+        assert (shared.labels[B + i, p + j + 1:] == -100).all()
+    w_s, w_f = shared.token_weights, full.token_weights
+    Ts = w_s.shape[1]  # the shared batch pads to the longest chosen row; the full one maybe further
+    assert torch.equal(w_s[:B], w_f[:B, :Ts]) and not w_f[:B, Ts:].any()
+    assert w_s[B:].sum() == w_f[B:].sum() == B  # one token per side
+
+    policy = TokenLogps(model)
+    calls = []
+    hook = model.model.register_forward_hook(lambda m, a, kw_out: calls.append(kw_out.last_hidden_state.shape[0]))
+    lp_s, lp_f = policy(shared.input_ids, shared.attention_mask, shared.labels, shared.row_src), \
+        policy(full.input_ids, full.attention_mask, full.labels, full.row_src)
+    hook.remove()
+    assert calls == [B, 2 * B]  # the shared batch ran the decoder on B rows
+    pos_s, pos_f = shared.labels[:, 1:] != -100, full.labels[:, 1:] != -100
+    wpos_s, wpos_f = w_s[:, 1:] > 0, w_f[:, 1:] > 0
+    assert torch.allclose(lp_s[wpos_s], lp_f[wpos_f], atol=1e-6)  # the weighted tokens, same order
+    assert torch.allclose(lp_s[:B][pos_s[:B]], lp_f[:B][pos_f[:B]], atol=1e-6)
+
+    # training: the same loss curve and adapter whichever way the batch is built
+    import stepdpo.train as T
+
+    results = {}
+    for share in (True, False):
+        policy_m, _, _ = lora_model(seed=0, lora_seed=1)
+        real = T.collate
+        T.collate = lambda exs, pad, **kw: real(exs, pad, **kw, share_rows=share)
+        try:
+            rec = Recorder()
+            train(cfg(max_steps=3, batch_size=3, nll_alpha=1.0, beta=0.5, weighting="first_error"), policy_m, tok, ex,
+                  rec, seed=0, prefix="dpo")
+        finally:
+            T.collate = real
+        lora = {n: p.detach().clone() for n, p in policy_m.named_parameters() if "lora_" in n}
+        results[share] = ([m for _, m in rec.rows], lora)
+    (rows_s, lora_s), (rows_f, lora_f) = results[True], results[False]
+    for ms, mf in zip(rows_s, rows_f):
+        for k in ("dpo/loss", "dpo/loss/preference", "dpo/loss/nll_chosen", "dpo/rewards/margin", "dpo/rewards/chosen",
+                  "dpo/rewards/rejected", "dpo/rewards/accuracy", "dpo/tokens/weighted_rejected"):
+            assert ms[k] == pytest.approx(mf[k], rel=1e-4, abs=1e-6), k
+        assert ms["dpo/tokens/rows"] == 3 and mf["dpo/tokens/rows"] == 6
+        assert ms["dpo/tokens/nonpad"] < mf["dpo/tokens/nonpad"]
+    for n in lora_s:
+        assert torch.allclose(lora_s[n], lora_f[n], atol=1e-5), n
+
+
+def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
+    tok = tiny_llama(**TINY)[1]
+    ex = _token_span_pairs(tok, 2)
+    from dataclasses import replace
+
+    step = replace(ex[0], rejected_w=[1.0] * len(ex[0].rejected_w))  # plain DPO weights: every token counts
+    assert not step.rejected_on_chosen_row
+    b = collate([ex[1], step], tok.pad_token_id)
+    assert b.row_src.tolist() == [0, 1, 0, 3] and b.computed_rows.tolist() == [True, True, False, True]

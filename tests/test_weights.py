@@ -120,8 +120,9 @@ def test_error_span_validated(kwargs, expect):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from stepdpo.config import validate_trainer
+    from stepdpo.config import register_configs, validate_trainer
 
+    register_configs()
     overrides = [f"trainer.weighting_kwargs.error_span={kwargs['error_span']}"]
     if "weighting" in kwargs:
         overrides.append(f"trainer.weighting={kwargs['weighting']}")
