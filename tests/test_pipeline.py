@@ -225,3 +225,15 @@ def test_validate_only_builds_checks_and_stops(tmp_path):
     assert report["pairs"] == len(pairs) >= 16 and '"validation"' in proc.stdout
     assert not (run_dir / "adapter").exists() and not (run_dir / "pairs_round1.jsonl").exists()
     assert not any("dpo/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def test_stepdpo_token_reads_rejected_sides_off_the_chosen_rows(tmp_path):
+    """trainer=stepdpo_token end to end: each pair's one weighted rejected token is read off its
+    chosen row, so the model runs on one sequence per pair."""
+    proc, run_dir = run_cli(tmp_path, "trainer=stepdpo_token", "trainer.batch_size=4")
+    dpo = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "dpo/loss" in m]
+    assert len(dpo) == 2
+    for m in dpo:  # the rule reward's wrong step always differs from the chosen one: one token, one row per pair
+        assert m["dpo/tokens/rows"] == 4 and m["dpo/tokens/weighted_rejected"] == 4
+    cfg = (run_dir / "config_resolved.yaml").read_text()
+    assert "error_span: token" in cfg and "weighting: first_error" in cfg
