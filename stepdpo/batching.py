@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
-from .weights import (NORMALISE, WRONG, first_difference, first_error, get_scheme, localise_step, normalise_mean_one,
-                      step_token_weights)
+from .weights import (NORMALISE, first_difference, first_error, first_wrong, get_scheme, localise_step,
+                      normalise_mean_one, step_token_weights)
 
 IGNORE = -100
 
@@ -115,7 +115,7 @@ def _localise_first_error(pair: StepPair, rs, cw, rw, c_off, r_off, c_w, r_w):
     """`first_error` with error_span=token: step k's weight only on the token where the chosen and
     rejected step-k texts first differ (each side's own token there). Unchanged (whole step) when the
     rejected side has no wrong step, the chosen side has no step k, or the two step texts are equal."""
-    k = next((i for i, s in enumerate(rs) if s < WRONG), None)
+    k = first_wrong(rs)
     if k is None or k >= len(pair.chosen):
         return c_w, r_w
     d = first_difference(pair.chosen[k], pair.rejected[k])

@@ -282,9 +282,7 @@ class TokenLogps(torch.nn.Module):
                 keep = own.nonzero().squeeze(1)
                 pos = torch.full_like(row_src, -1)
                 pos[keep] = torch.arange(len(keep), device=row_src.device)
-                inv = pos[row_src]  # each row -> its computed row
-                if bool((inv < 0).any()):
-                    raise ValueError("TokenLogps: row_src points at a row that is itself read from another row")
+                inv = pos[row_src]  # each row -> its computed row (collate points only at computed rows)
                 input_ids, attention_mask = input_ids[keep], attention_mask[keep]
         if self.parts is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (n, T, V)

@@ -43,9 +43,14 @@ def uniform(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeig
     return [1.0] * len(chosen), [1.0] * len(rejected)
 
 
+def first_wrong(scores: Sequence[float]) -> int | None:
+    """Index of the first wrong step (score < WRONG), None when every step is right."""
+    return next((i for i, s in enumerate(scores) if s < WRONG), None)
+
+
 def first_error(chosen: Sequence[float], rejected: Sequence[float], *, after_error: float = 0.0,
                 chosen_after_error: float | None = None, **_) -> StepWeights:
-    k = next((i for i, s in enumerate(rejected) if s < WRONG), None)
+    k = first_wrong(rejected)
     if k is None or not chosen:
         return uniform(chosen, rejected)
 
