@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import ROOT, SHARED_DATA
-from test_train import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
 bench = importlib.util.module_from_spec(spec)

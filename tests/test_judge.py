@@ -208,6 +208,7 @@ def _child(fake, cache: Path, start: int, n: int, conc: int) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # child processes
 def test_killed_run_resumes_with_only_the_missing_requests(tmp_path):
     cache = tmp_path / "judge.sqlite"
     n = 60
@@ -229,6 +230,7 @@ def test_killed_run_resumes_with_only_the_missing_requests(tmp_path):
         assert [r.scores for r in res] == [expected(q) for q in make_requests(n)]
 
 
+@pytest.mark.slow  # child processes
 def test_two_processes_share_one_cache(tmp_path):
     cache = tmp_path / "judge.sqlite"
     with FakeOpenAI(latency=0.01) as fake:

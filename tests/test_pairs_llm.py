@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from stepdpo.config import build, register_configs
+from stepdpo.config import build
 from stepdpo.data import Problem, StepPair
 from stepdpo.pairs_llm import build_llm_pairs, flaw_messages, parse_flawed
 from stepdpo.rewards.llm_engine import ParseError
 from stepdpo.testing.fake_openai import FakeOpenAI, judge_steps, steps_of
 
-from conftest import ROOT
+from conftest import compose_config
 
-register_configs()
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False, llm_model="gpt-4o-mini")
 
 
@@ -120,10 +118,8 @@ def test_parse_flawed_rules():
 
 
 def test_built_from_config_and_called_like_the_pipeline(fake, tmp_path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["pairs=llm", f"pairs.base_url={fake.base_url}",
-                                           f"pairs.cache_path={tmp_path / 'c.sqlite'}", "pairs.n_problems=3",
-                                           "pairs.progress=false"])
+    cfg = compose_config("pairs=llm", f"pairs.base_url={fake.base_url}", f"pairs.cache_path={tmp_path / 'c.sqlite'}",
+                         "pairs.n_problems=3", "pairs.progress=false")
     fn = build(cfg.pairs, "pairs")
     pairs, report = fn(problems=make_problems(5), model=object(), tokenizer=None, scorer=None, seed=0)
     assert len(pairs) == 3 and report["pairs"] == 3 and report["llm"]["requests"] == 3

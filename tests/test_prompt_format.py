@@ -68,6 +68,7 @@ def test_generate_feeds_the_chat_prompt_with_one_bos():
     assert text == "<s>[system]\nBe brief.\n[user]\nWhat is 2 + 2?\n[assistant]\n"
 
 
+@pytest.mark.slow
 def test_bad_format_and_missing_template_fail_before_weights_load(tmp_path):
     with pytest.raises(ValueError, match="model.prompt_format: unknown 'chatml'"):
         ModelSpec(name="x", prompt_format="chatml")
@@ -82,6 +83,7 @@ def test_bad_format_and_missing_template_fail_before_weights_load(tmp_path):
         load_base(ModelSpec(name="local", path=str(tmp_path / "m"), prompt_format="chat"))
 
 
+@pytest.mark.slow
 def test_chat_format_end_to_end_and_in_generate(tmp_path, capsys):
     from stepdpo.generate import main
 

@@ -10,58 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from stepdpo.batching import Example, collate
-from stepdpo.config import TrainerConfig
 from stepdpo.loss import token_logps
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
 from stepdpo.train import BatchStream, TokenLogps, _gemm_rows, _HeadLogps, flat_token_logps, reference_logps, train
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+from conftest import TINY, Recorder, cfg, lora_model, make_examples, token_span_pairs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for
-    each other make them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Recorder:
-    def __init__(self):
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-
-def make_examples(n: int, seed: int = 0, vocab: int = 90) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = [1] + [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 9))]
-        c = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
-        r = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
-        cw = [rng.choice([0.0, 1.0]) for _ in c]
-        rw = [rng.choice([0.0, 1.0]) for _ in r]
-        out.append(Example(p, c, r, cw, rw, [float(w) for w in cw], [float(w) for w in rw]))
-    return out
-
-
-def lora_model(seed: int = 0, lora_seed: int | None = None):
-    torch.manual_seed(seed)
-    model, tok = tiny_llama(**TINY)
-    if lora_seed is not None:
-        torch.manual_seed(lora_seed)
-    policy, ref = add_lora(model, LoraSpec(name="lora", r=4, alpha=8))
-    return policy, ref, tok
-
-
-def cfg(**kw) -> TrainerConfig:
-    base = dict(max_steps=3, batch_size=4, log_every=1, lr=1e-2, device="cpu", warmup_steps=0, nll_alpha=0.0)
-    base.update(kw)
-    return TrainerConfig(**base)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_selective_logps_equal_full_logits_values_and_grads():
@@ -151,7 +106,11 @@ def test_batch_stream_is_deterministic_resumable_and_sharded():
     s3 = BatchStream(lengths, 4, seed=3)
     s3.load_state_dict(state)
     assert [s3.next() for _ in range(5)] == seq[7:12]
-    assert BatchStream(lengths, 4, seed=4).next() != seq[0] or BatchStream(lengths, 4, seed=4).next() != seq[1]
+    other = BatchStream(lengths, 4, seed=4)
+    other_epoch = [other.next() for _ in range(5)]
+    assert len(set(sum(other_epoch, []))) == 20  # another seed: again 5 disjoint batches...
+    assert other_epoch != seq[:5]  # ...in another order
+    assert seq[5:10] != seq[:5] and len(set(sum(seq[5:10], []))) == 20  # the next epoch: reshuffled, disjoint
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
         BatchStream(lengths, 32, seed=0)
 
@@ -403,30 +362,13 @@ def test_rounds_config_errors():
             check(**kw)
 
 
-def _token_span_pairs(tok, n: int = 6):
-    from stepdpo.batching import encode_pair
-    from stepdpo.data import StepPair
-
-    pairs = []
-    for i in range(n):
-        a, b = 10 + i, 1 + i % 4
-        wrong_operand = i % 2 == 0  # "13 - 7 = 6" for "13 - 4 = 9"; else a wrong result "13 - 4 = 8"
-        rej = f"{a} - {b + 2} = {a - b - 2}" if wrong_operand else f"{a} - {b} = {a - b + 1}"
-        pairs.append(StepPair(id=str(i), question=f"Start with {a}, subtract {b}, subtract 1. What is the result?",
-                              answer=str(a - b - 1), prefix=[] if i % 3 else [f"{a} - 0 = {a}"],
-                              chosen=[f"{a} - {b} = {a - b}", f"{a - b} - 1 = {a - b - 1}", f"The answer is {a - b - 1}"],
-                              rejected=[rej, "x - 1 = y", "The answer is y"],
-                              chosen_scores=[1.0, 1.0, 1.0], rejected_scores=[0.0, 1.0, 1.0]))
-    return [encode_pair(p, tok, weighting="first_error", weighting_kwargs={"error_span": "token"}) for p in pairs]
-
-
 def test_rejected_read_off_the_chosen_row_is_exact():
     """first_error + error_span=token: the rejected side's one weighted token has the chosen side's
     context, so collate reads it off the chosen row (the model runs on B rows, not 2B) and the
     log-probs, loss, gradients and trained weights are those of separate rejected rows."""
     torch.manual_seed(0)
     model, tok = tiny_llama(**TINY)
-    ex = _token_span_pairs(tok)
+    ex = token_span_pairs(tok)
     assert all(e.rejected_on_chosen_row for e in ex)
     B = len(ex)
     shared, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, share_rows=False)
@@ -484,7 +426,7 @@ def test_rejected_read_off_the_chosen_row_is_exact():
 
 def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
     tok = tiny_llama(**TINY)[1]
-    ex = _token_span_pairs(tok, 2)
+    ex = token_span_pairs(tok, 2)
     from dataclasses import replace
 
     step = replace(ex[0], rejected_w=[1.0] * len(ex[0].rejected_w))  # plain DPO weights: every token counts

@@ -117,16 +117,12 @@ def test_error_span_token_edge_cases():
     ({"error_span": "token", "weighting": "uniform"}, "only trainer.weighting=first_error"),
 ])
 def test_error_span_validated(kwargs, expect):
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_config
+    from stepdpo.config import validate_trainer
 
-    from conftest import ROOT
-    from stepdpo.config import register_configs, validate_trainer
-
-    register_configs()
     overrides = [f"trainer.weighting_kwargs.error_span={kwargs['error_span']}"]
     if "weighting" in kwargs:
         overrides.append(f"trainer.weighting={kwargs['weighting']}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["trainer=stepdpo", *overrides])
+    cfg = compose_config("trainer=stepdpo", *overrides)
     with pytest.raises(ValueError, match=expect):
         validate_trainer(cfg.trainer, "trainer")
