@@ -18,7 +18,7 @@ only at response positions, so no (N, T, V) logits tensor is ever built).
 
 The loop in `train()` calls one named function per phase: `setup_optimizer`, `TrainState.load`
 (resume), `start_round` (a new on-policy round), `optimizer_step`, `window_metrics` (logging), and
-`TrainState.state_dict` + `checkpoint.save` (saving).
+`TrainState.save` (saving).
 """
 
 from __future__ import annotations
@@ -194,11 +194,17 @@ class TrainState:
     meta: dict
     step: int = 0
 
-    def state_dict(self) -> dict:
-        """Collective under torchrun (every rank's RNG is gathered): call it on every rank."""
+    def state_dict(self, rngs: list) -> dict:
+        """rngs: every rank's RNG state (`checkpoint.rng_state()`, gathered)."""
         return {"step": self.step, "meta": self.meta, "model": checkpoint.trainable_state(self.model),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "stream": self.stream.state_dict(), "rng": distributed.all_gather(checkpoint.rng_state())}
+                "stream": self.stream.state_dict(), "rng": rngs}
+
+    def save(self, ckpt_dir, rank: int, keep: int) -> None:
+        """Every rank calls this (the RNG states are gathered); rank 0 writes, atomically."""
+        rngs = distributed.all_gather(checkpoint.rng_state())
+        if rank == 0:
+            checkpoint.save(ckpt_dir, self.step, self.state_dict(rngs), keep=keep)
 
     def load(self, path, rank: int) -> None:
         """Continue exactly where the checkpoint at `path` stopped (same data, seed and global batch)."""
@@ -413,8 +419,6 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             tracker.log(eval_fn(step), step=step_offset + step)
             model.train()
         if ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0:
-            saved = state.state_dict()  # every rank: it gathers the RNG states
-            if rank == 0:
-                checkpoint.save(ckpt_dir, step, saved, keep=cfg.keep_checkpoints)
+            state.save(ckpt_dir, rank, keep=cfg.keep_checkpoints)
     model.eval()
     return last
