@@ -484,6 +484,7 @@ def main(argv=None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"bench: the {impl} run failed (exit {proc.returncode})")
             runs[impl].append(json.loads(lines[-1]))
+            print(f"bench: {impl} run {len(runs[impl])}/{a.repeats}: {lines[-1]}", file=sys.stderr, flush=True)
     res = {impl: summarize(rs) for impl, rs in runs.items()}
     if len(a.impls) == 1:  # one variant: its summary, plus its last run's losses
         print(json.dumps({**res[a.impls[0]], "losses": runs[a.impls[0]][-1]["losses"]}))
