@@ -26,6 +26,7 @@ import os
 from typing import Any, Sequence
 
 from .base import ScoreRequest, ScoreResult
+from ..weights import is_wrong
 from .llm_engine import DEFAULT_PRICES, LLMEngine, LLMJob, ParseError, cache_key, extract_json
 
 PROMPT_VERSION = "judge-v1"
@@ -138,7 +139,7 @@ def parse_judgement(text: str, n_steps: int) -> dict[str, Any]:
             raise ParseError("bad_score", f"step {i}: score {s!r} is not a number in [0, 1]")
         s = min(1.0, max(0.0, float(s)))
         scores.append(s)
-        verdicts.append(verdict or ("correct" if s >= 0.5 else "incorrect"))
+        verdicts.append(verdict or ("incorrect" if is_wrong(s) else "correct"))
     fw = obj.get("first_wrong_step")
     if fw is None:
         first = next((i for i, v in enumerate(verdicts) if v == "incorrect"), None)
@@ -222,13 +223,13 @@ class OpenAIJudge:
         out = []
         for r in requests:
             if not r.steps:
-                out.append(ScoreResult([], None, self.provenance))
+                out.append(ScoreResult([], self.provenance))
                 continue
             o = next(outcomes)
             if o.value is None:
-                out.append(ScoreResult(None, None, self.provenance, error=o.error, usage=o.usage))
+                out.append(ScoreResult(None, self.provenance, error=o.error, usage=o.usage))
             else:
-                out.append(ScoreResult(list(o.value["scores"]), o.value["first_error"], self.provenance,
+                out.append(ScoreResult(list(o.value["scores"]), self.provenance,
                                        usage=o.usage))
         return out
 

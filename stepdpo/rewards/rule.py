@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..answers import answers_match, extract_answer
-from .base import ScoreRequest, ScoreResult, first_error_of
+from .base import ScoreRequest, ScoreResult
 
 
 class RuleScorer:
@@ -32,7 +32,7 @@ class RuleScorer:
             from ..arith import check_steps
 
             scores = check_steps(meta, steps)
-            return ScoreResult(scores, first_error_of(scores), "rule:arith")
+            return ScoreResult(scores, "rule:arith")
         scores = [self.unknown_score] * len(steps)
         prov = "rule:answer"
         if self.check_annotations and any("<<" in s for s in steps):
@@ -44,7 +44,7 @@ class RuleScorer:
             pred = extract_answer(steps[-1]) or extract_answer("\n".join(steps))
             if not answers_match(pred, req.answer):
                 scores[-1] = 0.0
-        return ScoreResult(scores, first_error_of(scores), prov)
+        return ScoreResult(scores, prov)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         return [self.score_one(r) for r in requests]
