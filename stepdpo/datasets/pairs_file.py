@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ..data import DatasetBundle, Problem, StepPair, check_field, check_scores
 from ..steps import MODES, clean_steps, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, subsample)
+from .eval_file import eval_problems_from
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import STEP_MARKER, clean_steps, segment
-from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     subsample)
+from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, subsample)
+from .eval_file import eval_problems_from
 
 log = logging.getLogger(__name__)
 
