@@ -9,9 +9,8 @@ from typing import Sequence
 import torch
 
 from .data import StepPair, prompt_ids, prompt_text, response_text
+from .loss import IGNORE  # the label of prompt/pad positions
 from .weights import token_weights
-
-IGNORE = -100
 
 
 @dataclass
