@@ -45,7 +45,7 @@ class Server:
     """The fake server in a child process; `counts()` asks it for its request counters."""
 
     def __init__(self, latency: float):
-        self.proc = subprocess.Popen([sys.executable, "-m", "stepdpo.testing.fake_openai", "--latency", str(latency)],
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--latency", str(latency)],
                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.base_url = json.loads(self.proc.stdout.readline())["base_url"]
 

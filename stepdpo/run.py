@@ -65,6 +65,8 @@ def run(cfg: DictConfig, out: Path) -> float:
     from .pairs import check_reject, check_resample, request_for
     from .train import train
     from . import checkpoint, distributed
+    from .locks import exclusive_lock
+    from .tracking import NullTracker
 
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
@@ -121,7 +123,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     if rank == 0:
         atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = (build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg)) if rank == 0
-               else distributed.NullTracker())
+               else NullTracker())
     summary: dict = {"threads": torch.get_num_threads()}
     try:
         model, tok = load_base(model_spec)
@@ -133,7 +135,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
         # its ranks train the warm-up together)
         lock = sft_lock_path(cached) if cached and done is None and distributed.world_size() == 1 else None
-        with checkpoint.exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
+        with exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
             if done is not None:
                 log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
                 model, tok = load_base(model_spec, path=str(done))

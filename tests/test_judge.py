@@ -24,7 +24,8 @@ from stepdpo.rewards.base import ScoreRequest, StepScorer
 from stepdpo.rewards.judge_cache import JudgeCache
 from stepdpo.rewards.llm_engine import LLMEngine, ParseError, read_dotenv
 from stepdpo.rewards.openai_judge import PROMPT_VERSION, OpenAIJudge, judge_messages, parse_judgement
-from stepdpo.testing.fake_openai import FakeOpenAI, judge_steps, steps_of
+
+from fake_openai import FakeOpenAI, judge_steps, steps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False)

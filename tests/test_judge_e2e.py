@@ -13,9 +13,9 @@ import json
 import pytest
 
 from stepdpo.data import read_jsonl
-from stepdpo.testing.fake_openai import FakeOpenAI
 
 from conftest import FAST, run_cli
+from fake_openai import FakeOpenAI
 
 SPEED = ["eval.before=false", "reward.progress=false", "reward.backoff_base=0.01", "reward.timeout=10"]
 

@@ -11,9 +11,9 @@ from stepdpo.config import build, register_configs
 from stepdpo.data import Problem, StepPair
 from stepdpo.pairs_llm import build_llm_pairs, flaw_messages, parse_flawed
 from stepdpo.rewards.llm_engine import ParseError
-from stepdpo.testing.fake_openai import FakeOpenAI, judge_steps, steps_of
 
 from conftest import ROOT
+from fake_openai import FakeOpenAI, judge_steps, steps_of
 
 register_configs()
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False, llm_model="gpt-4o-mini")
