@@ -48,3 +48,12 @@ def _first_rows(path: Path, k: int = 1):
         if i >= k:
             return
         yield item
+
+
+def train_and_eval(problems: list[Problem], eval_path: str, *, seed: int, on_invalid: str,
+                   single_line: bool = True) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) for a pair dataset evaluated on a standard test file: the eval problems from
+    `eval_path`, and `problems` without any whose question the test file holds."""
+    ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
+    held = {p.question for p in ev}
+    return [p for p in problems if p.question not in held], ev

@@ -341,12 +341,10 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
         pairs = _dedupe(pairs, counts)
 
     if eval_path is not None:
-        from .eval_file import eval_problems_from  # late: eval_file imports this module
+        from .eval_file import train_and_eval  # late: eval_file imports this module
 
-        ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
-        held = {p.question for p in ev}
-        counts["dropped_eval_overlap_problems"] = sum(p.question in held for p in problems)
-        train = [p for p in problems if p.question not in held]
+        train, ev = train_and_eval(problems, eval_path, seed=seed, on_invalid=on_invalid, single_line=single_line)
+        counts["dropped_eval_overlap_problems"] = len(problems) - len(train)
     else:
         train, ev = holdout(problems, eval_fraction or 0.0, seed)
     train = subsample(train, n_train, seed, "train")
