@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger")
 ALLOWED_PREFIXES = ("stepdpo.", "peft.", "torch.optim.")
-HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults"}
 
 
 @dataclass

@@ -30,9 +30,9 @@ def load_trained(run_dir: str | Path):
         return AutoModelForCausalLM.from_pretrained(full), set_prompt_format(AutoTokenizer.from_pretrained(full), fmt)
     from peft import PeftModel
 
-    from .model import LoraSpec, ModelSpec, load_base
+    from .model import ModelSpec, QuantSpec, load_base
 
-    quant = LoraSpec(name="qlora", load_in_4bit=True) if meta.get("load_in_4bit") else None
+    quant = QuantSpec() if meta.get("load_in_4bit") else None
     base, tok = load_base(ModelSpec(name="base", path=meta["base_model"], prompt_format=fmt.style,
                                     system_prompt=fmt.system), quant=quant)
     model = PeftModel.from_pretrained(base, str(adapter))

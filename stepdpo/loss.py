@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORE = -100  # label of positions that predict nothing (prompt, padding); batching writes it
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 

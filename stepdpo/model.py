@@ -1,7 +1,8 @@
 """Models and tokenizers: a tiny Llama built from a config, Hugging Face loading, 4-bit and LoRA.
 
 The `model` config group builds a `ModelSpec` (where the weights come from), the `lora` group a
-`LoraSpec` (how they are fine-tuned). `load_policy` combines the two.
+`LoraSpec` (how they are fine-tuned), whose `quant` is a `QuantSpec` (how the base weights are
+quantized when loaded: lora=qlora) or None.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ class ModelSpec:
         self.format = PromptFormat(self.prompt_format, self.system_prompt)  # checks the style
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """4-bit loading of the base weights through bitsandbytes (`load_base(..., quant=)`)."""
+
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True  # quantize the quantization constants too
+    compute_dtype: str = "float32"  # bf16 on GPUs that support it
+
+
 @dataclass
 class LoraSpec:
     """How the policy is fine-tuned. Built by the `lora` group."""
@@ -82,10 +92,16 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"
-    load_in_4bit: bool = False  # bitsandbytes nf4
-    double_quant: bool = True
-    quant_type: str = "nf4"
-    compute_dtype: str = "float32"  # bf16 on GPUs that support it
+    quant: QuantSpec | dict | None = None  # lora=qlora: the 4-bit base (a dict from YAML becomes a QuantSpec)
+
+    def __post_init__(self):
+        if isinstance(self.quant, dict):
+            try:
+                self.quant = QuantSpec(**self.quant)
+            except TypeError as e:
+                raise ValueError(f"lora.quant: {e}; keys: quant_type, double_quant, compute_dtype") from None
+        if self.quant is not None and not self.enabled:
+            raise ValueError("lora=none with lora.quant set: 4-bit weights can't be fully fine-tuned; use lora=qlora")
 
     @property
     def enabled(self) -> bool:
@@ -113,10 +129,10 @@ def tiny_llama(tokenizer=None, **kw):
     return LlamaForCausalLM(config), tokenizer
 
 
-def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | None = None):
+def load_base(spec: ModelSpec, *, path: str | None = None, quant: QuantSpec | None = None):
     """Load (model, tokenizer). `path` overrides spec.path (e.g. an SFT checkpoint directory).
 
-    With `quant.load_in_4bit`, the weights are loaded through bitsandbytes nf4; a tiny model is
+    With `quant`, the weights are loaded through bitsandbytes nf4; a tiny model is
     first written to disk so that exactly the same `from_pretrained` path is exercised on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +141,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
     if src is None:
         model, tok = tiny_llama(**spec.tiny)
         set_prompt_format(tok, spec.format)
-        if not (quant and quant.load_in_4bit):
+        if quant is None:
             return model, tok
         raise ValueError("load_base: a tiny model must be saved before 4-bit loading (pass path=)")
     if spec.path and not path and not Path(src).exists() and spec.local_files_only:
@@ -133,7 +149,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
     kwargs: dict[str, Any] = dict(trust_remote_code=spec.trust_remote_code, local_files_only=spec.local_files_only)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    if quant is not None and quant.load_in_4bit:
+    if quant is not None:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -166,8 +182,6 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
       disabled (`model.disable_adapter()`), so ref_model is None.
     """
     if not spec.enabled:
-        if spec.load_in_4bit:
-            raise ValueError("lora=none with lora.load_in_4bit=true: 4-bit weights can't be fully fine-tuned; use lora=qlora")
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
         model.requires_grad_(True)
@@ -176,7 +190,7 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
         return model, ref
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if spec.load_in_4bit:
+    if spec.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -23,7 +23,8 @@ from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text
 from .evaluate import split_steps
 from .generation import generate
-from .rewards.base import ScoreRequest, ScoreResult, StepScorer, first_error_of
+from .rewards.base import ScoreRequest, ScoreResult, StepScorer
+from .weights import is_wrong
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 report["score_failed"] += 1
                 continue
             ok = answer_right(st, p.answer)
-            if ok and reject == "answer" and any(s < 0.5 for s in r.scores):
+            if ok and reject == "answer" and any(is_wrong(s) for s in r.scores):
                 report["skipped_right_answer"] += 1
                 continue
-            graded.append((st, r, ok and all(s >= 0.5 for s in r.scores)))
+            graded.append((st, r, ok and r.first_error is None))
         good = [g for g in graded if g[2]]
         report["correct"] += len(good)
         seen: set[str] = set()
@@ -134,7 +135,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
             if ok or not st or made + pending >= max_pairs_per_problem or "\n".join(st) in seen:
                 continue
             seen.add("\n".join(st))
-            fe = first_error_of(r.scores)
+            fe = r.first_error
             if fe is None:  # final answer wrong but no step flagged: blame the last step
                 fe = len(st) - 1
             prefix = st[:fe]
@@ -186,7 +187,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
         for f in fs:
             res = next(results)
             if (chosen is None and res.scores is not None and len(f) > fe and f[fe:] != st[fe:]
-                    and answer_right(f, p.answer) and all(x >= 0.5 for x in res.scores)):
+                    and answer_right(f, p.answer) and res.first_error is None):
                 chosen, cs = f[fe:], res.scores[fe:]
         if chosen is None:
             continue

@@ -1,4 +1,4 @@
-"""`pairs=perturb`: rule-based preference pairs from correct GSM8K solutions, and the GSM8K step rule.
+"""`pairs=perturb`: rule-based preference pairs from correct GSM8K solutions.
 
 One arithmetic step of a gold solution is corrupted: the result of one "<<a=b>>" calculator
 annotation and the number shown after it change ("48/2 = <<48/2=25>>25"), then the error is
@@ -22,8 +22,8 @@ from typing import Sequence
 
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair
-from .steps import (annotation_matches, annotations, check_annotation, evaluate_expression, format_number,
-                    parse_number, strip_annotation_marks)
+from .calculator import (annotation_matches, annotations, check_annotation, evaluate_expression, format_number,
+                         parse_number, strip_annotation_marks)
 
 # a number as written in text: 1,080 | 12 | 0.5 | .5 (no sign: negatives are left alone)
 _NUM = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\.\d+)(?![\w]|[.,]\d)")
@@ -32,11 +32,6 @@ _VISIBLE_EQ = re.compile(r"((?:\d[\d.,]*|\(|\))(?:\s*[-+*/x×÷()]\s*\(?\s*\d[\d
                          r"\s*=\s*\$?\s*(\d[\d.,]*)(?!\s*<<)")
 MAX_TRIES_PER_SITE = 3  # new values tried per annotation
 MAX_TRIES_PER_PROBLEM = 12
-
-
-def score_gsm8k_steps(steps: Sequence[str]) -> list[float]:
-    """1.0 for a step whose "<<a=b>>" annotations all recompute (or that has none), else 0.0."""
-    return [1.0 if all(check_annotation(e, c) for e, c in annotations(s)) else 0.0 for s in steps]
 
 
 def _numbers(text: str) -> set[Fraction]:

@@ -65,6 +65,8 @@ def run(cfg: DictConfig, out: Path) -> float:
     from .pairs import check_reject, check_resample, request_for
     from .train import train
     from . import checkpoint, distributed
+    from .locks import exclusive_lock
+    from .tracking import NullTracker
 
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
@@ -77,7 +79,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     resume = checkpoint.resolve_resume(cfg.trainer.resume, out)  # None, or where to continue from
     model_spec = build(cfg.model, "model")
     lora_spec = build(cfg.lora, "lora")
-    if lora_spec.load_in_4bit and model_spec.path is None:
+    if lora_spec.quant is not None and model_spec.path is None:
         for key in ("hidden_size", "intermediate_size"):
             if model_spec.tiny.get(key, 64) % 64:
                 raise ValueError(f"model.tiny.{key}={model_spec.tiny[key]}: lora=qlora quantizes in blocks of 64 "
@@ -121,7 +123,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     if rank == 0:
         atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = (build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg)) if rank == 0
-               else distributed.NullTracker())
+               else NullTracker())
     summary: dict = {"threads": torch.get_num_threads()}
     try:
         model, tok = load_base(model_spec)
@@ -133,7 +135,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
         # its ranks train the warm-up together)
         lock = sft_lock_path(cached) if cached and done is None and distributed.world_size() == 1 else None
-        with checkpoint.exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
+        with exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
             if done is not None:
                 log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
                 model, tok = load_base(model_spec, path=str(done))
@@ -160,9 +162,9 @@ def run(cfg: DictConfig, out: Path) -> float:
                     model.save_pretrained(tmp)
                     tok.save_pretrained(tmp)
             distributed.barrier()
-        if lora_spec.load_in_4bit:  # reload the weights through bitsandbytes nf4
+        if lora_spec.quant is not None:  # reload the weights through bitsandbytes nf4
             del model
-            model, tok = load_base(model_spec, path=base_path, quant=lora_spec)
+            model, tok = load_base(model_spec, path=base_path, quant=lora_spec.quant)
         torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
         policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
         summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
@@ -256,7 +258,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         policy.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
         write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": lora_spec.name,
-                                                   "load_in_4bit": lora_spec.load_in_4bit,
+                                                   "load_in_4bit": lora_spec.quant is not None,
                                                    "prompt_format": model_spec.prompt_format,
                                                    "system_prompt": model_spec.system_prompt})
         tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")

@@ -77,6 +77,29 @@ def test_default_composition_validates(trainer):
     assert cfg.trainer.loss in ("sft", "dpo")
 
 
+def test_quantization_has_its_own_spec_and_the_engine_one_sub_config():
+    from stepdpo.config import build
+    from stepdpo.model import QuantSpec
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        q = compose("config", overrides=["lora=qlora", "lora.quant.compute_dtype=bfloat16"])
+        none = compose("config", overrides=["lora=none", "+lora.quant.quant_type=nf4"])
+        llm = compose("config", overrides=["reward=openai", "pairs=llm", "reward.engine.model=judge-m"])
+    assert build(q.lora, "lora").quant == QuantSpec(quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+    assert build(compose_default_lora(), "lora").quant is None
+    with pytest.raises(ValueError, match="lora=none with lora.quant set"):
+        build(none.lora, "lora")
+    # reward.engine and pairs.engine are the same settings (conf/engine/openai.yaml), each overridable alone
+    shared = set(llm.reward.engine) & set(llm.pairs.engine)
+    assert shared == set(llm.reward.engine) and llm.reward.engine.model == "judge-m" != llm.pairs.engine.model
+    assert (llm.reward.engine.temperature, llm.pairs.engine.temperature) == (0.0, 0.7)
+
+
+def compose_default_lora():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["lora=lora"]).lora
+
+
 def test_unknown_key_in_target_group_names_it():
     cfg = compose_config("+reward.bogus_knob=1")
     with pytest.raises(ValueError, match=r"reward\.bogus_knob: unknown key"):

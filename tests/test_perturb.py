@@ -10,8 +10,9 @@ import pytest
 
 from stepdpo.answers import answers_match, extract_answer
 from stepdpo.data import Problem
-from stepdpo.perturb import build_perturb_pairs, perturb_problem, score_gsm8k_steps
-from stepdpo.steps import annotations, check_annotation
+from stepdpo.perturb import build_perturb_pairs, perturb_problem
+from stepdpo.rewards.rule import score_gsm8k_steps
+from stepdpo.calculator import annotations, check_annotation
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").exists(), reason=f"shared data not at {DATA}")
@@ -110,7 +111,7 @@ def test_build_skips_arith_caps_and_is_seeded():
 
 
 def test_stripped_annotations_use_the_annotated_copy():
-    from stepdpo.steps import strip_annotation_marks
+    from stepdpo.calculator import strip_annotation_marks
 
     p = Problem(id="s", question=NATALIA.question, answer="72", steps=[strip_annotation_marks(s) for s in NATALIA.steps],
                 meta={"annotated_steps": list(NATALIA.steps)})

@@ -142,7 +142,7 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     import time
 
     from conftest import FAST, ROOT, test_env
-    from stepdpo.checkpoint import exclusive_lock
+    from stepdpo.locks import exclusive_lock
     from stepdpo.run import sft_lock_path
 
     cache = tmp_path / "cache"

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ..data import DatasetBundle, Problem, StepPair, check_field, check_scores
 from ..steps import MODES, clean_steps, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, subsample)
+from .eval_file import train_and_eval
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,7 @@ def load(*, path: str = "???", eval_path: str | None = None, eval_fraction: floa
     problems = dedupe_problems(problem_from(r["problem"]) for r in rows)
     pairs = [StepPair.from_dict(r["pair"]) for r in rows]
     if eval_path is not None:
-        ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
-        held = {q.question for q in ev}
-        train = [q for q in problems if q.question not in held]
+        train, ev = train_and_eval(problems, eval_path, seed=seed, on_invalid=on_invalid, single_line=single_line)
     else:
         answered = [q for q in problems if q.answer]
         _, ev = holdout(answered, eval_fraction or 0.0, seed)
