@@ -146,30 +146,24 @@ def read_pairs(path: str, tok, max_length: int, limit: int | None = None) -> lis
 
 def encode_rows(rows: list[dict], tok, weighting: str):
     """Rows -> stepdpo Examples, tokenized as TRL does (prompt with the tokenizer's BOS template;
-    responses without special tokens, EOS appended); step weights through the token offsets."""
+    responses without special tokens, EOS appended); token weights from `weights.token_weights`."""
     from stepdpo.batching import Example
-    from stepdpo.data import step_spans
-    from stepdpo.weights import first_error, get_scheme, step_token_weights
+    from stepdpo.data import StepPair
+    from stepdpo.weights import token_weights
 
-    def side(text: str, step_w: list[float]):
-        steps = text.split("\n")
+    def side(text: str):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"]) + [tok.eos_token_id]
-        offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
-        return ids, offsets, steps, step_token_weights(offsets, step_spans(steps), step_w)
+        return list(enc["input_ids"]) + [tok.eos_token_id], list(enc["offset_mapping"]) + [(len(text), len(text))]
 
     out = []
-    for r in rows:
-        n_c, n_r = len(r["chosen"].split("\n")), len(r["rejected"].split("\n"))
-        cs = r.get("chosen_scores") or [1.0] * n_c
-        rs = r.get("rejected_scores") or [0.0] * n_r
-        cw, rw = get_scheme(weighting)(cs, rs)
-        cf, rf = first_error(cs, rs)
-        c_ids, c_off, c_steps, c_w = side(r["chosen"], cw)
-        r_ids, r_off, r_steps, r_w = side(r["rejected"], rw)
-        out.append(Example(list(tok(r["prompt"])["input_ids"]), c_ids, r_ids, c_w, r_w,
-                           step_token_weights(c_off, step_spans(c_steps), cf),
-                           step_token_weights(r_off, step_spans(r_steps), rf)))
+    for i, r in enumerate(rows):
+        pair = StepPair(id=str(i), question="", answer="", prefix=[], chosen=r["chosen"].split("\n"),
+                        rejected=r["rejected"].split("\n"), chosen_scores=r.get("chosen_scores"),
+                        rejected_scores=r.get("rejected_scores"))
+        (c_ids, c_off), (r_ids, r_off) = side(r["chosen"]), side(r["rejected"])
+        w = token_weights(pair, (c_off, r_off), weighting)
+        out.append(Example(list(tok(r["prompt"])["input_ids"]), c_ids, r_ids, w.chosen, w.rejected,
+                           w.chosen_focus, w.rejected_focus))
     return out
 
 
