@@ -116,16 +116,14 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
                     max_retries: int = 6, parse_retries: int = 2, backoff_base: float = 1.0,
                     backoff_max: float = 60.0, cache_path: str | os.PathLike | None = DEFAULT_CACHE,
                     mode: str = "online", poll_interval: float = 30.0, batch_max_wait: float | None = None,
-                    prices: dict | None = None, progress: bool = True, return_report: bool = False,
-                    **_) -> list[StepPair] | tuple[list[StepPair], dict]:
+                    prices: dict | None = None, progress: bool = True) -> tuple[list[StepPair], dict]:
     """One (gold, LLM-flawed) step pair per problem; see the module docstring.
 
     `problems` without gold steps are skipped. The target step t is drawn per problem from
     `seed` (uniform over the steps, or all but the last with `avoid_last` when there are two or
-    more). Extra runtime keyword arguments (model/tokenizer/scorer from the pipeline) are ignored;
-    that is why the LLM's name is `llm_model`: the pipeline passes its policy as `model=`.
-    With `return_report`, returns (pairs, report): counts of problems, skips, failures by
-    reason, pairs, and the engine summary (requests, cache hits, tokens, cost).
+    more). The LLM's name is `llm_model`: `model` is the policy, a runtime input this builder
+    doesn't take. Returns (pairs, report): counts of problems, skips, failures by reason, pairs,
+    and the engine summary (requests, cache hits, tokens, cost).
     """
     if n_problems is not None and (isinstance(n_problems, bool) or not isinstance(n_problems, int)
                                    or n_problems < 1):
@@ -179,6 +177,6 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
         summary = engine.summary()
         log.info("pairs=llm: %s; requests %d, cache hits %d, cost %s USD", dict(report), summary["requests"],
                  summary["cache_hits"], summary["cost_usd"])
-        return (pairs, {**dict(report), "llm": summary}) if return_report else pairs
+        return pairs, {**dict(report), "llm": summary}
     finally:
         engine.close()

@@ -79,7 +79,7 @@ def test_qlora_block_size_checked_before_loading(tmp_path):
 
 def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
     train = load(n_train=20, n_eval=5, max_operand=9, max_value=30, ops="-").train  # the same data throughout
 
@@ -100,7 +100,7 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
     import dataclasses
 
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"sft_cache_dir={tmp_path}"])
