@@ -274,7 +274,7 @@ def check_own_scores(pairs: Sequence[StepPair], scorer: StepScorer, *, reward: s
     for p in pairs:
         if p.source == "file" and (p.chosen_scores is not None or p.rejected_scores is not None):
             raise ValueError(f"{p.meta.get('where', p.id)}: the pairs file carries its own step scores "
-                             f"('chosen_scores'/'rejected_scores'), which {reward} would replace: add "
+                             f"('chosen_scores'/'rejected_scores') and {reward} would replace them: add "
                              "reward=prm800k to train on the file's scores, or dataset.rescore=true to score "
                              f"every pair with {reward}")
 

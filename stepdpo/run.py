@@ -101,7 +101,7 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     import torch
 
     from . import checkpoint, distributed
-    from .pairs import check_from_split, check_own_scores
+    from .pairs import check_from_split, check_own_scores, score_pairs
 
     validate_targets(cfg)  # every key of every group, the trainer's choices, the pairs builder's settings
     if cfg.get("threads"):
@@ -126,6 +126,8 @@ def setup(cfg: DictConfig, out: Path) -> Run:
         check_from_split(split, bundle.pool, dataset=cfg.dataset._target_.rsplit(".", 2)[-2])
     elif uses_pairs:
         check_own_scores(bundle.pairs, scorer, reward=group_choice(cfg, "reward"))
+        if getattr(scorer, "uses_labels", False):  # the pairs it keeps are known now: those with scores
+            require_pairs(cfg, True, *score_pairs(bundle.pairs, scorer))
     return Run(cfg=cfg, out=out, rank=rank, world=world, resume=resume, model_spec=model_spec, lora_spec=lora_spec,
                scorer=scorer, pair_fn=pair_fn, bundle=bundle,
                eval_problems=bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval,
@@ -172,8 +174,8 @@ def load_model(s: Run):
 
 
 def preflight(s: Run, tok) -> None:
-    """The dataset's own pairs, checked with the tokenizer before any SFT step or judge request: fields,
-    token length vs trainer.max_length (dataset.truncation), and, for a label reward, that some carry scores."""
+    """The dataset's own pairs, checked with the tokenizer before any SFT step or judge request: fields and
+    token length vs trainer.max_length (dataset.truncation), the checks `finish_pairs` repeats per round."""
     from .pairs import score_pairs
 
     if not s.uses_pairs or s.bundle.pairs is None or (s.resume and s.resume.artifact("pairs.jsonl")):
@@ -182,7 +184,7 @@ def preflight(s: Run, tok) -> None:
     if getattr(s.scorer, "uses_labels", False):  # costs nothing: labels only
         pairs, labels = score_pairs(pairs, s.scorer)
         report.update(labels)
-    require_pairs(s, pairs, report)
+    require_pairs(s.cfg, True, pairs, report)
 
 
 def sft_warmup(s: Run, model, tok):
@@ -282,12 +284,12 @@ def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list
                               at_step)
         distributed.barrier()  # torchrun: rank 0 has written them
         if s.rank == 0:
-            require_pairs(s, pairs, report)
+            require_pairs(s.cfg, s.bundle.pairs is not None, pairs, report)
             return pairs, report
         saved = path
     pairs = [StepPair.from_dict(row) for _, row in read_jsonl(saved)]
     report = {"source": str(saved), "pairs": len(pairs)}
-    require_pairs(s, pairs, report)
+    require_pairs(s.cfg, s.bundle.pairs is not None, pairs, report)
     return pairs, report
 
 
@@ -433,15 +435,15 @@ def validate(pairs, tok, cfg):
                           source=f"dataset={cfg.dataset._target_}")
 
 
-def require_pairs(s: Run, pairs: list, report: dict) -> None:
+def require_pairs(cfg: DictConfig, from_dataset: bool, pairs: list, report: dict) -> None:
     """No usable pair is an error (never a run that trains on nothing, or a validation that exits 0)."""
     if pairs:
         return
     from .pairs import no_pairs_message
 
-    source = s.cfg.dataset.get("path") if s.bundle.pairs is not None else None
-    raise ValueError(no_pairs_message(report, source=source, builder=group_choice(s.cfg, "pairs"),
-                                      reward=group_choice(s.cfg, "reward")))
+    source = str(cfg.dataset.get("path") or f"dataset={cfg.dataset._target_}") if from_dataset else None
+    raise ValueError(no_pairs_message(report, source=source, builder=group_choice(cfg, "pairs"),
+                                      reward=group_choice(cfg, "reward")))
 
 
 def group_choice(cfg: DictConfig, group: str) -> str:
