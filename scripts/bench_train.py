@@ -112,7 +112,7 @@ def make_pairs(out: str, *, n: int = 512, seed: int = 0) -> Path:
     from stepdpo.perturb import build_perturb_pairs
 
     bundle = load(path=str(GSM8K), n_train=None, n_eval=0, seed=seed, strip_annotations=True)
-    pairs = build_perturb_pairs(bundle.train, seed=seed, max_pairs=n)
+    pairs, _ = build_perturb_pairs(bundle.train, seed=seed, max_pairs=n)
     rows = []
     for p in pairs:
         rej_steps = p.prefix + p.rejected

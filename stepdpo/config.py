@@ -189,9 +189,33 @@ def check_target(node: Any, group: str) -> Any:
     return obj
 
 
+def validate_pairs_settings(node: Any) -> None:
+    """The `pairs` group's choices, checked by the same functions the builders call (pairs.py owns them)."""
+    from .pairs import check_from_split, check_reject, check_resample
+
+    check_from_split(node.get("from_split", "train"))
+    if "reject" in node:
+        check_reject(node.reject)
+    if "resample_k" in node:
+        check_resample(node.resample_k, node.get("resample_temperature", 0.7))
+
+
+def validate_quantized_tiny(model: Any, lora: Any) -> None:
+    """lora=qlora on the built-in tiny model: bitsandbytes quantizes in blocks of 64 input features."""
+    if lora.get("quant") is None or model.get("path") is not None:
+        return
+    for key in ("hidden_size", "intermediate_size"):
+        v = (model.get("tiny") or {}).get(key, 64)
+        if v % 64:
+            raise ValueError(f"model.tiny.{key}={v}: lora=qlora quantizes in blocks of 64 input features; "
+                             "use a multiple of 64")
+
+
 def validate_targets(cfg: DictConfig) -> None:
     for g in TARGET_GROUPS:
         check_target(cfg[g], g)
+    validate_pairs_settings(cfg.pairs)
+    validate_quantized_tiny(cfg.model, cfg.lora)
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")

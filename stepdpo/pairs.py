@@ -10,10 +10,18 @@ With `resample_k` > 0, an incorrect sample that has no such chosen side gets one
 the policy continues its correct prefix `resample_k` times, and the first continuation that is
 correct step by step and reaches the answer becomes the chosen side (answer-only problems then
 give pairs even where none of the k samples was right).
+
+The builder contract (every target of the `pairs` config group: `build_on_policy_pairs`,
+`perturb.build_perturb_pairs`, `pairs_llm.build_llm_pairs`): `builder(problems, *, <its settings>,
+<the runtime inputs it uses>) -> (pairs, report)`. `problems` are the dataset's training problems;
+the runtime inputs a builder may name are `RUNTIME_INPUTS` (`call_builder` passes exactly those
+its signature names, so a builder declares what it uses and swallows nothing); `report` is a dict
+of counts for summary.json.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections import Counter
@@ -29,6 +37,29 @@ from .weights import is_wrong
 log = logging.getLogger(__name__)
 
 REJECT_MODES = ("process", "answer")  # pairs.reject: which incorrect samples become rejected sides
+FROM_SPLITS = ("train", "pool")  # pairs.from_split: which problems on-policy pairs are sampled on
+RUNTIME_INPUTS = ("pool", "model", "tokenizer", "scorer", "seed")  # what the pipeline can hand a builder
+
+
+def call_builder(builder, problems: Sequence[Problem], **runtime) -> tuple[list[StepPair], dict]:
+    """Run a `pairs` group builder with the runtime inputs its signature names; check it kept the contract."""
+    unknown = set(runtime) - set(RUNTIME_INPUTS)
+    assert not unknown, f"not runtime inputs: {unknown}"
+    params = inspect.signature(builder).parameters
+    res = builder(problems, **{k: v for k, v in runtime.items() if k in params})
+    if not (isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], list) and isinstance(res[1], dict)):
+        raise TypeError(f"pairs builder {getattr(builder, 'func', builder)!r} must return (pairs, report), "
+                        f"got {type(res).__name__}")
+    return res
+
+
+def check_from_split(split: str, pool: Sequence[Problem] | None = None, *, dataset: str = "") -> None:
+    """pairs.from_split is train or pool; pool needs answer-only problems (pass `pool` to check that)."""
+    if split not in FROM_SPLITS:
+        raise ValueError(f"pairs.from_split={split!r}: choose train (the SFT problems) or pool (answer-only)")
+    if split == "pool" and pool is not None and not pool:
+        raise ValueError(f"pairs.from_split=pool, but dataset={dataset or '?'} has no answer-only pool problems: "
+                         "set dataset.n_pool (arith, gsm8k) or pairs.from_split=train")
 
 
 def check_reject(reject: str) -> None:
@@ -62,7 +93,7 @@ def corrupt_pairs(problems: Sequence[Problem], n: int, rng: random.Random) -> li
     if other:
         from .perturb import build_perturb_pairs
 
-        out += build_perturb_pairs(other, seed=rng.randrange(2**31), max_pairs=n)
+        out += build_perturb_pairs(other, seed=rng.randrange(2**31), max_pairs=n)[0]
     tries = 0
     while arith_probs and len(out) < n and tries < 20 * n:
         tries += 1
@@ -78,11 +109,12 @@ def corrupt_pairs(problems: Sequence[Problem], n: int, rng: random.Random) -> li
 
 
 def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer: StepScorer, seed: int = 0,
+                          pool: Sequence[Problem] | None = None, from_split: str = "train",
                           n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                           max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                           min_pairs: int = 0, topup_problems: Sequence[Problem] | None = None,
-                          from_split: str = "train", reject: str = "process", resample_k: int = 0,
-                          resample_temperature: float = 0.7, **_) -> tuple[list[StepPair], dict]:
+                          reject: str = "process", resample_k: int = 0,
+                          resample_temperature: float = 0.7) -> tuple[list[StepPair], dict]:
     """Sample k solutions per problem from `model`, grade them, pair correct against incorrect.
 
     A sample is correct when its final answer matches and no step is flagged. `reject` says which
@@ -95,14 +127,16 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     `resample_k` > 0 a rejected sample still without a chosen side is continued from its prefix
     (its steps before the first error) `resample_k` times at `resample_temperature`; the first
     continuation graded correct (every step, and the answer) is its chosen side.
+    Samples on `problems`, or with `from_split="pool"` on `pool` (answer-only problems).
     Tops up with `corrupt_pairs` of `topup_problems` (default: `problems`; only those with gold
     steps can be corrupted) when sampling yields fewer than `min_pairs`. Returns (pairs,
     report) where the report counts samples, correct samples, pairs by kind and top-ups.
     """
+    check_from_split(from_split, pool if from_split == "pool" else None)
     check_reject(reject)
     check_resample(resample_k, resample_temperature)
     rng = random.Random(seed)
-    probs = list(problems)
+    probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
@@ -231,3 +265,37 @@ def score_pairs(pairs: Sequence[StepPair], scorer: StepScorer) -> tuple[list[Ste
         p.meta = {**p.meta, "scored_by": scorer.name, "provenance": rc.provenance}
         report["scored"] += 1
     return [p for p in pairs if p.id not in failed], dict(report)
+
+
+def check_own_scores(pairs: Sequence[StepPair], scorer: StepScorer, *, reward: str) -> None:
+    """A pairs file's own step scores are never replaced without being asked: with a reward that scores
+    (anything but reward=prm800k, which keeps labels), a file row that carries scores stops the run,
+    naming the row and the two fixes. Rows without scores are scored by the reward as usual."""
+    if getattr(scorer, "uses_labels", False):
+        return
+    for p in pairs:
+        if p.source == "file" and (p.chosen_scores is not None or p.rejected_scores is not None):
+            raise ValueError(f"{p.meta.get('where', p.id)}: the pairs file carries its own step scores "
+                             f"('chosen_scores'/'rejected_scores') and {reward} would replace them: add "
+                             "reward=prm800k to train on the file's scores, or dataset.rescore=true to score "
+                             f"every pair with {reward}")
+
+
+def no_pairs_message(report: dict, *, source: str | None, builder: str, reward: str) -> str:
+    """One line for a round that ends with no usable pair: where they came from, the counts, the fix."""
+    counts = ", ".join(f"{k}={v}" for k, v in report.items()
+                       if isinstance(v, int) and not isinstance(v, bool) and v and k not in ("max_length", "pairs"))
+    head = f"{source}: no usable pairs" if source else f"{builder}: no usable pairs were built"
+    if report.get("dropped_unlabelled"):
+        fix = (f"{reward} keeps only pairs that carry 'chosen_scores' and 'rejected_scores': add them to the rows "
+               "(spelled exactly so), or let a reward score them (e.g. reward=rule)")
+    elif report.get("dropped"):
+        first = next(iter(report.get("examples", {}).values()), [""])[0]
+        fix = f"every pair was dropped by validation; first: {first}"
+    elif report.get("score_failed"):
+        fix = f"{reward} failed to score every pair (see the log for reasons)"
+    elif source:
+        fix = "the file has no pair rows; add one JSON object per line with prompt, chosen, rejected"
+    else:
+        fix = "sample more (pairs.k, pairs.n_problems) or top up with rule-based pairs (pairs.min_pairs)"
+    return f"{head} ({counts or 'nothing read'}): {fix}"

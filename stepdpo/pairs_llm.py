@@ -110,16 +110,15 @@ def parse_flawed(text: str, gold: Sequence[str]) -> dict[str, Any]:
 
 
 def build_llm_pairs(problems: Sequence[Problem], *, engine: EngineConfig | dict | None = None, seed: int = 0,
-                    n_problems: int | None = None, avoid_last: bool = True, structured: bool = True,
-                    return_report: bool = False, **_) -> list[StepPair] | tuple[list[StepPair], dict]:
+                    n_problems: int | None = None, avoid_last: bool = True,
+                    structured: bool = True) -> tuple[list[StepPair], dict]:
     """One (gold, LLM-flawed) step pair per problem; see the module docstring.
 
     `problems` without gold steps are skipped. The target step t is drawn per problem from
     `seed` (uniform over the steps, or all but the last with `avoid_last` when there are two or
-    more). `engine`: the LLM endpoint (`EngineConfig`; pairs.engine.* in conf/pairs/llm.yaml). Extra
-    runtime keyword arguments (model/tokenizer/scorer from the pipeline) are ignored.
-    With `return_report`, returns (pairs, report): counts of problems, skips, failures by
-    reason, pairs, and the engine summary (requests, cache hits, tokens, cost).
+    more). `engine`: the LLM endpoint (`EngineConfig`; pairs.engine.* in conf/pairs/llm.yaml).
+    Returns (pairs, report): counts of problems, skips, failures by reason, pairs, and the engine
+    summary (requests, cache hits, tokens, cost).
     """
     if n_problems is not None and (isinstance(n_problems, bool) or not isinstance(n_problems, int)
                                    or n_problems < 1):
@@ -170,6 +169,6 @@ def build_llm_pairs(problems: Sequence[Problem], *, engine: EngineConfig | dict 
         summary = engine.summary()
         log.info("pairs=llm: %s; requests %d, cache hits %d, cost %s USD", dict(report), summary["requests"],
                  summary["cache_hits"], summary["cost_usd"])
-        return (pairs, {**dict(report), "llm": summary}) if return_report else pairs
+        return pairs, {**dict(report), "llm": summary}
     finally:
         engine.close()

@@ -186,12 +186,12 @@ def perturb_problem(p: Problem, rng: random.Random) -> StepPair | None:
                                             "new_value": format_number(new)})
 
 
-def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0, max_pairs: int | None = None,
-                        **_) -> list[StepPair]:
+def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0,
+                        max_pairs: int | None = None) -> tuple[list[StepPair], dict]:
     """At most one corrupted-step pair per problem, problems visited in a seeded order.
 
-    `max_pairs` caps the number of pairs (None = one per usable problem). Extra runtime keyword
-    arguments (model, tokenizer, scorer, ...) are accepted and ignored: the rules need no model.
+    `max_pairs` caps the number of pairs (None = one per usable problem). The rules need no model.
+    Returns (pairs, report): problems visited, pairs made, problems with no corruptible step.
     """
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0):
         raise ValueError(f"pairs.max_pairs: must be null (no cap) or an integer >= 0, got {max_pairs!r}")
@@ -199,10 +199,12 @@ def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0, max_pairs
     order = [p for p in problems if p.meta.get("kind") != "arith"]
     rng.shuffle(order)
     out: list[StepPair] = []
+    visited = 0
     for p in order:
         if max_pairs is not None and len(out) >= max_pairs:
             break
+        visited += 1
         pair = perturb_problem(p, rng)
         if pair is not None:
             out.append(pair)
-    return out
+    return out, {"problems": visited, "pairs_perturb": len(out), "skipped_no_corruption": visited - len(out)}

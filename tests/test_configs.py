@@ -135,7 +135,7 @@ def test_qlora_block_size_checked_before_loading(tmp_path):
 
 def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
     train = load(n_train=20, n_eval=5, max_operand=9, max_value=30, ops="-").train  # the same data throughout
 
@@ -155,7 +155,7 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
     import dataclasses
 
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
     cfg = compose_config(f"sft_cache_dir={tmp_path}")
     train = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train

@@ -36,7 +36,7 @@ def fake():
 
 def test_pairs_share_the_gold_prefix_and_diverge_at_the_wrong_step(fake):
     probs = make_problems(12)
-    pairs = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=0)
+    pairs, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=0)
     assert len(pairs) == 12 and fake.counts["chat"] == 12
     by_id = {p.id: p for p in probs}
     targets = set()
@@ -57,9 +57,9 @@ def test_pairs_share_the_gold_prefix_and_diverge_at_the_wrong_step(fake):
 
 def test_seeded_and_limited(fake):
     probs = make_problems(10)
-    a = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
-    b = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
-    c = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=2, n_problems=4)
+    a, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
+    b, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
+    c, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=2, n_problems=4)
     assert [p.to_dict() for p in a] == [p.to_dict() for p in b] and len(a) == 4
     assert [(p.id, p.meta["wrong_step"]) for p in a] != [(p.id, p.meta["wrong_step"]) for p in c]
 
@@ -81,7 +81,7 @@ def test_bad_prefix_is_retried_then_counted(fake):
 
     fake.fault_for = fault_for
     pairs, report = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None,
-                                                                   parse_retries=1), return_report=True)
+                                                                   parse_retries=1))
     got = {p.meta["problem_id"] for p in pairs}
     assert got == {"p0", "p2", "p4", "p5"}
     assert report["failed"] == 2 and report["pairs"] == 4  # (with seed 0, p1's target step is > 1)
@@ -92,9 +92,9 @@ def test_bad_prefix_is_retried_then_counted(fake):
 def test_rerun_is_free_and_identical(fake, tmp_path):
     probs = make_problems(8)
     kw = dict(engine=dict(FAST, base_url=fake.base_url, cache_path=tmp_path / "c.sqlite"))
-    first = build_llm_pairs(probs, **kw)
+    first, _ = build_llm_pairs(probs, **kw)
     n = fake.counts["chat"]
-    again = build_llm_pairs(probs, **kw)
+    again, _ = build_llm_pairs(probs, **kw)
     assert fake.counts["chat"] == n == 8
     assert [p.to_dict() for p in again] == [p.to_dict() for p in first]
 
@@ -121,7 +121,9 @@ def test_built_from_config_and_called_like_the_pipeline(fake, tmp_path):
     cfg = compose_config("pairs=llm", f"pairs.engine.base_url={fake.base_url}",
                          f"pairs.engine.cache_path={tmp_path / 'c.sqlite'}", "pairs.n_problems=3",
                          "pairs.engine.progress=false")
+    from stepdpo.pairs import call_builder
+
     fn = build(cfg.pairs, "pairs")
-    pairs, report = fn(problems=make_problems(5), model=object(), tokenizer=None, scorer=None, seed=0)
+    pairs, report = call_builder(fn, make_problems(5), pool=[], model=object(), tokenizer=None, scorer=None, seed=0)
     assert len(pairs) == 3 and report["pairs"] == 3 and report["llm"]["requests"] == 3
     assert fake.counts["chat"] == 3

@@ -101,11 +101,14 @@ def test_build_skips_arith_caps_and_is_seeded():
                     meta={"kind": "arith", "ops": [["+", 3]]})
     twin = Problem(id="twin", question=NATALIA.question + " ", answer="72", steps=list(NATALIA.steps))
     probs = [arith, NATALIA, twin]
-    a = build_perturb_pairs(probs, seed=1, model=None, tokenizer=None, scorer=None)  # runtime kwargs are accepted
+    a, report = build_perturb_pairs(probs, seed=1)
     assert sorted(p.meta["problem_id"] for p in a) == ["gsm8k-train-1", "twin"]
-    assert [p.to_dict() for p in a] == [p.to_dict() for p in build_perturb_pairs(probs, seed=1)]
-    assert len(build_perturb_pairs(probs, seed=1, max_pairs=1)) == 1
-    assert build_perturb_pairs([arith]) == []
+    assert report == {"problems": 2, "pairs_perturb": 2, "skipped_no_corruption": 0}
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in build_perturb_pairs(probs, seed=1)[0]]
+    assert len(build_perturb_pairs(probs, seed=1, max_pairs=1)[0]) == 1
+    assert build_perturb_pairs([arith]) == ([], {"problems": 0, "pairs_perturb": 0, "skipped_no_corruption": 0})
+    with pytest.raises(TypeError):  # the contract: a builder takes only what it uses (no model here)
+        build_perturb_pairs(probs, seed=1, model=None)
     with pytest.raises(ValueError, match="pairs.max_pairs"):
         build_perturb_pairs(probs, max_pairs=-1)
 
@@ -143,7 +146,7 @@ def test_gsm8k_perturbed_pairs(gsm8k_train):
     answer, correct chosen, exactly one wrong annotation, later annotations consistent)."""
     probs = gsm8k_train[:1500]
     by_id = {p.id: p for p in probs}
-    pairs = build_perturb_pairs(probs, seed=0)
+    pairs, _ = build_perturb_pairs(probs, seed=0)
     print(f"\nperturb: {len(pairs)} pairs from {len(probs)} GSM8K problems")
     assert len(pairs) >= 0.85 * len(probs)  # measured 1,331 (89%); 6,531 (87%) over all 7,473 training problems
     for pair in pairs:

@@ -143,7 +143,7 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
 
     from conftest import FAST, ROOT, test_env
     from stepdpo.locks import exclusive_lock
-    from stepdpo.run import sft_lock_path
+    from stepdpo.sft_cache import lock_path as sft_lock_path
 
     cache = tmp_path / "cache"
     _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
