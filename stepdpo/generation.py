@@ -120,6 +120,18 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
 
 
+def ids_before(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The longest prefix of `ids` whose decoded text is a prefix of `text` (the ids before a stop string)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(tokenizer.decode(ids[:mid], skip_special_tokens=True)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return ids[:lo]
+
+
 def _completion(tokenizer, ids: list[int], hit_eos: bool, stop: Sequence[str]) -> Completion:
     """A row's generated ids (EOS excluded) as a Completion; the text is cut before any stop string and
     the ids kept are those whose text comes before it."""
@@ -127,14 +139,25 @@ def _completion(tokenizer, ids: list[int], hit_eos: bool, stop: Sequence[str]) -
     cut = truncate_at_stop(text, stop)
     if len(cut) == len(text):
         return Completion(text, tuple(ids), "stop" if hit_eos else "length")
-    lo, hi = 0, len(ids)
-    while lo < hi:  # the most ids whose decoded text is a prefix of the cut text
-        mid = (lo + hi + 1) // 2
-        if cut.startswith(tokenizer.decode(ids[:mid], skip_special_tokens=True)):
-            lo = mid
-        else:
-            hi = mid - 1
-    return Completion(cut, tuple(ids[:lo]), "stop")
+    return Completion(cut, tuple(ids_before(tokenizer, ids, cut)), "stop")
+
+
+class LocalBackend:
+    """generation=hf (the default): the decoding loop below, on the policy in this process."""
+
+    def __init__(self, base_model: str | None = None):  # base_model: only the engines load one
+        pass
+
+
+_backend = None  # the engine generate() hands its calls to (set_backend); None / LocalBackend: the local loop
+
+
+def set_backend(backend) -> None:
+    """Route every generate() call (eval, on-policy sampling, resampling) through `backend`, an object with
+    the same generate() signature built from the `generation` group (`inference.VLLMBackend`,
+    `inference.ServerBackend`); None or a LocalBackend restores the local loop."""
+    global _backend
+    _backend = None if isinstance(backend, LocalBackend) else backend
 
 
 @torch.no_grad()
@@ -149,8 +172,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     batched longest first (`batch_size` sequences, i.e. batch_size // num_return_sequences prompts, per
     batch) so that padding stays low. A sequence ends at any EOS id of the model (`eos_ids`), once its
     text contains a stop string (e.g. "\\n\\nQuestion:" for few-shot base models; the text is cut
-    before it), or after max_new_tokens.
+    before it), or after max_new_tokens. Under generation=vllm|openai_server (`set_backend`) the engine
+    answers instead, with the same arguments and the same Completions.
     """
+    if _backend is not None:
+        return _backend.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                 num_return_sequences=num_return_sequences, seed=seed, stop=stop)
     k = num_return_sequences
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")

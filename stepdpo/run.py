@@ -64,7 +64,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     from .model import add_lora, count_params, load_base
     from .pairs import check_reject, check_resample, request_for
     from .train import train
-    from . import checkpoint, distributed
+    from . import checkpoint, distributed, generation
 
     t_start = time.perf_counter()
     validate_targets(cfg)  # every key of every group, before anything is loaded
@@ -166,6 +166,8 @@ def run(cfg: DictConfig, out: Path) -> float:
         torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
         policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
         summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
+        engine_base = {} if cfg.generation.get("base_model") else {"base_model": base_path}
+        generation.set_backend(build(cfg.generation, "generation", **engine_base))  # eval + sampling decode there
 
         results = {}
         before = resume.artifact("eval_before.json") if resume else None
@@ -274,6 +276,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
         return float(results["after"]["acc"])
     finally:
+        generation.set_backend(None)
         tracker.close()
         if hasattr(scorer, "close"):
             scorer.close()
