@@ -5,6 +5,10 @@ A sequence ends at any EOS id of the model (the union of `generation_config.eos_
 instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or Llama-3's
 128001/128008/128009, and `tokenizer.eos_token_id`), at a stop string, or after `max_new_tokens`;
 `Completion.finish_reason` says which ("stop" or "length").
+
+The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
+by its k samples, finished rows dropped from the batch; greedy picks the tokens `model.generate` picks.
+`set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
 from __future__ import annotations
@@ -199,6 +203,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
 
     def stop_hit(tails):  # token-id tails -> does each one's text contain a stop string
         return [any(x in t for x in stop) for t in tokenizer.batch_decode(tails, skip_special_tokens=True)]
+
     enc = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))  # longest first; put back in order below
     done: dict[int, list[Completion]] = {}
