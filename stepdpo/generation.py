@@ -149,9 +149,6 @@ def _completion(tokenizer, ids: list[int], hit_eos: bool, stop: Sequence[str]) -
 class LocalBackend:
     """generation=hf (the default): the decoding loop below, on the policy in this process."""
 
-    def __init__(self, base_model: str | None = None):  # base_model: only the engines load one
-        pass
-
 
 _backend = None  # the engine generate() hands its calls to (set_backend); None / LocalBackend: the local loop
 

@@ -111,8 +111,7 @@ class ServerBackend:
     Retry-After), `concurrency` at a time, never cached: samples must be fresh."""
 
     def __init__(self, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", adapter_dir: str | None = None,
-                 concurrency: int = 64, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 1.0,
-                 base_model: str | None = None):
+                 concurrency: int = 64, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 1.0):
         from .rewards.llm_engine import LLMEngine
 
         # the engine's model name is the adapter's, set per call; cache_path=None: nothing is cached

@@ -83,6 +83,7 @@ def run(cfg: DictConfig, out: Path) -> float:
                 raise ValueError(f"model.tiny.{key}={model_spec.tiny[key]}: lora=qlora quantizes in blocks of 64 "
                                  "input features; use a multiple of 64")
     scorer = build(cfg.reward, "reward")
+    engine = build(cfg.generation, "generation")  # a missing vllm or a malformed server URL fails here, before any training
     pair_fn = build(cfg.pairs, "pairs")
     bundle = build(cfg.dataset, "dataset")
     log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
@@ -166,8 +167,9 @@ def run(cfg: DictConfig, out: Path) -> float:
         torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
         policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
         summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
-        engine_base = {} if cfg.generation.get("base_model") else {"base_model": base_path}
-        generation.set_backend(build(cfg.generation, "generation", **engine_base))  # eval + sampling decode there
+        if getattr(engine, "base_model", "") is None:  # vllm: serve the adapter on the base it was trained on
+            engine.base_model = base_path
+        generation.set_backend(engine)  # eval and on-policy sampling decode there from now on
 
         results = {}
         before = resume.artifact("eval_before.json") if resume else None
