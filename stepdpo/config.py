@@ -1,6 +1,6 @@
 """Typed config schemas (registered in Hydra's ConfigStore) and `build()`, a restricted instantiate.
 
-Groups whose implementation varies (dataset, pairs, reward, model, lora, logger) carry a
+Groups whose implementation varies (dataset, pairs, reward, model, lora, logger, generation) carry a
 `_target_`; `validate_targets` binds every key against the target's signature before anything
 is loaded, so a typo fails in seconds naming the group and key. `trainer`, `sft` and `eval` are
 typed dataclasses: Hydra rejects unknown keys and wrong types while composing.
@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger")
+TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger", "generation")
 ALLOWED_PREFIXES = ("stepdpo.", "peft.", "torch.optim.")
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults"}
 
@@ -86,6 +86,7 @@ class Config:
     sft: TrainerConfig = field(default_factory=lambda: TrainerConfig(loss="sft"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = MISSING
+    generation: Any = MISSING  # the engine eval and on-policy sampling decode with: hf | vllm | openai_server
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

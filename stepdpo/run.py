@@ -56,6 +56,7 @@ class Run:
     model_spec: Any
     lora_spec: Any
     scorer: Any
+    engine: Any  # the `generation` group's backend: eval and on-policy sampling decode there
     pair_fn: Any  # the `pairs` group's builder: (problems, *, <the runtime inputs it names>) -> (pairs, report)
     bundle: Any  # datasets' DatasetBundle
     eval_problems: list
@@ -88,6 +89,9 @@ def run(cfg: DictConfig, out: Path) -> float:
             return float("nan")
         return finish(s, policy, tok, base_path, results, t_start)
     finally:
+        from .generation import set_backend
+
+        set_backend(None)
         s.tracker.close()
         if hasattr(s.scorer, "close"):
             s.scorer.close()
@@ -113,6 +117,7 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     resume = checkpoint.resolve_resume(cfg.trainer.resume, out)  # None, or where to continue from
     model_spec, lora_spec = build(cfg.model, "model"), build(cfg.lora, "lora")
     scorer = build(cfg.reward, "reward")
+    engine = build(cfg.generation, "generation")  # a missing vllm or a malformed server URL fails here, before any training
     pair_fn = build(cfg.pairs, "pairs")
     bundle = build(cfg.dataset, "dataset")
     log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
@@ -129,7 +134,7 @@ def setup(cfg: DictConfig, out: Path) -> Run:
         if getattr(scorer, "uses_labels", False):  # the pairs it keeps are known now: those with scores
             require_pairs(cfg, True, *score_pairs(bundle.pairs, scorer))
     return Run(cfg=cfg, out=out, rank=rank, world=world, resume=resume, model_spec=model_spec, lora_spec=lora_spec,
-               scorer=scorer, pair_fn=pair_fn, bundle=bundle,
+               scorer=scorer, engine=engine, pair_fn=pair_fn, bundle=bundle,
                eval_problems=bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval,
                uses_pairs=uses_pairs, summary={"threads": torch.get_num_threads()})
 
@@ -234,6 +239,7 @@ def attach_adapter(s: Run, model, tok, base_path: str):
     """(Re)load the base through bitsandbytes nf4 when lora.quant is set, add LoRA: (policy, reference, tok)."""
     import torch
 
+    from . import generation
     from .model import add_lora, count_params, load_base
 
     if s.lora_spec.quant is not None:  # reload the weights through bitsandbytes nf4
@@ -242,6 +248,9 @@ def attach_adapter(s: Run, model, tok, base_path: str):
     torch.manual_seed(s.cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
     policy, ref = add_lora(model, s.lora_spec, gradient_checkpointing=s.cfg.trainer.gradient_checkpointing)
     s.summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
+    if getattr(s.engine, "base_model", "") is None:  # vllm: serve the adapter on the base it was trained on
+        s.engine.base_model = base_path
+    generation.set_backend(s.engine)  # eval and on-policy sampling decode there from now on
     return policy, ref, tok
 
 
