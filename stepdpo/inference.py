@@ -112,13 +112,13 @@ class ServerBackend:
 
     def __init__(self, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", adapter_dir: str | None = None,
                  concurrency: int = 64, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 1.0):
-        from .rewards.llm_engine import LLMEngine
+        from .rewards.llm_engine import EngineConfig, LLMEngine
 
         # the engine's model name is the adapter's, set per call; cache_path=None: nothing is cached
-        self.engine = LLMEngine(base_url=base_url, model="stepdpo-adapter", api_key_env=api_key_env,
-                                concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-                                backoff_base=backoff_base, cache_path=None, progress=False, desc="generation",
-                                where="generation")
+        self.engine = LLMEngine(EngineConfig(base_url=base_url, model="stepdpo-adapter", api_key_env=api_key_env,
+                                             concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                                             backoff_base=backoff_base, cache_path=None, progress=False),
+                                desc="generation", where="generation")
         self.adapters = AdapterVersions(adapter_dir, "generation")
         self.loaded: str | None = None
 

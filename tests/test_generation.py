@@ -156,13 +156,13 @@ def test_greedy_token_identical_with_a_lora_adapter(tiny_fresh):
 
 
 def test_greedy_token_identical_on_a_4bit_model(tmp_path):
-    from stepdpo.model import LoraSpec, ModelSpec, load_base
+    from stepdpo.model import ModelSpec, QuantSpec, load_base
 
     torch.manual_seed(3)
     model, tok = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    q4, tok = load_base(ModelSpec(name="local", path=str(tmp_path / "m")), quant=LoraSpec(name="qlora", load_in_4bit=True))
+    q4, tok = load_base(ModelSpec(name="local", path=str(tmp_path / "m")), quant=QuantSpec())
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.modules())
