@@ -151,7 +151,41 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
         tok.pad_token = tok.eos_token
     set_prompt_format(tok, spec.format)  # before the weights load: a missing chat template fails fast
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    if quant is not None and quant.load_in_4bit:
+        keep_4bit_training_layout(model)
     return model, tok
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    bitsandbytes 0.50's `Linear4bit.forward` on a CPU with AVX512-BF16, in eval mode and without
+    grad, converts its weight in place to a packed layout (`_convert_weight_packed_for_cpu`: absmax
+    cast to bf16, double quantization undone) and sets `quant_state.packing_format_for_cpu`. From
+    then on every forward, training ones included, goes through `gemv_4bit`, which has no autograd
+    formula: the LoRA gradients of the layers below come out wrong (torch only warns), and a biased
+    layer (Qwen2's q/k/v) crashes on bitsandbytes' in-place `result += bias`. The inverse
+    conversion is lossy (bf16 absmax, re-run double quantization), so the repacking is switched off
+    instead: the flag `support_avx512bf16_for_cpu` gates it, and generation then runs the same
+    dequantize + matmul path that training uses. A GPU never repacks (the check is CPU-only).
+    A layer that was repacked already is converted back (best effort, as bitsandbytes does before
+    saving).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+            n += 1
+    return n
 
 
 def _device_index():

