@@ -115,3 +115,52 @@ def test_qlora_gradients_unchanged_by_generation(model_dirs, arch):
     assert all(before[k].abs().sum() > 0 for k in before)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+# ----------------------------------------------------------------------------- point 3: final answers
+
+REAL_ENDINGS = [  # (the end of a solution as models write it, the answer to extract)
+    ("48/2 = <<48/2=24>>24 clips in May.\n48+24 = <<48+24=72>>72\n#### 72", "72"),
+    ("So she earned $1,080.\n#### 1,080", "1,080"),
+    ("Thus the area is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("The answer is 18.", "18"),
+    ("The answer is: 18", "18"),
+    ("So the answer is $18$.", "18"),
+    ("The final answer is 18.", "18"),  # model=llama's system prompt asks for this ending
+    ("The final answer is: 18", "18"),
+    ("The final answer is $\\boxed{18}$", "18"),  # Llama-3.x instruct on MATH
+    ("Therefore, the final answer is: $\\boxed{18}$. I hope it is correct.", "18"),
+    ("Final Answer: The final answer is $18$. I hope it is correct.", "18"),  # Minerva
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
+    ("**Final Answer:** 18", "18"),
+    ("**Answer:** \\$18.50", "18.50"),
+    ("The final answer is 3.5.", "3.5"),
+    ("The answer is \\(x = 2\\).", "x = 2"),
+    ("\\boxed{5}\nWait, I made an error. The final answer is 6.", "6"),  # the latest ending wins
+    ("We check our answer: $17\\cdot 44 = 748$, so our answer is correct.", None),  # not an answer phrase
+    ("I have no idea.", None),
+]
+
+
+@pytest.mark.parametrize("text,want", REAL_ENDINGS)
+def test_extract_answer_real_endings(text, want):
+    from stepdpo.answers import answers_match, extract_answer
+
+    assert extract_answer(text) == want
+    if want is not None:
+        assert answers_match(extract_answer(text), want.replace("\\$", "").replace(",", ""))
+
+
+def test_rule_reward_credits_the_endings_eval_credits():
+    """reward=rule's last-step check and evaluation share `answers.extract_answer`: a correct final step
+    written "The final answer is 18." scores 1 (it scored 0, so a correct sample became a rejected side)."""
+    from stepdpo.rewards.base import ScoreRequest
+    from stepdpo.rewards.rule import RuleScorer
+
+    for text, want in REAL_ENDINGS:
+        if want is None:
+            continue
+        req = ScoreRequest(question="q", steps=("First we add.", text), answer=want.replace("\\$", ""), meta=())
+        assert RuleScorer().score([req])[0].scores == [1.0, 1.0], text
+    wrong = ScoreRequest(question="q", steps=("First we add.", "The final answer is 17."), answer="18", meta=())
+    assert RuleScorer().score([wrong])[0].scores == [1.0, 0.0]
