@@ -8,7 +8,8 @@ from typing import Sequence
 
 import torch
 
-from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
+from .data import (StepPair, encode_text, end_of_response_id, pair_prompt_ids, response_text, step_spans,
+                   truncated_prompt_ids)
 from .weights import (NORMALISE, first_difference, first_error, first_wrong, get_scheme, localise_step,
                       normalise_mean_one, step_token_weights)
 
@@ -74,8 +75,8 @@ class PreferenceBatch:
 
 def _encode_response(tokenizer, steps: list[str], step_w: list[float]) -> tuple[list[int], list[float], list[tuple]]:
     text = response_text(steps)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    enc = encode_text(tokenizer, text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"]) + [end_of_response_id(tokenizer)]
     offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
     return ids, step_token_weights(offsets, step_spans(steps), step_w), offsets
 
@@ -89,10 +90,7 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     error_span = kwargs.pop("error_span", "step") if weighting == "first_error" else "step"
     cw, rw = get_scheme(weighting)(cs, rs, **kwargs)
     cf, rf = first_error(cs, rs)
-    p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
-    n_prefix = 0
-    if pair.prefix:  # prompt tokens that are the prefix steps (for trainer.nll_on=solution)
-        n_prefix = max(0, len(p_ids) - len(prompt_ids(tokenizer, prompt_text(pair.question, (), tokenizer))))
+    p_ids, n_prefix = pair_prompt_ids(tokenizer, pair.question, pair.prefix)  # n_prefix: for trainer.nll_on=solution
     c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
     r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
     if error_span == "token":
@@ -101,13 +99,13 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
         c_w, r_w = normalise_mean_one(c_w), normalise_mean_one(r_w)
     c_f = step_token_weights(c_off, step_spans(pair.chosen), cf)
     r_f = step_token_weights(r_off, step_spans(pair.rejected), rf)
-    if max_length is not None:
-        over = len(p_ids) + max(len(c_ids), len(r_ids)) - max_length
-        if over > 0:  # keep the responses whole; drop the oldest prompt tokens (validation counts this)
-            if over >= len(p_ids):
-                raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
-            p_ids = p_ids[over:]
-            n_prefix = min(n_prefix, len(p_ids))
+    if max_length is not None and len(p_ids) + max(len(c_ids), len(r_ids)) > max_length:
+        # keep the responses, the template header and the prefix whole; drop the question's oldest tokens
+        try:
+            p_ids, n_prefix, _ = truncated_prompt_ids(tokenizer, pair.question, pair.prefix,
+                                                      max_length - max(len(c_ids), len(r_ids)))
+        except ValueError as e:
+            raise ValueError(f"pair {pair.id}: {e} (trainer.max_length={max_length})") from None
     return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f, n_prefix)
 
 

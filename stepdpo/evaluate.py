@@ -15,11 +15,9 @@ import torch
 
 from .answers import answers_match, extract_answer
 from .data import Problem, format_prompt, prompt_ids
+from .steps import split_steps  # noqa: F401  (sampled text -> exact steps; re-exported)
 
 
-def split_steps(text: str) -> list[str]:
-    """Steps of a generated solution: its non-empty lines."""
-    return [s.strip() for s in text.split("\n") if s.strip()]
 
 
 def truncate_at_stop(text: str, stop: Sequence[str] = ()) -> str:

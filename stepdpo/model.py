@@ -68,9 +68,15 @@ class ModelSpec:
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     prompt_format: str = "plain"  # plain ("Question: ...\nAnswer:\n") | chat (the tokenizer's chat template)
     system_prompt: str | None = None  # chat only: system message
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat only: extra apply_chat_template
+    # variables, everywhere a prompt is built (enable_thinking: false for Qwen3; date_string pins Llama-3.x's date)
 
     def __post_init__(self):
-        self.format = PromptFormat(self.prompt_format, self.system_prompt)  # checks the style
+        kw = dict(self.chat_template_kwargs or {})
+        if kw and self.prompt_format != "chat":
+            raise ValueError("model.chat_template_kwargs is set but model.prompt_format=plain ignores it; "
+                             "use model.prompt_format=chat or model.chat_template_kwargs={}")
+        self.format = PromptFormat(self.prompt_format, self.system_prompt, kw)  # checks the style
 
 
 @dataclass

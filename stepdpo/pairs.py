@@ -20,8 +20,9 @@ from collections import Counter
 from typing import Sequence
 
 from .answers import answers_match, extract_answer
-from .data import Problem, StepPair, format_prompt, prompt_text
-from .evaluate import generate, split_steps
+from .data import Problem, StepPair, format_prompt, prompt_text, response_text
+from .evaluate import generate
+from .steps import split_steps
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer, first_error_of
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def check_resample(k: int, temperature: float) -> None:
 
 
 def answer_right(steps: Sequence[str], answer: str) -> bool:
-    return bool(steps) and answers_match(extract_answer("\n".join(steps)), answer)
+    return bool(steps) and answers_match(extract_answer(response_text(steps)), answer)
 
 
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
@@ -130,9 +131,9 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
         seen: set[str] = set()
         made = pending = 0  # pairs, and rejected samples left for resample_chosen (both count to the cap)
         for st, r, ok in graded:
-            if ok or not st or made + pending >= max_pairs_per_problem or "\n".join(st) in seen:
+            if ok or not st or made + pending >= max_pairs_per_problem or response_text(st) in seen:
                 continue
-            seen.add("\n".join(st))
+            seen.add(response_text(st))
             fe = first_error_of(r.scores)
             if fe is None:  # final answer wrong but no step flagged: blame the last step
                 fe = len(st) - 1
@@ -142,7 +143,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 if cst[:fe] == prefix and len(cst) > fe:
                     chosen, cs = cst[fe:], cr.scores[fe:]
                     break
-            if chosen is None and p.steps[:fe] == prefix and len(p.steps) > fe:
+            if chosen is None and [s.strip() for s in prefix] == p.steps[:fe] and len(p.steps) > fe:  # gold: "\n" joins
                 chosen, cs = p.steps[fe:], [1.0] * len(p.steps[fe:])
             if chosen is None:
                 if resample_k > 0:  # continue the correct prefix below, once every problem is graded
@@ -161,8 +162,16 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                                  batch_size=batch_size, seed=seed + 7919, report=report)
     if len(pairs) < min_pairs:
         gold = [p for p in (problems if topup_problems is None else topup_problems) if p.steps]
-        top = corrupt_pairs(gold, min_pairs - len(pairs), rng)
+        want = min_pairs - len(pairs)
+        top = corrupt_pairs(gold, want, rng)
         report["pairs_perturb_topup"] = len(top)
+        if len(top) < want:  # say so: the rules only know the arith task and GSM8K's "<<a=b>>" annotations
+            usable = sum(p.meta.get("kind") == "arith" or any("<<" in s for s in p.steps) for p in gold)
+            report["pairs_topup_short"] = want - len(top)
+            log.warning("pairs.min_pairs=%d: the top-up added %d of %d pairs: rule-based corruption needs the arith "
+                        "task or GSM8K '<<a=b>>' annotations, and %d of %d gold solutions have them (MATH has none); "
+                        "lower pairs.min_pairs, sample more (pairs.k, pairs.n_problems), or use pairs=llm",
+                        min_pairs, len(top), want, usable, len(gold))
         pairs += top
     return pairs, dict(report)
 

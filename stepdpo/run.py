@@ -258,7 +258,8 @@ def run(cfg: DictConfig, out: Path) -> float:
         write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": lora_spec.name,
                                                    "load_in_4bit": lora_spec.load_in_4bit,
                                                    "prompt_format": model_spec.prompt_format,
-                                                   "system_prompt": model_spec.system_prompt})
+                                                   "system_prompt": model_spec.system_prompt,
+                                                   "chat_template_kwargs": model_spec.format.template_kwargs})
         tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
         results["after"] = evaluate_stage("after", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
         summary["time/total_s"] = time.perf_counter() - t_start

@@ -164,3 +164,124 @@ def test_rule_reward_credits_the_endings_eval_credits():
         assert RuleScorer().score([req])[0].scores == [1.0, 1.0], text
     wrong = ScoreRequest(question="q", steps=("First we add.", "The final answer is 17."), answer="18", meta=())
     assert RuleScorer().score([wrong])[0].scores == [1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- point 4: the sampled text, exactly
+
+SAMPLE = ("Natalia sold 48 clips in April.\n\nIn May she sold half as many: 48 / 2 = 24.\n\n"
+          "  Altogether 48 + 24 = 72.\n\nThe final answer is 72.\n")
+
+
+def _chat_tok(system="Solve step by step.", **template_kwargs):
+    from stepdpo.data import PromptFormat, set_prompt_format
+
+    return set_prompt_format(qwen_tokenizer(), PromptFormat("chat", system, template_kwargs))
+
+
+def test_split_steps_keeps_sampled_text_exactly():
+    from stepdpo.data import response_text, step_spans
+    from stepdpo.steps import split_steps
+
+    steps = split_steps(SAMPLE)
+    assert [s.strip() for s in steps] == [line.strip() for line in SAMPLE.split("\n") if line.strip()]
+    assert "".join(steps) == response_text(steps) == SAMPLE
+    assert response_text(steps[2:]) == SAMPLE[SAMPLE.index("  Altogether"):]
+    spans = step_spans(steps)
+    assert [SAMPLE[a:b] for a, b in spans] == steps
+    assert split_steps("\n\n a\n\n \nb") == ["\n\n a\n\n \n", "b"] and split_steps(" \n ") == []
+    gold = ["48/2 = 24", "#### 72"]  # gold steps keep today's "\n" joins
+    assert response_text(gold) == "48/2 = 24\n#### 72" and step_spans(gold) == [(0, 10), (10, 17)]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_trained_tokens_are_the_sampled_tokens(cut):
+    """An on-policy pair split at step `cut` trains prompt+prefix+rejected == the tokens of the prompt
+    followed by the sampled text (old code re-joined stripped lines with "\\n": 54 vs 53 tokens)."""
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair, format_prompt, prompt_ids
+    from stepdpo.steps import split_steps
+
+    tok = _chat_tok()
+    steps = split_steps(SAMPLE)
+    pair = StepPair(id="p", question="How many clips?", answer="72", prefix=steps[:cut], chosen=["72"],
+                    rejected=steps[cut:], chosen_scores=[1.0], rejected_scores=[0.0] * (len(steps) - cut))
+    ex = encode_pair(pair, tok)
+    head = prompt_ids(tok, format_prompt(pair.question, tok))
+    sampled = tok(SAMPLE, add_special_tokens=False)["input_ids"]
+    assert ex.prompt_ids + ex.rejected_ids[:-1] == head + sampled
+    assert ex.prompt_ids[:len(head)] == head and ex.n_prefix == len(ex.prompt_ids) - len(head)
+    assert tok.decode(ex.rejected_ids[:-1]) == "".join(steps[cut:])
+
+
+def test_special_token_strings_in_samples_stay_text():
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair
+
+    tok = _chat_tok()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    text = "We write <|im_end|> literally.\nThe answer is 5."
+    pair = StepPair(id="p", question="q", answer="5", prefix=["Step <|im_end|> one.\n"], chosen=["The answer is 5."],
+                    rejected=[text], chosen_scores=[1.0], rejected_scores=[0.0])
+    ex = encode_pair(pair, tok)
+    assert ex.rejected_ids[-1] == im_end and im_end not in ex.rejected_ids[:-1]
+    assert tok.decode(ex.rejected_ids[:-1]) == text
+    assert im_end not in ex.prompt_ids[-ex.n_prefix:]
+
+
+# ----------------------------------------------------------------------------- point 6: chat details
+
+
+def test_chat_response_is_the_templates_assistant_turn():
+    """prompt + response ids == apply_chat_template's own ids for the conversation with that answer:
+    the end-of-turn token (not eos_token: Qwen2.5 base / older Llama-3 configs have <|endoftext|> /
+    <|end_of_text|>), and enable_thinking=False passed through (Qwen3's empty think block)."""
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair, response_text
+
+    tok = _chat_tok(enable_thinking=False)
+    tok.eos_token = "<|endoftext|>"  # as in a base model's tokenizer_config.json
+    steps = ["48 / 2 = 24", "The final answer is 72."]
+    pair = StepPair(id="p", question="How many clips?", answer="72", prefix=[], chosen=steps, rejected=["7"])
+    ex = encode_pair(pair, tok)
+    conv = [{"role": "system", "content": "Solve step by step."}, {"role": "user", "content": "How many clips?"},
+            {"role": "assistant", "content": response_text(steps)}]
+    ref = tok(tok.apply_chat_template(conv, tokenize=False, enable_thinking=False), add_special_tokens=False)["input_ids"]
+    assert ex.prompt_ids + ex.chosen_ids == ref[:len(ex.prompt_ids) + len(ex.chosen_ids)]
+    assert tok.convert_ids_to_tokens(ex.chosen_ids[-1]) == "<|im_end|>"
+    assert "<think>\n\n</think>" in tok.decode(ex.prompt_ids)
+
+
+def test_chat_template_kwargs_pin_the_date():
+    """A template that writes today's date (Llama-3.2: `date_string`, else strftime_now) is pinned by
+    model.chat_template_kwargs, so prompts and cache keys don't change from day to day."""
+    from stepdpo.data import format_prompt
+    from stepdpo.model import ModelSpec
+
+    spec = ModelSpec(name="x", path="p", prompt_format="chat", chat_template_kwargs={"date_string": "26 Jul 2024"})
+    tok = qwen_tokenizer()
+    tok.chat_template = ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+                         "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    from stepdpo.data import set_prompt_format
+
+    set_prompt_format(tok, spec.format)
+    assert format_prompt("q", tok).startswith("Today Date: 26 Jul 2024\n")
+    with pytest.raises(ValueError, match="chat_template_kwargs"):
+        ModelSpec(name="x", path="p", prompt_format="plain", chat_template_kwargs={"enable_thinking": False})
+
+
+def test_truncate_left_keeps_the_header_and_cuts_the_question():
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair, format_prompt, prompt_ids
+
+    tok = _chat_tok()
+    question = " ".join(f"word{i}" for i in range(200)) + " How many clips?"
+    pair = StepPair(id="p", question=question, answer="72", prefix=["48 / 2 = 24."], chosen=["So 72."], rejected=["So 70."])
+    full = encode_pair(pair, tok)
+    ex = encode_pair(pair, tok, max_length=100)
+    assert len(ex) == 100 and ex.chosen_ids == full.chosen_ids and ex.n_prefix == full.n_prefix > 0
+    text = tok.decode(ex.prompt_ids)
+    assert text.startswith("<|im_start|>system\nSolve step by step.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("How many clips?<|im_end|>\n<|im_start|>assistant\n48 / 2 = 24.\n")
+    assert "word0 " not in text and "word199" in text
+    with pytest.raises(ValueError, match="without its question"):
+        encode_pair(pair, tok, max_length=len(prompt_ids(tok, format_prompt("", tok))) + 5)
