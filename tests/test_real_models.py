@@ -285,3 +285,84 @@ def test_truncate_left_keeps_the_header_and_cuts_the_question():
     assert "word0 " not in text and "word199" in text
     with pytest.raises(ValueError, match="without its question"):
         encode_pair(pair, tok, max_length=len(prompt_ids(tok, format_prompt("", tok))) + 5)
+
+
+# ----------------------------------------------------------------------------- end to end, as a GPU user runs it
+
+E2E = ["threads=2", "sft.max_steps=0", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.log_every=1",
+       "eval.n=2", "eval.max_new_tokens=16", "eval.n_samples_saved=2"]
+ON_POLICY = ["pairs=on_policy", "pairs.max_new_tokens=16", "pairs.n_problems=4", "pairs.k=2", "pairs.min_pairs=0"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _train_steps(run_dir: Path) -> list[dict]:
+    return [m for m in _metrics(run_dir) if "dpo/grad_norm" in m]
+
+
+@pytest.fixture(scope="module")
+def qlora_math_run(model_dirs, tmp_path_factory):
+    """The issue's done-when: model=local (Qwen2ForCausalLM + the Qwen3 tokenizer), chat, MATH, on-policy
+    pairs, lora=qlora: eval before and pair sampling both generate before the first training step."""
+    tmp = tmp_path_factory.mktemp("qlora_math")
+    proc, run_dir = run_cli(tmp, "model=local", f"model.path={model_dirs['qwen2']}", "model.prompt_format=chat",
+                            "dataset=math", "dataset.levels=[1]", "dataset.n_train=4", *ON_POLICY,
+                            "lora=qlora", "trainer=dpo", *E2E, fast=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_e2e_qlora_math_on_policy_matches_a_run_without_generation(qlora_math_run, tmp_path):
+    """Resuming from the run's pairs.jsonl and eval_before.json trains the same pairs with no generation
+    before the first step: loss and gradient norm of both steps must be those of the run that generated."""
+    a = qlora_math_run
+    assert json.loads((a / "adapter/stepdpo.json").read_text())["load_in_4bit"] is True
+    assert (a / "pairs.jsonl").read_text().strip() and (a / "samples_before.jsonl").exists()
+    proc, b = run_cli(tmp_path, "model=local", f"model.path={Path(json.loads((a / 'adapter/stepdpo.json').read_text())['base_model'])}",
+                      "model.prompt_format=chat", "dataset=math", "dataset.levels=[1]", "dataset.n_train=4",
+                      *ON_POLICY, "lora=qlora", "trainer=dpo", f"trainer.resume={a}", *E2E, fast=False)
+    sa, sb = _train_steps(a), _train_steps(b)
+    assert len(sa) == len(sb) == 2
+    for x, y in zip(sa, sb):
+        for k in ("dpo/grad_norm", "dpo/loss", "dpo/logps/chosen", "dpo/logps/rejected"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
+    assert sa[0]["dpo/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_e2e_generate_cli_on_the_qlora_run(qlora_math_run):
+    import subprocess
+    import sys
+
+    from conftest import test_env
+
+    proc = subprocess.run([sys.executable, "-m", "stepdpo.generate", str(qlora_math_run), "What is 2 + 3?",
+                           "--max-new-tokens", "8"], cwd=ROOT, env=test_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "<|im_start|>system\nPlease" not in proc.stdout  # model=local has no system prompt
+    assert "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n" in proc.stdout
+
+
+@pytest.mark.slow
+def test_e2e_qwen3_plain_gsm8k_perturb_lora(model_dirs, tmp_path):
+    """Qwen3 architecture, plain prompt format, GSM8K, rule-based pairs, LoRA (no 4-bit); the pairs'
+    weighted tokens are the corrupted step's, decoded with the real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import PromptFormat, StepPair, read_jsonl, set_prompt_format
+
+    proc, run_dir = run_cli(tmp_path, "model=local", f"model.path={model_dirs['qwen3']}", "dataset=gsm8k",
+                            "dataset.n_train=16", "pairs=perturb", "lora=lora", "trainer=stepdpo",
+                            "eval.before=false", *E2E, fast=False)
+    pairs = [StepPair.from_dict(r) for _, r in read_jsonl(run_dir / "pairs.jsonl")]
+    assert pairs and len(_train_steps(run_dir)) == 2
+    tok = set_prompt_format(AutoTokenizer.from_pretrained(model_dirs["qwen3"]), PromptFormat("plain"))
+    ex = encode_pair(pairs[0], tok, weighting="first_error")
+    k = next(i for i, s in enumerate(pairs[0].rejected_scores) if s < 0.5)
+    weighted = tok.decode([t for t, w in zip(ex.rejected_ids, ex.rejected_w) if w > 0])
+    assert pairs[0].rejected[k].strip() in weighted
+    assert ex.rejected_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # Qwen's eos in the plain format
