@@ -21,7 +21,7 @@ from typing import Sequence
 
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text, response_text
-from .evaluate import generate
+from .generation import generate
 from .steps import split_steps
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer, first_error_of
 
@@ -107,16 +107,21 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
-    steps_of = [[split_steps(o) for o in outs] for outs in samples]
-    reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts]
+    # a sample cut off at max_new_tokens is never graded, chosen or rejected: it is counted (`truncated`)
+    steps_of = [[None if c.finish_reason == "length" else split_steps(c.text) for c in outs] for outs in samples]
+    reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts
+            if st is not None]
     results = scorer.score(reqs)
-    report: Counter = Counter(problems=len(probs), samples=len(reqs))
+    report: Counter = Counter(problems=len(probs), samples=sum(map(len, samples)),
+                              truncated=sum(st is None for sts in steps_of for st in sts))
     pairs: list[StepPair] = []
     orphans: list[tuple[Problem, list[str], ScoreResult, int]] = []  # rejected samples without a chosen side
     it = iter(results)
     for p, sts in zip(probs, steps_of):
         graded: list[tuple[list[str], ScoreResult, bool]] = []
         for st in sts:
+            if st is None:
+                continue
             r = next(it)
             if r.scores is None:
                 report["score_failed"] += 1
@@ -183,15 +188,19 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
     conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
                      temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
-    fulls = [[st[:fe] + split_steps(o) for o in outs] for (p, st, _, fe), outs in zip(orphans, conts)]
+    fulls = [[None if c.finish_reason == "length" else st[:fe] + split_steps(c.text) for c in outs]
+             for (p, st, _, fe), outs in zip(orphans, conts)]  # cut-off continuations: counted, never chosen
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)
-                                 for (p, *_), fs in zip(orphans, fulls) for f in fs]))
+                                 for (p, *_), fs in zip(orphans, fulls) for f in fs if f is not None]))
     report["resample_prefixes"] += len(orphans)
     report["resample_samples"] += len(orphans) * k
+    report["resample_truncated"] += sum(f is None for fs in fulls for f in fs)
     pairs = []
     for (p, st, r, fe), fs in zip(orphans, fulls):
         chosen = None
         for f in fs:
+            if f is None:
+                continue
             res = next(results)
             if (chosen is None and res.scores is not None and len(f) > fe and f[fe:] != st[fe:]
                     and answer_right(f, p.answer) and all(x >= 0.5 for x in res.scores)):

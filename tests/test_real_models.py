@@ -366,3 +366,44 @@ def test_e2e_qwen3_plain_gsm8k_perturb_lora(model_dirs, tmp_path):
     weighted = tok.decode([t for t, w in zip(ex.rejected_ids, ex.rejected_w) if w > 0])
     assert pairs[0].rejected[k].strip() in weighted
     assert ex.rejected_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # Qwen's eos in the plain format
+
+
+# ----------------------------------------------------------------------------- point 2: generations cut at the limit
+
+
+def test_cut_off_generations_are_counted_never_scored(monkeypatch):
+    """A generation that hit max_new_tokens (finish_reason "length") is counted; its half-written text
+    is never read for an answer (eval) and never graded into a pair side (on-policy sampling)."""
+    import stepdpo.evaluate as ev
+    import stepdpo.pairs as pairs_mod
+    from stepdpo.data import Problem
+    from stepdpo.generation import Completion
+    from stepdpo.rewards.rule import RuleScorer
+
+    probs = [Problem(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1), steps=[f"{i} + 1 = {i + 1}",
+                                                                                          f"The answer is {i + 1}"])
+             for i in range(3)]
+    by_q = {ev.format_prompt(p.question, None): p for p in probs}
+
+    def fake(model, tok, prompts, *, num_return_sequences=1, **_):
+        out = []
+        for q in prompts:
+            i = int(by_q[q].id[1:])
+            right, wrong = f"{i} + 1 = {i + 1}\nThe answer is {i + 1}", f"{i} + 1 = {i + 1}\nThe answer is {i + 2}"
+            # p0: right but cut off; p1: wrong and cut off; p2: wrong, complete
+            c = [Completion(right, (), "length"), Completion(wrong, (), "length"), Completion(wrong, (), "stop")][i]
+            out.append([c] * num_return_sequences)
+        return out
+
+    monkeypatch.setattr(ev, "generate", fake)
+    metrics, records = ev.math_accuracy(None, None, probs)
+    assert metrics["truncated"] == pytest.approx(2 / 3) and metrics["acc"] == 0.0
+    assert [r["pred"] for r in records] == [None, None, "4"]
+    metrics, records = ev.math_accuracy(None, None, probs, maj_k=3)
+    assert metrics["maj@3"] == 0.0 and records[0]["maj_pred"] is None
+
+    monkeypatch.setattr(pairs_mod, "generate", fake)
+    pairs, report = pairs_mod.build_on_policy_pairs(probs, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                    n_problems=3, min_pairs=0)
+    assert report["samples"] == 6 and report["truncated"] == 4
+    assert {p.meta["problem_id"] for p in pairs} == {"p2"}  # only the complete wrong sample is a rejected side
