@@ -14,6 +14,7 @@ own output.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -407,3 +408,42 @@ def test_cut_off_generations_are_counted_never_scored(monkeypatch):
                                                     n_problems=3, min_pairs=0)
     assert report["samples"] == 6 and report["truncated"] == 4
     assert {p.meta["problem_id"] for p in pairs} == {"p2"}  # only the complete wrong sample is a rejected side
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(dataset: str, system: str) -> tuple[int, int]:
+    """(gold solution p99, longest chat prompt) in Qwen tokens, as training encodes them."""
+    from stepdpo.data import PromptFormat, encode_text, format_prompt, prompt_ids, response_text, set_prompt_format
+    from stepdpo.datasets import gsm8k, math as math_ds
+
+    data = ROOT.parent / "shared" / "data"
+    b = gsm8k.load(path=str(data / "gsm8k"), n_train=400, n_eval=100) if dataset == "gsm8k" else \
+        math_ds.load(path=str(data / "math500/test.jsonl"))
+    probs = b.train + b.eval
+    tok = set_prompt_format(qwen_tokenizer(), PromptFormat("chat", system))
+    sol = sorted(len(encode_text(tok, response_text(p.steps))["input_ids"]) for p in probs)
+    return sol[int(0.99 * len(sol))], max(len(prompt_ids(tok, format_prompt(p.question, tok))) for p in probs)
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "math"])
+def test_presets_carry_lengths_that_fit_the_data(dataset):
+    """dataset=gsm8k|math set generation and context lengths from the measured distributions: the gold
+    solutions' p99 fits in max_new_tokens, and the longest prompt + a full-length sample + its end-of-turn
+    token fit in trainer.max_length (no on-policy pair is ever cut); model=qwen|llama bring a recipe for a
+    pretrained model; the built-in task keeps 96/512."""
+    from hydra import compose, initialize_config_dir
+
+    from stepdpo.config import register_configs
+
+    register_configs()
+    for model in ("qwen", "llama"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"model={model}", f"dataset={dataset}", "lora=qlora"])
+        p99, longest_prompt = _measured(dataset, cfg.model.system_prompt)
+        assert cfg.eval.max_new_tokens >= p99
+        assert cfg.pairs.max_new_tokens == cfg.eval.max_new_tokens
+        assert cfg.trainer.max_length >= longest_prompt + cfg.pairs.max_new_tokens + 1
+        assert cfg.sft.max_steps == 0 and cfg.trainer.gradient_checkpointing and cfg.trainer.lr <= 5e-5
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        arith = compose("config", overrides=[])
+    assert (arith.eval.max_new_tokens, arith.pairs.max_new_tokens, arith.trainer.max_length) == (96, 96, 512)
