@@ -447,3 +447,22 @@ def test_presets_carry_lengths_that_fit_the_data(dataset):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         arith = compose("config", overrides=[])
     assert (arith.eval.max_new_tokens, arith.pairs.max_new_tokens, arith.trainer.max_length) == (96, 96, 512)
+
+
+@pytest.mark.skipif(not LLAMA_TOK, reason="set STEPDPO_LLAMA3_TOKENIZER to a Llama-3.x tokenizer directory")
+def test_llama3_response_ends_with_eot_even_when_eos_is_end_of_text():
+    """Older Llama-3 tokenizer configs name <|end_of_text|> as eos; an assistant turn ends with <|eot_id|>."""
+    from transformers import AutoTokenizer
+
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import PromptFormat, StepPair, set_prompt_format
+
+    tok = AutoTokenizer.from_pretrained(LLAMA_TOK)
+    tok.eos_token = "<|end_of_text|>"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    set_prompt_format(tok, PromptFormat("chat", "Solve it."))
+    ex = encode_pair(StepPair(id="p", question="q?", answer="1", prefix=[], chosen=["The final answer is 1."],
+                              rejected=["The final answer is 2."]), tok)
+    assert tok.convert_ids_to_tokens(ex.chosen_ids[-1]) == "<|eot_id|>"
+    assert ex.prompt_ids.count(tok.bos_token_id) == 1 and ex.prompt_ids[0] == tok.bos_token_id
