@@ -107,13 +107,13 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
-    # a sample cut off at max_new_tokens is never graded, chosen or rejected: it is counted (`truncated`)
+    # a sample cut off at max_new_tokens is never graded, chosen or rejected: it is counted (`samples_truncated`)
     steps_of = [[None if c.finish_reason == "length" else split_steps(c.text) for c in outs] for outs in samples]
     reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts
             if st is not None]
     results = scorer.score(reqs)
     report: Counter = Counter(problems=len(probs), samples=sum(map(len, samples)),
-                              truncated=sum(st is None for sts in steps_of for st in sts))
+                              samples_truncated=sum(st is None for sts in steps_of for st in sts))
     pairs: list[StepPair] = []
     orphans: list[tuple[Problem, list[str], ScoreResult, int]] = []  # rejected samples without a chosen side
     it = iter(results)

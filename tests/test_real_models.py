@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def qwen_tokenizer():
 
 
 def build_model_dir(path: Path, arch: str = "qwen2", tokenizer_dir: Path = QWEN_TOK, *, hidden: int = 64,
-                    layers: int = 2, seed: int = 0) -> Path:
+                    layers: int = 2, seed: int = 0, tie: bool = True) -> Path:
     """A random-weight causal LM of `arch` (qwen2 | qwen3 | llama) + a real tokenizer, saved to `path`.
 
     hidden=64 and intermediate=128 are multiples of 64 (nf4 blocks) and of 32 (bitsandbytes' CPU
@@ -53,7 +54,7 @@ def build_model_dir(path: Path, arch: str = "qwen2", tokenizer_dir: Path = QWEN_
                   eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                   bos_token_id=tok.bos_token_id)
     cls, cfg_cls, extra = {
-        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v carry biases
+        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=tie)),  # q/k/v carry biases
         "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(tie_word_embeddings=True, head_dim=16)),
         "llama": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=False)),
     }[arch]
@@ -64,10 +65,44 @@ def build_model_dir(path: Path, arch: str = "qwen2", tokenizer_dir: Path = QWEN_
     return path
 
 
+SPOKEN = {"The": 1.0, " answer": 1.0, " is": 1.0, " ": 1.0, "7": 1.0, ".": 0.5, "\n\n": 0.15}  # + the end-of-turn token
+
+
+def speak(path: Path, end_p: float = 0.6) -> Path:
+    """Make a saved random-weight Qwen2 (untied lm_head) sample from a handful of tokens with fixed odds
+    (SPOKEN, and <|im_end|> with weight end_p), so sampled solutions end on their own after a few tokens,
+    sometimes over several lines, as a real model's do. A large v_proj bias in the last layer adds the same
+    vector to every position's residual stream (attention weights sum to 1), so the final hidden state always
+    points along one direction d; the lm_head rows are multiples of d: constant logits, 0 for every other token."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    if model.config.tie_word_embeddings or model.model.layers[-1].self_attn.v_proj.bias is None:
+        raise ValueError("speak: needs a Qwen2 model with an untied lm_head")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.layers[-1].self_attn.v_proj.bias.copy_(5.0 * torch.randn(model.model.layers[-1].self_attn.v_proj.bias.shape, generator=g))
+        ids = torch.randint(0, 150000, (4, 64), generator=g)
+        h = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)  # after the final norm
+        d = h.mean(0) / h.mean(0).norm()
+        proj = h @ d  # (positions,) all about the same positive value
+        assert proj.min() > 0.8 * proj.mean(), "speak: the hidden states don't share a direction"
+        model.lm_head.weight.zero_()
+        odds = {**{tok.convert_tokens_to_ids(tok.tokenize(t))[0] if len(tok.tokenize(t)) == 1 else None: p
+                   for t, p in SPOKEN.items()}, tok.convert_tokens_to_ids("<|im_end|>"): end_p}
+        assert None not in odds
+        for t, p in odds.items():  # logit = 20 + log p, far above the 0 of the other 151k tokens
+            model.lm_head.weight[t] = (20.0 + math.log(p)) / proj.mean() * d
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_models")
     dirs = {arch: build_model_dir(root / arch, arch) for arch in ("qwen2", "qwen3", "llama")}
+    dirs["qwen2_speaks"] = speak(build_model_dir(root / "qwen2_speaks", "qwen2", tie=False))
     if LLAMA_TOK:
         dirs["llama3tok"] = build_model_dir(root / "llama3tok", "llama", Path(LLAMA_TOK))
     return dirs
@@ -292,7 +327,7 @@ def test_truncate_left_keeps_the_header_and_cuts_the_question():
 
 E2E = ["threads=2", "sft.max_steps=0", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.log_every=1",
        "eval.n=2", "eval.max_new_tokens=16", "eval.n_samples_saved=2"]
-ON_POLICY = ["pairs=on_policy", "pairs.max_new_tokens=16", "pairs.n_problems=4", "pairs.k=2", "pairs.min_pairs=0"]
+ON_POLICY = ["pairs=on_policy", "pairs.max_new_tokens=16", "pairs.n_problems=4", "pairs.k=4", "pairs.min_pairs=0"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -308,7 +343,7 @@ def qlora_math_run(model_dirs, tmp_path_factory):
     """The issue's done-when: model=local (Qwen2ForCausalLM + the Qwen3 tokenizer), chat, MATH, on-policy
     pairs, lora=qlora: eval before and pair sampling both generate before the first training step."""
     tmp = tmp_path_factory.mktemp("qlora_math")
-    proc, run_dir = run_cli(tmp, "model=local", f"model.path={model_dirs['qwen2']}", "model.prompt_format=chat",
+    proc, run_dir = run_cli(tmp, "model=local", f"model.path={model_dirs['qwen2_speaks']}", "model.prompt_format=chat",
                             "dataset=math", "dataset.levels=[1]", "dataset.n_train=4", *ON_POLICY,
                             "lora=qlora", "trainer=dpo", *E2E, fast=False)
     return run_dir
@@ -321,6 +356,9 @@ def test_e2e_qlora_math_on_policy_matches_a_run_without_generation(qlora_math_ru
     a = qlora_math_run
     assert json.loads((a / "adapter/stepdpo.json").read_text())["load_in_4bit"] is True
     assert (a / "pairs.jsonl").read_text().strip() and (a / "samples_before.jsonl").exists()
+    report = json.loads((a / "summary.json").read_text())["pairs"]
+    assert report["pairs_on_policy"] >= 2 and 0 < report["samples_truncated"] < report["samples"]
+    assert json.loads((a / "eval_before.json").read_text())["truncated"] == 1.0  # greedy "7777...": cut, counted
     proc, b = run_cli(tmp_path, "model=local", f"model.path={Path(json.loads((a / 'adapter/stepdpo.json').read_text())['base_model'])}",
                       "model.prompt_format=chat", "dataset=math", "dataset.levels=[1]", "dataset.n_train=4",
                       *ON_POLICY, "lora=qlora", "trainer=dpo", f"trainer.resume={a}", *E2E, fast=False)
@@ -406,7 +444,7 @@ def test_cut_off_generations_are_counted_never_scored(monkeypatch):
     monkeypatch.setattr(pairs_mod, "generate", fake)
     pairs, report = pairs_mod.build_on_policy_pairs(probs, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
                                                     n_problems=3, min_pairs=0)
-    assert report["samples"] == 6 and report["truncated"] == 4
+    assert report["samples"] == 6 and report["samples_truncated"] == 4
     assert {p.meta["problem_id"] for p in pairs} == {"p2"}  # only the complete wrong sample is a rejected side
 
 
