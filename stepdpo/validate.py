@@ -20,7 +20,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Sequence
 
-from .data import Problem, StepPair, prompt_ids, prompt_text, response_text
+from .data import Problem, StepPair, encode_text, pair_prompt_ids, response_text, truncated_prompt_ids
 
 TRUNCATION = ("error", "drop", "truncate_left")
 ON_INVALID = ("error", "skip")
@@ -115,8 +115,6 @@ def check_pair(obj: Any, where: str, *, require_scores: bool = False) -> StepPai
 
 def pair_length(pair: StepPair, tokenizer) -> tuple[int, int]:
     """(prompt tokens incl. BOS, longer response tokens incl. EOS), as `batching.encode_pair` counts them."""
-    from .data import encode_text, pair_prompt_ids
-
     def n(text: str) -> int:
         return len(encode_text(tokenizer, text)["input_ids"])
 
@@ -190,8 +188,6 @@ def validate_pairs(pairs: Sequence[StepPair | dict], *, tokenizer=None, max_leng
                 if truncation == "error":
                     rep.drop("too_long", msg)
                     continue
-                from .data import truncated_prompt_ids
-
                 try:  # only the question is cut: BOS, system/user header and prefix stay whole
                     truncated_prompt_ids(tokenizer, pair.question, pair.prefix, max_length - n_resp)
                 except ValueError as e:
