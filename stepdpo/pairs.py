@@ -72,7 +72,7 @@ def corrupt_pairs(problems: Sequence[Problem], n: int, rng: random.Random) -> li
         steps, k = res
         out.append(StepPair(id=f"{p.id}-perturb{tries}", question=p.question, answer=p.answer, prefix=p.steps[:k],
                             chosen=p.steps[k:], rejected=steps[k:], chosen_scores=[1.0] * len(p.steps[k:]),
-                            rejected_scores=[0.0] * len(steps[k:]), source="perturb", meta={"problem_id": p.id}))
+                            rejected_scores=[0.0] * len(steps[k:]), source="perturb", meta={**p.meta, "problem_id": p.id}))  # the problem's meta: reward=rule re-checks the steps
     return out[:n]
 
 
