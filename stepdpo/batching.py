@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .data import StepPair, prompt_ids, prompt_text, response_text
+from .data import StepPair, encode_text, end_of_response_id, pair_prompt_ids, response_text, truncated_prompt_ids
 from .loss import IGNORE  # the label of prompt/pad positions
 from .weights import token_weights
 
@@ -73,8 +73,8 @@ class PreferenceBatch:
 def _encode_response(tokenizer, steps: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
     """Response ids (EOS appended) and each token's character offsets in `response_text(steps)`."""
     text = response_text(steps)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    enc = encode_text(tokenizer, text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"]) + [end_of_response_id(tokenizer)]
     offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
     return ids, offsets
 
@@ -82,20 +82,17 @@ def _encode_response(tokenizer, steps: list[str]) -> tuple[list[int], list[tuple
 def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weighting_kwargs: dict | None = None,
                 max_length: int | None = None) -> Example:
     """Tokenize a pair; its token weights come from `weights.token_weights` (the whole score -> weight rule)."""
-    p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
-    n_prefix = 0
-    if pair.prefix:  # prompt tokens that are the prefix steps (for trainer.nll_on=solution)
-        n_prefix = max(0, len(p_ids) - len(prompt_ids(tokenizer, prompt_text(pair.question, (), tokenizer))))
+    p_ids, n_prefix = pair_prompt_ids(tokenizer, pair.question, pair.prefix)  # n_prefix: for trainer.nll_on=solution
     c_ids, c_off = _encode_response(tokenizer, pair.chosen)
     r_ids, r_off = _encode_response(tokenizer, pair.rejected)
     w = token_weights(pair, (c_off, r_off), weighting, **(weighting_kwargs or {}))
-    if max_length is not None:
-        over = len(p_ids) + max(len(c_ids), len(r_ids)) - max_length
-        if over > 0:  # keep the responses whole; drop the oldest prompt tokens (validation counts this)
-            if over >= len(p_ids):
-                raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
-            p_ids = p_ids[over:]
-            n_prefix = min(n_prefix, len(p_ids))
+    if max_length is not None and len(p_ids) + max(len(c_ids), len(r_ids)) > max_length:
+        # keep the responses, the template header and the prefix whole; drop the question's oldest tokens
+        try:
+            p_ids, n_prefix, _ = truncated_prompt_ids(tokenizer, pair.question, pair.prefix,
+                                                      max_length - max(len(c_ids), len(r_ids)))
+        except ValueError as e:
+            raise ValueError(f"pair {pair.id}: {e} (trainer.max_length={max_length})") from None
     return Example(p_ids, c_ids, r_ids, w.chosen, w.rejected, w.chosen_focus, w.rejected_focus, n_prefix)
 
 

@@ -69,9 +69,15 @@ class ModelSpec:
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     prompt_format: str = "plain"  # plain ("Question: ...\nAnswer:\n") | chat (the tokenizer's chat template)
     system_prompt: str | None = None  # chat only: system message
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat only: extra apply_chat_template
+    # variables, everywhere a prompt is built (enable_thinking: false for Qwen3; date_string pins Llama-3.x's date)
 
     def __post_init__(self):
-        self.format = PromptFormat(self.prompt_format, self.system_prompt)  # checks the style
+        kw = dict(self.chat_template_kwargs or {})
+        if kw and self.prompt_format != "chat":
+            raise ValueError("model.chat_template_kwargs is set but model.prompt_format=plain ignores it; "
+                             "use model.prompt_format=chat or model.chat_template_kwargs={}")
+        self.format = PromptFormat(self.prompt_format, self.system_prompt, kw)  # checks the style
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,41 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: QuantSpec | No
         tok.pad_token = tok.eos_token
     set_prompt_format(tok, spec.format)  # before the weights load: a missing chat template fails fast
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    if quant is not None:
+        keep_4bit_training_layout(model)
     return model, tok
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    bitsandbytes 0.50's `Linear4bit.forward` on a CPU with AVX512-BF16, in eval mode and without
+    grad, converts its weight in place to a packed layout (`_convert_weight_packed_for_cpu`: absmax
+    cast to bf16, double quantization undone) and sets `quant_state.packing_format_for_cpu`. From
+    then on every forward, training ones included, goes through `gemv_4bit`, which has no autograd
+    formula: the LoRA gradients of the layers below come out wrong (torch only warns), and a biased
+    layer (Qwen2's q/k/v) crashes on bitsandbytes' in-place `result += bias`. The inverse
+    conversion is lossy (bf16 absmax, re-run double quantization), so the repacking is switched off
+    instead: the flag `support_avx512bf16_for_cpu` gates it, and generation then runs the same
+    dequantize + matmul path that training uses. A GPU never repacks (the check is CPU-only).
+    A layer that was repacked already is converted back (best effort, as bitsandbytes does before
+    saving).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+            n += 1
+    return n
 
 
 def _device_index():

@@ -28,9 +28,9 @@ from collections import Counter
 from typing import Sequence
 
 from .answers import answers_match, extract_answer
-from .data import Problem, StepPair, format_prompt, prompt_text
-from .evaluate import split_steps
+from .data import Problem, StepPair, format_prompt, prompt_text, response_text
 from .generation import generate
+from .steps import split_steps
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer
 from .weights import is_wrong
 
@@ -75,7 +75,7 @@ def check_resample(k: int, temperature: float) -> None:
 
 
 def answer_right(steps: Sequence[str], answer: str) -> bool:
-    return bool(steps) and answers_match(extract_answer("\n".join(steps)), answer)
+    return bool(steps) and answers_match(extract_answer(response_text(steps)), answer)
 
 
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
@@ -104,7 +104,7 @@ def corrupt_pairs(problems: Sequence[Problem], n: int, rng: random.Random) -> li
         steps, k = res
         out.append(StepPair(id=f"{p.id}-perturb{tries}", question=p.question, answer=p.answer, prefix=p.steps[:k],
                             chosen=p.steps[k:], rejected=steps[k:], chosen_scores=[1.0] * len(p.steps[k:]),
-                            rejected_scores=[0.0] * len(steps[k:]), source="perturb", meta={"problem_id": p.id}))
+                            rejected_scores=[0.0] * len(steps[k:]), source="perturb", meta={**p.meta, "problem_id": p.id}))  # the problem's meta: reward=rule re-checks the steps
     return out[:n]
 
 
@@ -142,16 +142,21 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
-    steps_of = [[split_steps(c.text) for c in outs] for outs in samples]
-    reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts]
+    # a sample cut off at max_new_tokens is never graded, chosen or rejected: it is counted (`samples_truncated`)
+    steps_of = [[None if c.finish_reason == "length" else split_steps(c.text) for c in outs] for outs in samples]
+    reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts
+            if st is not None]
     results = scorer.score(reqs)
-    report: Counter = Counter(problems=len(probs), samples=len(reqs))
+    report: Counter = Counter(problems=len(probs), samples=sum(map(len, samples)),
+                              samples_truncated=sum(st is None for sts in steps_of for st in sts))
     pairs: list[StepPair] = []
     orphans: list[tuple[Problem, list[str], ScoreResult, int]] = []  # rejected samples without a chosen side
     it = iter(results)
     for p, sts in zip(probs, steps_of):
         graded: list[tuple[list[str], ScoreResult, bool]] = []
         for st in sts:
+            if st is None:
+                continue
             r = next(it)
             if r.scores is None:
                 report["score_failed"] += 1
@@ -166,9 +171,9 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
         seen: set[str] = set()
         made = pending = 0  # pairs, and rejected samples left for resample_chosen (both count to the cap)
         for st, r, ok in graded:
-            if ok or not st or made + pending >= max_pairs_per_problem or "\n".join(st) in seen:
+            if ok or not st or made + pending >= max_pairs_per_problem or response_text(st) in seen:
                 continue
-            seen.add("\n".join(st))
+            seen.add(response_text(st))
             fe = r.first_error
             if fe is None:  # final answer wrong but no step flagged: blame the last step
                 fe = len(st) - 1
@@ -178,7 +183,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                 if cst[:fe] == prefix and len(cst) > fe:
                     chosen, cs = cst[fe:], cr.scores[fe:]
                     break
-            if chosen is None and p.steps[:fe] == prefix and len(p.steps) > fe:
+            if chosen is None and [s.strip() for s in prefix] == p.steps[:fe] and len(p.steps) > fe:  # gold: "\n" joins
                 chosen, cs = p.steps[fe:], [1.0] * len(p.steps[fe:])
             if chosen is None:
                 if resample_k > 0:  # continue the correct prefix below, once every problem is graded
@@ -197,8 +202,16 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                                  batch_size=batch_size, seed=seed + 7919, report=report)
     if len(pairs) < min_pairs:
         gold = [p for p in (problems if topup_problems is None else topup_problems) if p.steps]
-        top = corrupt_pairs(gold, min_pairs - len(pairs), rng)
+        want = min_pairs - len(pairs)
+        top = corrupt_pairs(gold, want, rng)
         report["pairs_perturb_topup"] = len(top)
+        if len(top) < want:  # say so: the rules only know the arith task and GSM8K's "<<a=b>>" annotations
+            usable = sum(p.meta.get("kind") == "arith" or any("<<" in s for s in p.steps) for p in gold)
+            report["pairs_topup_short"] = want - len(top)
+            log.warning("pairs.min_pairs=%d: the top-up added %d of %d pairs: rule-based corruption needs the arith "
+                        "task or GSM8K '<<a=b>>' annotations, and %d of %d gold solutions have them (MATH has none); "
+                        "lower pairs.min_pairs, sample more (pairs.k, pairs.n_problems), or use pairs=llm",
+                        min_pairs, len(top), want, usable, len(gold))
         pairs += top
     return pairs, dict(report)
 
@@ -210,15 +223,19 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
     conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
                      temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
-    fulls = [[st[:fe] + split_steps(c.text) for c in outs] for (p, st, _, fe), outs in zip(orphans, conts)]
+    fulls = [[None if c.finish_reason == "length" else st[:fe] + split_steps(c.text) for c in outs]
+             for (p, st, _, fe), outs in zip(orphans, conts)]  # cut-off continuations: counted, never chosen
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)
-                                 for (p, *_), fs in zip(orphans, fulls) for f in fs]))
+                                 for (p, *_), fs in zip(orphans, fulls) for f in fs if f is not None]))
     report["resample_prefixes"] += len(orphans)
     report["resample_samples"] += len(orphans) * k
+    report["resample_truncated"] += sum(f is None for fs in fulls for f in fs)
     pairs = []
     for (p, st, r, fe), fs in zip(orphans, fulls):
         chosen = None
         for f in fs:
+            if f is None:
+                continue
             res = next(results)
             if (chosen is None and res.scores is not None and len(f) > fe and f[fe:] != st[fe:]
                     and answer_right(f, p.answer) and res.first_error is None):

@@ -379,7 +379,8 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float) -
     write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": s.lora_spec.name,
                                                "load_in_4bit": s.lora_spec.quant is not None,
                                                "prompt_format": s.model_spec.prompt_format,
-                                               "system_prompt": s.model_spec.system_prompt})
+                                               "system_prompt": s.model_spec.system_prompt,
+                                               "chat_template_kwargs": s.model_spec.format.template_kwargs})
     s.tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
     results["after"] = evaluate_stage("after", policy, tok, s.eval_problems, cfg, s.tracker, s.step, out, s.scorer)
     summary["time/total_s"] = time.perf_counter() - t_start

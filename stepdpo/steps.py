@@ -14,9 +14,13 @@ Modes (`MODES`):
 
 Explicit step lists (PRM800K) need no segmentation: `clean_steps` tidies them the same way.
 
-The model sees steps joined by "\\n" (`stepdpo.data.response_text`), so a step that itself
+The model sees gold steps joined by "\\n" (`stepdpo.data.response_text`), so a step that itself
 contains newlines would read as several steps to anything that splits generated text on lines;
 `single_line=True` folds a step's inner line breaks into spaces.
+
+Sampled solutions are split by `split_steps(text)`, which keeps the text exactly: one step per
+non-blank line, each step carrying the line break(s) after it, so `"".join(steps) == text` and
+`response_text(steps) == text` (the tokens trained are the tokens sampled).
 
 GSM8K's "<<48/2=24>>" calculator annotations (stripped with `strip_annotations=True`) are read and
 checked in `stepdpo.calculator`.
@@ -149,6 +153,31 @@ def spans(text: str, mode: str = "lines", *, pattern: str | None = None) -> list
         span = _trim(text, 0, len(text))
         return [span] if span else []
     raise ValueError(f"steps: unknown mode {mode!r}; choose one of {MODES}")
+
+
+_AFTER_LINE_BREAKS = re.compile(r"(?<=\n)(?=[^\n])")  # just after a run of line breaks
+
+
+def split_steps(text: str) -> list[str]:
+    """Steps of a sampled solution, exactly as written: one per non-blank line, each ending with the
+    line break(s) that follow it (".\\n\\n" stays ".\\n\\n"); blank or whitespace-only lines stay with
+    the step before them (leading ones with the first step). `"".join(split_steps(t)) == t` for any
+    `t` that is not all whitespace (which has no steps: []).
+
+    Cut points sit just after a run of line breaks, where byte-level BPE pre-tokenizers (Qwen,
+    Llama-3, GPT-2) always start a new pre-token, so the steps' tokens are the text's tokens."""
+    out: list[str] = []
+    lead = ""
+    for piece in _AFTER_LINE_BREAKS.split(text):
+        if not piece.strip():
+            if out:
+                out[-1] += piece
+            else:
+                lead += piece
+            continue
+        out.append(lead + piece)
+        lead = ""
+    return out
 
 
 def clean_step(step: str, *, strip_annotations: bool = False, single_line: bool = False) -> str:
