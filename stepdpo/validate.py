@@ -91,6 +91,22 @@ def _where(obj: Any, i: int, source: str, kind: str = "pair") -> str:
     return f"{source}: {kind} {i} (id {_get(obj, 'id')!r})"
 
 
+def _checked(objs: Sequence[Any], source: str, kind: str, check, seen: set[str], rep: "_Report"):
+    """(where, item) for every object that `check(obj, where)` accepts and whose id is not in `seen`
+    (the caller adds the ids it keeps); the others go to `rep` with their reason."""
+    for i, obj in enumerate(objs):
+        where = _where(obj, i, source, kind)
+        try:
+            item = check(obj, where)
+            if item.id in seen:
+                raise Invalid("duplicate_id", f"{where}: field 'id' {item.id!r} is used by an earlier {kind}; ids "
+                                              "must be unique")
+        except Invalid as e:
+            rep.drop(e.reason, str(e))
+            continue
+        yield where, item
+
+
 def check_pair(obj: Any, where: str, *, require_scores: bool = False) -> StepPair:
     """Field checks for one pair (a StepPair or a dict); raises `Invalid(reason, message)`."""
     _field(obj, "id", str, where)
@@ -165,16 +181,8 @@ def validate_pairs(pairs: Sequence[StepPair | dict], *, tokenizer=None, max_leng
     kept: list[StepPair] = []
     truncated = 0
     seen_ids: set[str] = set()
-    for i, obj in enumerate(pairs):
-        where = _where(obj, i, source)
-        try:
-            pair = check_pair(obj, where, require_scores=require_scores)
-            if pair.id in seen_ids:
-                raise Invalid("duplicate_id", f"{where}: field 'id' {pair.id!r} is used by an earlier pair; ids must "
-                                              "be unique")
-        except Invalid as e:
-            rep.drop(e.reason, str(e))
-            continue
+    check = lambda obj, where: check_pair(obj, where, require_scores=require_scores)  # noqa: E731
+    for where, pair in _checked(pairs, source, "pair", check, seen_ids, rep):
         if tokenizer is not None and max_length is not None:
             n_prompt, n_resp = pair_length(pair, tokenizer)
             total = n_prompt + n_resp
@@ -220,16 +228,9 @@ def validate_problems(problems: Sequence[Problem | dict], *, on_invalid: str = "
     rep = _Report(source, on_invalid, len(problems))
     kept: list[Problem] = []
     seen: set[str] = set()
-    for i, obj in enumerate(problems):
-        where = _where(obj, i, source, "problem")
-        try:
-            p = check_problem(obj, where, require_steps=require_steps, require_answer=require_answer)
-            if p.id in seen:
-                raise Invalid("duplicate_id", f"{where}: field 'id' {p.id!r} is used by an earlier problem; ids "
-                                              "must be unique")
-        except Invalid as e:
-            rep.drop(e.reason, str(e))
-            continue
+    check = lambda obj, where: check_problem(obj, where, require_steps=require_steps,  # noqa: E731
+                                             require_answer=require_answer)
+    for _, p in _checked(problems, source, "problem", check, seen, rep):
         seen.add(p.id)
         kept.append(p)
     return kept, rep.as_dict(len(kept))
