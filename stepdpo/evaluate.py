@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from . import progress
 from .answers import answers_match, extract_answer
 from .data import Problem, format_prompt, prompt_ids
 
@@ -95,6 +96,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         dec = [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         for r, i in enumerate(idx):
             texts[i] = dec[r * num_return_sequences:(r + 1) * num_return_sequences]
+        progress.advance(len(dec), {i: texts[i] for i in idx})  # the open sampling/eval bar, if any
     out = [texts[i] for i in range(len(prompts))]
     if was_training:
         model.train()
@@ -112,7 +114,9 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     pooled), and `acc/level/<L>`, `acc/subject/<S>` when the problems carry those meta fields (MATH).
     """
     prompts = [format_prompt(p.question, tokenizer) for p in problems]
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    right = lambda text, gold: answers_match(extract_answer(text), gold)  # noqa: E731
+    with progress.bar("eval", len(prompts), unit="problem", on_outputs=progress.accuracy_so_far([p.answer for p in problems], right)):
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     records = []
     for p, (o,) in zip(problems, outs):
         pred = extract_answer(o)

@@ -28,14 +28,16 @@ def load_trained(run_dir: str | Path):
     fmt = PromptFormat(meta.get("prompt_format", "plain"), meta.get("system_prompt"))  # as in training
     if full.is_dir():
         return AutoModelForCausalLM.from_pretrained(full), set_prompt_format(AutoTokenizer.from_pretrained(full), fmt)
-    from peft import PeftModel
+    from .model import LoraSpec, ModelSpec, load_base, peft_quietly
 
-    from .model import LoraSpec, ModelSpec, load_base
+    with peft_quietly():
+        from peft import PeftModel
 
     quant = LoraSpec(name="qlora", load_in_4bit=True) if meta.get("load_in_4bit") else None
     base, tok = load_base(ModelSpec(name="base", path=meta["base_model"], prompt_format=fmt.style,
                                     system_prompt=fmt.system), quant=quant)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    with peft_quietly():
+        model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval(), tok
 
 

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
+from . import progress
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text
 from .evaluate import generate, split_steps
@@ -103,6 +104,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     probs = list(problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
+    bar = progress.bar("sampling", len(probs) * k, unit="sample", on_outputs=progress.samples_so_far(
+        [p.answer for p in probs], lambda t, gold: answer_right(split_steps(t), gold), max_pairs_per_problem))
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
@@ -164,6 +167,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
         top = corrupt_pairs(gold, min_pairs - len(pairs), rng)
         report["pairs_perturb_topup"] = len(top)
         pairs += top
+    bar.set(pairs=len(pairs))  # graded: the pairs found
+    bar.close()
     return pairs, dict(report)
 
 
@@ -172,8 +177,9 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     """Step-DPO's chosen sides: for each (problem, rejected steps, their scores, first error fe),
     sample k continuations of the correct prefix steps[:fe] and pair the first one graded correct."""
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
-    conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
-                     temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
+    with progress.bar("resampling", len(prompts) * k, unit="sample", gen=True):
+        conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                         temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
     fulls = [[st[:fe] + split_steps(o) for o in outs] for (p, st, _, fe), outs in zip(orphans, conts)]
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)
                                  for (p, *_), fs in zip(orphans, fulls) for f in fs]))

@@ -268,7 +268,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         write_json(out / "eval.json", results)
         write_json(out / "summary.json", {**tracker.summary_data, **summary})
         tracker.summary({k: v for k, v in _flat(summary).items()})
-        print_table(results, cfg.trainer, summary["time/total_s"])
+        print_table(results, cfg.trainer, summary["time/total_s"], out)
         from .plots import plot_run
 
         plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
@@ -358,14 +358,44 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def print_table(results: dict, tcfg, seconds: float) -> None:
+def print_table(results: dict, tcfg, seconds: float, out: Path | None = None) -> None:
     name = "sft" if tcfg.loss == "sft" else f"{tcfg.loss}/{tcfg.weighting}"
-    lines = ["", f"{'stage':<24}{'accuracy':>10}{'n':>6}"]
+    if tcfg.loss != "sft" and (tcfg.get("weighting_kwargs") or {}).get("error_span") == "token":
+        name += ", one token"  # trainer=stepdpo_token
+    print(format_table(results, name, seconds, out), flush=True)
+
+
+def format_table(results: dict, name: str, seconds: float, out: Path | None = None) -> str:
+    """The run's last words: held-out accuracy before and after with n and its standard error
+    sqrt(p(1-p)/n), the gain in points with the standard error of a difference of two independent
+    proportions (the same problems are scored twice, so this is an upper bound), the wall time and
+    the run directory."""
+    import math
+
+    def se(m: dict) -> float:
+        return 100 * math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
+
+    lines = ["", f"{'held-out accuracy':<28}{'%':>8}{'± s.e.':>9}{'n':>6}"]
     for stage, m in results.items():
         label = "before" if stage == "before" else f"after ({name})"
-        lines.append(f"{label:<24}{m['acc']:>10.4f}{m['n']:>6}")
-    lines.append(f"total time {seconds:.1f}s")
-    print("\n".join(lines), flush=True)
+        lines.append(f"{label:<28}{100 * m['acc']:>8.1f}{se(m):>9.1f}{m['n']:>6}")
+    if "before" in results and "after" in results:
+        b, a = results["before"], results["after"]
+        gain, gse = 100 * (a["acc"] - b["acc"]), math.hypot(se(a), se(b))
+        lines.append(f"{'gain (points)':<28}{gain:>+8.1f}{gse:>9.1f}")
+    lines.append(f"wall time {fmt_seconds(seconds)}")
+    if out is not None:
+        try:
+            shown = Path(out).resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = Path(out).resolve()
+        lines.append(f"run dir   {shown}  (eval.json, summary.json, samples_*.jsonl, *.png)")
+    return "\n".join(lines)
+
+
+def fmt_seconds(s: float) -> str:
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}m{sec:02d}s ({s:.0f} s)" if m else f"{s:.1f} s"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

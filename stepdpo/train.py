@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, progress
 from .batching import Example, PreferenceBatch, collate, length_grouped_batches
 from .config import TrainerConfig
 from .loss import IGNORE, sft_loss, token_logps, weighted_dpo_loss
@@ -420,6 +420,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     if rounds > 1 and resume_from is not None:
         raise ValueError(f"{prefix}: trainer.rounds={cfg.rounds} can't resume from a checkpoint yet; use rounds=1")
     boundaries = {round(cfg.max_steps * r / rounds): r for r in range(1, rounds)}  # step -> round starting after it
+    prog = progress.bar(prefix, total=cfg.max_steps, initial=start, unit="step", every=cfg.log_every, enabled=rank == 0)
     for step in range(start + 1, cfg.max_steps + 1):
         if step - 1 in boundaries:  # a new on-policy round: fresh pairs from the current policy
             r = boundaries[step - 1]
@@ -479,6 +480,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        prog.update(loss=sums["loss"], tokens=sums["tokens/nonpad"])  # this rank's tokens
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             red = distributed.reduce_metrics({**sums, "tokens/window": tokens}, device)  # summed over ranks
             window, dt = red.pop("tokens/window"), time.perf_counter() - t0
@@ -502,5 +504,6 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
                     "step": step, "meta": meta, "model": checkpoint.trainable_state(model),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "stream": stream.state_dict(), "rng": rngs}, keep=cfg.keep_checkpoints)
+    prog.close()
     model.eval()
     return last

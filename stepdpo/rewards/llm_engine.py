@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import random
-import sys
 import threading
 import time
 from collections import Counter
@@ -420,10 +419,9 @@ class LLMEngine:
         return body
 
     def _bar(self, total: int):
-        from tqdm.auto import tqdm
+        from .. import progress  # a bar on a terminal, a log line every ~10% otherwise
 
-        return tqdm(total=total, desc=self.desc, unit="req", dynamic_ncols=True,
-                    disable=not (self.progress and sys.stderr.isatty()))
+        return progress.bar(self.desc, total, unit="req", enabled=self.progress)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when: wait that long (plus a little jitter)
