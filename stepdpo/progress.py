@@ -66,7 +66,7 @@ def fmt_time(seconds: float) -> str:
 
 def fmt_value(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.0f}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
@@ -87,6 +87,8 @@ class Bar:
         self.fields: dict = {}
         self.tokens = 0
         self.t0 = time.perf_counter()
+        self.paused = 0.0  # seconds spent inside nested bars (sampling, eval in a training stage)
+        self.parent = _stack[-1] if _stack else None
         self.start_n = initial
         self.mode = mode() if enabled else "off"
         self.every = max(1, every or math.ceil((total or LOG_LINES) / LOG_LINES))
@@ -111,7 +113,7 @@ class Bar:
         self.n += n
         if tokens is not None:
             self.tokens += tokens
-            fields["tokens/s"] = self.tokens / max(1e-9, self.elapsed())
+            fields["tokens/s"] = self.tokens / max(1e-9, self.elapsed() - self.paused)  # own work only
         self.fields.update({k: v for k, v in fields.items() if v is not None})
         if self.mode == "bar":
             self._tqdm.set_postfix_str(self._fields_str("=", ", "), refresh=False)
@@ -159,6 +161,8 @@ class Bar:
         self.closed = True
         if self in _stack:
             _stack.remove(self)
+        if self.parent is not None:
+            self.parent.paused += self.elapsed()
         if self._tqdm is not None:
             self._tqdm.close()
         if self._redirect is not None:

@@ -375,14 +375,15 @@ def format_table(results: dict, name: str, seconds: float, out: Path | None = No
     def se(m: dict) -> float:
         return 100 * math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
 
-    lines = ["", f"{'held-out accuracy':<28}{'%':>8}{'± s.e.':>9}{'n':>6}"]
+    w = max(28, len(name) + 10)
+    lines = ["", f"{'held-out accuracy':<{w}}{'%':>8}{'± s.e.':>9}{'n':>6}"]
     for stage, m in results.items():
         label = "before" if stage == "before" else f"after ({name})"
-        lines.append(f"{label:<28}{100 * m['acc']:>8.1f}{se(m):>9.1f}{m['n']:>6}")
+        lines.append(f"{label:<{w}}{100 * m['acc']:>8.1f}{se(m):>9.1f}{m['n']:>6}")
     if "before" in results and "after" in results:
         b, a = results["before"], results["after"]
         gain, gse = 100 * (a["acc"] - b["acc"]), math.hypot(se(a), se(b))
-        lines.append(f"{'gain (points)':<28}{gain:>+8.1f}{gse:>9.1f}")
+        lines.append(f"{'gain (points)':<{w}}{gain:>+8.1f}{gse:>9.1f}")
     lines.append(f"wall time {fmt_seconds(seconds)}")
     if out is not None:
         try:

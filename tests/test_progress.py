@@ -42,9 +42,9 @@ def test_log_mode_prints_every_n_steps_with_loss_tokens_per_s_and_eta(monkeypatc
     got = lines(caplog)
     # steps 4 and 8 (every 4; the last step gets the "done" line instead), then the end
     assert got == [
-        "sft: step 4/10 (40%) loss 0.2500 tokens/s 150 | 8s elapsed, ETA 12s",
-        "sft: step 8/10 (80%) loss 0.1250 tokens/s 150 | 16s elapsed, ETA 4s",
-        "sft: step 10/10 (100%) loss 0.1000 tokens/s 150 | done in 20s",
+        "sft: step 4/10 (40%) loss 0.2500 tokens/s 150.0 | 8s elapsed, ETA 12s",
+        "sft: step 8/10 (80%) loss 0.1250 tokens/s 150.0 | 16s elapsed, ETA 4s",
+        "sft: step 10/10 (100%) loss 0.1000 tokens/s 150.0 | done in 20s",
     ]
 
 
@@ -122,3 +122,19 @@ def test_the_training_loop_and_evaluation_report_progress(monkeypatch, caplog):
     got = lines(caplog)
     assert got[-1].startswith("eval: problem 6/6 (100%)")
     assert f"acc {sum(r['correct'] for r in records) / 6:.4f}" in got[-1]
+
+
+def test_training_tokens_per_s_leaves_out_time_spent_in_nested_bars(monkeypatch, caplog, clock):
+    """A round's sampling (or an eval) inside a training stage is not training time."""
+    monkeypatch.setenv("STEPDPO_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="stepdpo.progress")
+    with progress.bar("dpo", total=2, every=1) as train_bar:
+        clock(1.0)
+        train_bar.update(loss=0.5, tokens=100)
+        with progress.bar("sampling", total=4, unit="sample", gen=True):
+            clock(9.0)
+            progress.advance(4)
+        clock(1.0)
+        train_bar.update(loss=0.5, tokens=100)
+    assert train_bar.fields["tokens/s"] == 100.0  # 200 tokens in 2 s of training, not in 11 s
+    assert lines(caplog)[-1] == "dpo: step 2/2 (100%) loss 0.5000 tokens/s 100.0 | done in 11s"
