@@ -66,7 +66,7 @@ def run(cfg: DictConfig, out: Path) -> float:
     from .train import train
     from . import checkpoint, distributed
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     validate_targets(cfg)  # every key of every group, before anything is loaded
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
@@ -262,13 +262,14 @@ def run(cfg: DictConfig, out: Path) -> float:
         tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
         results["after"] = evaluate_stage("after", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
         summary["time/total_s"] = time.perf_counter() - t_start
+        summary["time/cpu_s"] = time.process_time() - cpu_start  # all threads; ~ the wall time of threads=1 on an idle core
         summary["eval"] = results
         if hasattr(scorer, "summary"):  # again: eval samples were scored too
             summary["judge"] = scorer.summary()
         write_json(out / "eval.json", results)
         write_json(out / "summary.json", {**tracker.summary_data, **summary})
         tracker.summary({k: v for k, v in _flat(summary).items()})
-        print_table(results, cfg.trainer, summary["time/total_s"], out)
+        print_table(results, cfg.trainer, summary["time/total_s"], out, cpu_seconds=summary["time/cpu_s"])
         from .plots import plot_run
 
         plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
@@ -358,18 +359,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def print_table(results: dict, tcfg, seconds: float, out: Path | None = None) -> None:
+def print_table(results: dict, tcfg, seconds: float, out: Path | None = None, cpu_seconds: float | None = None) -> None:
     name = "sft" if tcfg.loss == "sft" else f"{tcfg.loss}/{tcfg.weighting}"
     if tcfg.loss != "sft" and (tcfg.get("weighting_kwargs") or {}).get("error_span") == "token":
         name += ", one token"  # trainer=stepdpo_token
-    print(format_table(results, name, seconds, out), flush=True)
+    print(format_table(results, name, seconds, out, cpu_seconds), flush=True)
 
 
-def format_table(results: dict, name: str, seconds: float, out: Path | None = None) -> str:
+def format_table(results: dict, name: str, seconds: float, out: Path | None = None,
+                 cpu_seconds: float | None = None) -> str:
     """The run's last words: held-out accuracy before and after with n and its standard error
     sqrt(p(1-p)/n), the gain in points with the standard error of a difference of two independent
-    proportions (the same problems are scored twice, so this is an upper bound), the wall time and
-    the run directory."""
+    proportions (the same problems are scored twice, so this is an upper bound), the wall time (and
+    CPU time: on a shared machine, what threads=1 would take alone) and the run directory."""
     import math
 
     def se(m: dict) -> float:
@@ -384,7 +386,8 @@ def format_table(results: dict, name: str, seconds: float, out: Path | None = No
         b, a = results["before"], results["after"]
         gain, gse = 100 * (a["acc"] - b["acc"]), math.hypot(se(a), se(b))
         lines.append(f"{'gain (points)':<{w}}{gain:>+8.1f}{gse:>9.1f}")
-    lines.append(f"wall time {fmt_seconds(seconds)}")
+    lines.append(f"wall time {fmt_seconds(seconds)}" + (f", CPU time {cpu_seconds:.0f} s (all threads)"
+                                                        if cpu_seconds is not None else ""))
     if out is not None:
         try:
             shown = Path(out).resolve().relative_to(Path.cwd())
