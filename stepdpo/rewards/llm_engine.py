@@ -614,8 +614,7 @@ class LLMEngine:
                 b = await self._retrying(lambda: client.batches.retrieve(batch_id), count_calls=False)
                 rc = getattr(b, "request_counts", None)
                 if rc is not None:
-                    bar.n = int((rc.completed or 0) + (rc.failed or 0))
-                    bar.refresh()
+                    bar.update(int((rc.completed or 0) + (rc.failed or 0)) - bar.n)  # the batch's count so far
                 if b.status in TERMINAL_BATCH:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
