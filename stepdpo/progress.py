@@ -141,7 +141,8 @@ class Bar:
         """The log-mode line: `desc: unit n/total (p%) fields | elapsed, ETA` (`done in` at the end)."""
         el = self.elapsed()
         count = f"{self.unit} {self.n}" + (f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else "")
-        rate = (self.n - self.start_n) / el if el > 0 else 0.0
+        busy = el - self.paused  # without nested stages (a round's sampling inside training)
+        rate = (self.n - self.start_n) / busy if busy > 0 else 0.0
         parts = [f"{self.desc}: {count}"]
         if self.unit != "step" and rate:
             parts.append(f"{self.unit}s/s {rate:.1f}")

@@ -128,7 +128,7 @@ def test_training_tokens_per_s_leaves_out_time_spent_in_nested_bars(monkeypatch,
     """A round's sampling (or an eval) inside a training stage is not training time."""
     monkeypatch.setenv("STEPDPO_PROGRESS", "log")
     caplog.set_level(logging.INFO, logger="stepdpo.progress")
-    with progress.bar("dpo", total=2, every=1) as train_bar:
+    with progress.bar("dpo", total=3, every=1) as train_bar:
         clock(1.0)
         train_bar.update(loss=0.5, tokens=100)
         with progress.bar("sampling", total=4, unit="sample", gen=True):
@@ -136,5 +136,11 @@ def test_training_tokens_per_s_leaves_out_time_spent_in_nested_bars(monkeypatch,
             progress.advance(4)
         clock(1.0)
         train_bar.update(loss=0.5, tokens=100)
-    assert train_bar.fields["tokens/s"] == 100.0  # 200 tokens in 2 s of training, not in 11 s
-    assert lines(caplog)[-1] == "dpo: step 2/2 (100%) loss 0.5000 tokens/s 100.0 | done in 11s"
+        clock(1.0)
+        train_bar.update(loss=0.5, tokens=100)
+    assert train_bar.fields["tokens/s"] == 100.0  # 300 tokens in 3 s of training, not in 12 s
+    # step 2: 11 s elapsed, 2 s of them training: 1 s per step, so 1 s to go
+    assert lines(caplog) == ["dpo: step 1/3 (33%) loss 0.5000 tokens/s 100.0 | 1s elapsed, ETA 2s",
+                             "sampling: sample 4/4 (100%) samples/s 0.4 | done in 9s",
+                             "dpo: step 2/3 (67%) loss 0.5000 tokens/s 100.0 | 11s elapsed, ETA 1s",
+                             "dpo: step 3/3 (100%) loss 0.5000 tokens/s 100.0 | done in 12s"]
