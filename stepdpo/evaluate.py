@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
+from . import progress
 from .answers import answers_match, extract_answer
 from .data import Problem, format_prompt
 from .generation import generate
@@ -64,7 +65,9 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     pooled), and `acc/level/<L>`, `acc/subject/<S>` when the problems carry those meta fields (MATH).
     """
     prompts = [format_prompt(p.question, tokenizer) for p in problems]
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    right = lambda text, gold: answers_match(extract_answer(text), gold)  # noqa: E731
+    with progress.bar("eval", len(prompts), unit="problem", on_outputs=progress.accuracy_so_far([p.answer for p in problems], right)):
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     records = []
     for p, (c,) in zip(problems, outs):
         pred = answer_of(c)

@@ -29,14 +29,16 @@ def load_trained(run_dir: str | Path):
                        meta.get("chat_template_kwargs") or {})  # as in training
     if full.is_dir():
         return AutoModelForCausalLM.from_pretrained(full), set_prompt_format(AutoTokenizer.from_pretrained(full), fmt)
-    from peft import PeftModel
+    from .model import ModelSpec, QuantSpec, load_base, peft_quietly
 
-    from .model import ModelSpec, QuantSpec, load_base
+    with peft_quietly():
+        from peft import PeftModel
 
     quant = QuantSpec() if meta.get("load_in_4bit") else None
     base, tok = load_base(ModelSpec(name="base", path=meta["base_model"], prompt_format=fmt.style,
                                     system_prompt=fmt.system, chat_template_kwargs=fmt.template_kwargs), quant=quant)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    with peft_quietly():
+        model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval(), tok
 
 

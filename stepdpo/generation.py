@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from . import progress
 from .data import prompt_ids
 
 
@@ -177,9 +178,11 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     answers instead, with the same arguments and the same Completions.
     """
     if _backend is not None:
-        return _backend.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                 num_return_sequences=num_return_sequences, seed=seed, stop=stop)
+        res = _backend.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                num_return_sequences=num_return_sequences, seed=seed, stop=stop)
+        progress.advance(sum(map(len, res)), dict(enumerate(res)))  # the open sampling/eval bar, if any
+        return res
     k = num_return_sequences
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
@@ -219,6 +222,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
         for r, i in enumerate(idx):
             done[i] = outs[r * k:(r + 1) * k]
+        progress.advance(len(outs), {i: done[i] for i in idx})  # the open sampling/eval bar, if any
     if was_training:
         model.train()
     return [done[i] for i in range(len(prompts))]

@@ -7,9 +7,11 @@ quantized when loaded: lora=qlora) or None.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import string
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,7 +230,8 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model, ref
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    with peft_quietly():
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if spec.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -240,7 +243,42 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
         tm = list(tm)
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=tm,
                      task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, cfg), None
+    with peft_quietly():
+        return get_peft_model(model, cfg), None
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Import peft / wrap a model with it without two messages that say nothing about the user's run
+    (each dropped by its exact source and text; every other warning passes):
+
+    - `import peft` imports bitsandbytes whenever it is installed, also for plain LoRA, and on CPUs
+      with AVX512-BF16 bitsandbytes' import logs "Failed to load CPU gemm_4bit_forward from
+      kernels-community: No module named 'kernels'" (logger bitsandbytes.backends.cpu.ops): an
+      optional faster kernel for 4-bit weights. A 4-bit run (lora=qlora) imports bitsandbytes
+      earlier, when its weights load, so it still sees the message, where it is about its run.
+    - peft 0.21's PeftModel reads `model.is_gradient_checkpointing`, which transformers 5 deprecates
+      (FutureWarning "`is_gradient_checkpointing` is deprecated" from transformers.modeling_utils).
+    """
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+    bnb_log.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning, module="transformers")
+            yield
+    finally:
+        bnb_log.removeFilter(drop)
 
 
 def count_params(model) -> dict[str, int]:

@@ -27,6 +27,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
+from . import progress
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text, response_text
 from .generation import generate
@@ -139,6 +140,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
+    bar = progress.bar("sampling", len(probs) * k, unit="sample", on_outputs=progress.samples_so_far(
+        [p.answer for p in probs], lambda t, gold: answer_right(split_steps(t), gold), max_pairs_per_problem))
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
@@ -213,6 +216,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                         "lower pairs.min_pairs, sample more (pairs.k, pairs.n_problems), or use pairs=llm",
                         min_pairs, len(top), want, usable, len(gold))
         pairs += top
+    bar.set(pairs=len(pairs))  # graded: the pairs found
+    bar.close()
     return pairs, dict(report)
 
 
@@ -221,8 +226,9 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     """Step-DPO's chosen sides: for each (problem, rejected steps, their scores, first error fe),
     sample k continuations of the correct prefix steps[:fe] and pair the first one graded correct."""
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
-    conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
-                     temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
+    with progress.bar("resampling", len(prompts) * k, unit="sample", gen=True):
+        conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                         temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
     fulls = [[None if c.finish_reason == "length" else st[:fe] + split_steps(c.text) for c in outs]
              for (p, st, _, fe), outs in zip(orphans, conts)]  # cut-off continuations: counted, never chosen
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)

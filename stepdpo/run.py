@@ -67,7 +67,7 @@ class Run:
 
 
 def run(cfg: DictConfig, out: Path) -> float:
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     s = setup(cfg, out)
     if getattr(s.scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
         return dry_run(s)
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         preference_stage(s, policy, ref, tok, examples)
         if s.rank > 0:  # rank 0 saves the adapter and evaluates
             return float("nan")
-        return finish(s, policy, tok, base_path, results, t_start)
+        return finish(s, policy, tok, base_path, results, t_start, cpu_start)
     finally:
         from .generation import set_backend
 
@@ -367,7 +367,7 @@ def preference_stage(s: Run, policy, ref, tok, examples: list) -> None:
     s.summary["time/train_s"] = time.perf_counter() - t
 
 
-def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float) -> float:
+def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float, cpu_start: float) -> float:
     """Rank 0: save the adapter (+ how to load it), accuracy after, summary.json, the table, the plots."""
     from .data import write_json
     from .plots import plot_run
@@ -384,13 +384,14 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float) -
     s.tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
     results["after"] = evaluate_stage("after", policy, tok, s.eval_problems, cfg, s.tracker, s.step, out, s.scorer)
     summary["time/total_s"] = time.perf_counter() - t_start
+    summary["time/cpu_s"] = time.process_time() - cpu_start  # all threads; ~ the wall time of threads=1 on an idle core
     summary["eval"] = results
     if hasattr(s.scorer, "summary"):  # again: eval samples were scored too
         summary["judge"] = s.scorer.summary()
     write_json(out / "eval.json", results)
     write_json(out / "summary.json", {**s.tracker.summary_data, **summary})
     s.tracker.summary({k: v for k, v in _flat(summary).items()})
-    print_table(results, cfg.trainer, summary["time/total_s"])
+    print_table(results, cfg.trainer, summary["time/total_s"], s.out, cpu_seconds=summary["time/cpu_s"])
     plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
     return float(results["after"]["acc"])
 
@@ -477,14 +478,47 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def print_table(results: dict, tcfg, seconds: float) -> None:
+def print_table(results: dict, tcfg, seconds: float, out: Path | None = None, cpu_seconds: float | None = None) -> None:
     name = "sft" if tcfg.loss == "sft" else f"{tcfg.loss}/{tcfg.weighting}"
-    lines = ["", f"{'stage':<24}{'accuracy':>10}{'n':>6}"]
+    if tcfg.loss != "sft" and (tcfg.get("weighting_kwargs") or {}).get("error_span") == "token":
+        name += ", one token"  # trainer=stepdpo_token
+    print(format_table(results, name, seconds, out, cpu_seconds), flush=True)
+
+
+def format_table(results: dict, name: str, seconds: float, out: Path | None = None,
+                 cpu_seconds: float | None = None) -> str:
+    """The run's last words: held-out accuracy before and after with n and its standard error
+    sqrt(p(1-p)/n), the gain in points with the standard error of a difference of two independent
+    proportions (the same problems are scored twice, so this is an upper bound), the wall time (and
+    CPU time: on a shared machine, what threads=1 would take alone) and the run directory."""
+    import math
+
+    def se(m: dict) -> float:
+        return 100 * math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
+
+    w = max(28, len(name) + 10)
+    lines = ["", f"{'held-out accuracy':<{w}}{'%':>8}{'± s.e.':>9}{'n':>6}"]
     for stage, m in results.items():
         label = "before" if stage == "before" else f"after ({name})"
-        lines.append(f"{label:<24}{m['acc']:>10.4f}{m['n']:>6}")
-    lines.append(f"total time {seconds:.1f}s")
-    print("\n".join(lines), flush=True)
+        lines.append(f"{label:<{w}}{100 * m['acc']:>8.1f}{se(m):>9.1f}{m['n']:>6}")
+    if "before" in results and "after" in results:
+        b, a = results["before"], results["after"]
+        gain, gse = 100 * (a["acc"] - b["acc"]), math.hypot(se(a), se(b))
+        lines.append(f"{'gain (points)':<{w}}{gain:>+8.1f}{gse:>9.1f}")
+    lines.append(f"wall time {fmt_seconds(seconds)}" + (f", CPU time {cpu_seconds:.0f} s (all threads)"
+                                                        if cpu_seconds is not None else ""))
+    if out is not None:
+        try:
+            shown = Path(out).resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = Path(out).resolve()
+        lines.append(f"run dir   {shown}  (eval.json, summary.json, samples_*.jsonl, *.png)")
+    return "\n".join(lines)
+
+
+def fmt_seconds(s: float) -> str:
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}m{sec:02d}s ({s:.0f} s)" if m else f"{s:.1f} s"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, progress
 from .batching import IGNORE, Example, collate, length_grouped_batches
 from .config import TrainerConfig
 from .logprobs import ModelLogps, reference_logps
@@ -402,6 +402,8 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     last: dict[str, float] = {}
     window = LogWindow()
     boundaries = {round(cfg.max_steps * r / rounds): r for r in range(1, rounds)}  # step -> round starting after it
+    prog = progress.bar(prefix, total=cfg.max_steps, initial=state.step, unit="step", every=cfg.log_every,
+                        enabled=rank == 0)
     for step in range(state.step + 1, cfg.max_steps + 1):
         if step - 1 in boundaries:  # a new on-policy round: fresh pairs from the current policy
             r = boundaries[step - 1]
@@ -411,6 +413,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             model.train()
         sums, gnorm = optimizer_step(s, state, examples, ref_table, window)
         state.step = step
+        prog.update(loss=sums["loss"], tokens=sums["tokens/nonpad"])  # this rank's tokens
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             last = window_metrics(s, state, sums, gnorm, window, prefix=prefix)
             tracker.log(last, step=step_offset + step)
@@ -420,5 +423,6 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             model.train()
         if ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0:
             state.save(ckpt_dir, rank, keep=cfg.keep_checkpoints)
+    prog.close()
     model.eval()
     return last

@@ -224,7 +224,7 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     """pairs.from_split=pool: pairs are sampled on dataset.n_pool answer-only problems the SFT stage
     never sees (rule-based top-ups still corrupt SFT problems); the SFT cache ignores n_pool."""
     cache = tmp_path / "cache"
-    _, plain = run_cli(tmp_path / "a", f"sft_cache_dir={cache}", "trainer.max_steps=1")
+    _, plain = run_cli(tmp_path / "a", f"sft_cache_dir={cache}", "trainer.max_steps=1", "trainer.rounds=1")
     _, run_dir = run_cli(tmp_path / "b", f"sft_cache_dir={cache}", "dataset.n_pool=24", "pairs.from_split=pool",
                          "pairs.n_problems=1000", "pairs.k=2", "pairs.resample_k=2")
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1

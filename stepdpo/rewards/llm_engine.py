@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import sys
 import threading
 import time
 from collections import Counter
@@ -466,10 +465,9 @@ class LLMEngine:
         return body
 
     def _bar(self, total: int):
-        from tqdm.auto import tqdm
+        from .. import progress  # a bar on a terminal, a log line every ~10% otherwise
 
-        return tqdm(total=total, desc=self.desc, unit="req", dynamic_ncols=True,
-                    disable=not (self.progress and sys.stderr.isatty()))
+        return progress.bar(self.desc, total, unit="req", enabled=self.progress)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when: wait that long (plus a little jitter)
@@ -662,8 +660,7 @@ class LLMEngine:
                 b = await self._retrying(lambda: client.batches.retrieve(batch_id), count_calls=False)
                 rc = getattr(b, "request_counts", None)
                 if rc is not None:
-                    bar.n = int((rc.completed or 0) + (rc.failed or 0))
-                    bar.refresh()
+                    bar.update(int((rc.completed or 0) + (rc.failed or 0)) - bar.n)  # the batch's count so far
                 if b.status in TERMINAL_BATCH:
                     break
                 if deadline is not None and time.monotonic() >= deadline:

@@ -171,7 +171,9 @@ class PRMScorer:
                 continue
             todo.append((i, *enc))
         todo.sort(key=lambda t: -len(t[1]))  # similar lengths per batch: less padding
-        with torch.no_grad():
+        from .. import progress
+
+        with torch.no_grad(), progress.bar("prm scoring", len(todo), unit="solution") as bar:
             for b in range(0, len(todo), self.batch_size):
                 chunk = todo[b:b + self.batch_size]
                 T = max(len(ids) for _, ids, _ in chunk)
@@ -191,5 +193,6 @@ class PRMScorer:
                     scores = [float(min(1.0, max(0.0, s))) for s in p_pos[k:k + len(pos)]]
                     k += len(pos)
                     results[i] = ScoreResult(scores, self.provenance)
+                bar.update(len(chunk))
         assert all(r is not None for r in results)  # every request got a result above
         return results  # type: ignore[return-value]
