@@ -1,0 +1,121 @@
+"""The built-in countdown task: deterministic, disjoint, solver exact, gold solutions pass the rule checker,
+and valid lines that doom the target exist (which the rule checker scores 1)."""
+
+import itertools
+import random
+
+import pytest
+
+from stepdpo.countdown import (apply, check_steps, doomed_steps, load, remaining_after, solvable, solve)
+from stepdpo.rewards.base import ScoreRequest
+from stepdpo.rewards.rule import RuleScorer
+
+
+def brute_force_targets(numbers, ops):
+    """Every value reachable using all numbers exactly once: an independent enumeration over orderings of
+    the multiset and every left-to-right pairing tree (no memo, no canonical ordering)."""
+    nums = list(numbers)
+    if len(nums) == 1:
+        return {nums[0]}
+    out = set()
+    for i, j in itertools.permutations(range(len(nums)), 2):
+        rest = [x for k, x in enumerate(nums) if k not in (i, j)]
+        for op in ops:
+            a, b = nums[i], nums[j]
+            if op == "-" and a < b:
+                continue
+            c = {"+": a + b, "-": a - b, "*": a * b}[op]
+            out |= brute_force_targets(rest + [c], ops)
+    return out
+
+
+def test_deterministic_and_disjoint():
+    a, b = load(n_train=300, n_eval=50, n_pool=20, seed=3), load(n_train=300, n_eval=50, n_pool=20, seed=3)
+    assert [p.question for p in a.train] == [p.question for p in b.train]
+    assert [p.steps for p in a.eval] == [p.steps for p in b.eval]
+    q = lambda ps: {(tuple(sorted(p.meta["numbers"])), p.meta["target"]) for p in ps}
+    assert not q(a.train) & q(a.eval) and not q(a.pool) & (q(a.train) | q(a.eval))
+    assert all(not p.steps for p in a.pool)
+    assert load(n_train=300, n_eval=50, seed=4).train[0].question != a.train[0].question
+    # the pool is drawn last: its size never changes train or eval
+    assert [p.question for p in load(n_train=300, n_eval=50, seed=3).train] == [p.question for p in a.train]
+
+
+@pytest.mark.parametrize("ops", ["+-*", "+-", "-", "*"])
+def test_solver_agrees_with_brute_force(ops):
+    rng = random.Random(0)
+    for _ in range(60):
+        nums = [rng.randint(1, 9) for _ in range(rng.randint(2, 4))]
+        reach = brute_force_targets(nums, ops)
+        for t in range(0, 60):
+            sol = solve(nums, t, ops)
+            assert (sol is not None) == (t in reach) == solvable(nums, t, ops), (nums, t, ops)
+            if sol is not None:  # the solution itself is valid, uses every number, and makes t
+                meta = {"numbers": nums, "target": t, "ops": ops}
+                assert check_steps(meta, sol) == [1.0] * len(sol)
+                assert remaining_after(nums, sol[:-1], ops) == [t]
+
+
+def test_gold_solutions_pass_the_rule_checker_and_respect_the_knobs():
+    b = load(n_train=400, n_eval=50, min_numbers=3, max_numbers=4, max_number=9, max_target=40, ops="+-*")
+    rule = RuleScorer()
+    for p in b.train + b.eval:
+        n = len(p.meta["numbers"])
+        assert 3 <= n <= 4 and all(1 <= x <= 9 for x in p.meta["numbers"]) and 1 <= p.meta["target"] <= 40
+        assert len(p.steps) == n and p.steps[-1] == f"The answer is {p.answer}" and p.answer == str(p.meta["target"])
+        assert check_steps(p.meta, p.steps) == [1.0] * n
+        assert solvable(p.meta["numbers"], p.meta["target"], p.meta["ops"])
+        assert p.question.startswith(f"Make {p.answer} from ")
+        res = rule.score([ScoreRequest(p.question, tuple(p.steps), p.answer, tuple(sorted(p.meta.items())))])[0]
+        assert res.scores == [1.0] * n and res.first_error is None and res.provenance == "rule:countdown"
+    assert {len(p.meta["numbers"]) for p in b.train} == {3, 4}
+    only_sub = load(n_train=100, n_eval=10, ops="+-")
+    assert all("*" not in s for p in only_sub.train for s in p.steps)
+
+
+def test_rule_flags_invalid_lines_but_not_dooming_ones():
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    assert check_steps(meta, ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"]) == [1, 1, 1]
+    assert check_steps(meta, ["7 * 3 = 22", "22 + 25 = 47", "The answer is 47"]) == [0, 1, 0]  # wrong product
+    assert check_steps(meta, ["7 * 4 = 28", "28 + 25 = 53", "The answer is 53"]) == [0, 1, 0]  # 4 not available
+    assert check_steps(meta, ["7 * 7 = 49", "49 - 3 = 46", "The answer is 46"]) == [0, 1, 0]  # 7 used twice
+    assert check_steps(meta, ["3 - 7 = -4", "25 + 3 = 28"])[0] == 0  # below zero, then 3 already used
+    assert check_steps(meta, ["7 * 3 = 21", "The answer is 21"]) == [1, 0]  # 25 unused
+    assert check_steps({**meta, "ops": "+-"}, ["7 * 3 = 21"]) == [0]  # operation not allowed
+    # valid arithmetic that makes 46 unreachable: the rule checker passes every line but the answer
+    doom = ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"]
+    assert check_steps(meta, doom) == [1, 1, 0]
+    assert doomed_steps(meta, doom[:2]) == [True, True]
+    assert doomed_steps(meta, ["7 * 3 = 21", "21 + 25 = 46"]) == [False, False]
+
+
+def test_generated_problems_have_a_valid_step_that_dooms_them():
+    b = load(n_train=100, n_eval=10, seed=5)
+    found = 0
+    for p in b.train:
+        nums, t, ops = p.meta["numbers"], p.meta["target"], p.meta["ops"]
+        for (i, a), (j, c) in itertools.permutations(enumerate(nums), 2):
+            for op in ops:
+                v = apply(a, op, c)
+                if v is None:
+                    continue
+                line = f"{a} {op} {c} = {v}"
+                rest = [x for k, x in enumerate(nums) if k not in (i, j)] + [v]
+                if not solvable(rest, t, ops):
+                    assert check_steps(p.meta, [line]) == [1.0] and doomed_steps(p.meta, [line]) == [True]
+                    assert t not in brute_force_targets(rest, ops)  # independent: the target is gone
+                    found += 1
+                    break
+            else:
+                continue
+            break
+    assert found >= 90, found  # nearly every problem has such a first line
+
+
+def test_bad_knobs_are_refused():
+    with pytest.raises(ValueError, match="ops"):
+        load(ops="+/")
+    with pytest.raises(ValueError, match="min_numbers"):
+        load(min_numbers=1)
+    with pytest.raises(ValueError, match="distinct"):
+        load(n_train=50, n_eval=10, max_number=2, max_numbers=2, min_numbers=2)
