@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
-from .weights import (NORMALISE, first_difference, first_error, first_wrong, get_scheme, localise_step,
+from .weights import (NORMALISE, VALUE_SCHEMES, first_difference, first_error, first_wrong, get_scheme, localise_step,
                       normalise_mean_one, step_token_weights)
 
 IGNORE = -100
@@ -87,6 +87,8 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     rs = pair.rejected_scores if pair.rejected_scores is not None else [0.0] * len(pair.rejected)
     kwargs = dict(weighting_kwargs or {})
     error_span = kwargs.pop("error_span", "step") if weighting == "first_error" else "step"
+    if weighting in VALUE_SCHEMES:  # the value of the shared prefix (reward=rollout), for advantages
+        kwargs["value_before"] = pair.meta.get("value_before")
     cw, rw = get_scheme(weighting)(cs, rs, **kwargs)
     cf, rf = first_error(cs, rs)
     p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))

@@ -165,6 +165,8 @@ def run(cfg: DictConfig, out: Path) -> float:
             model, tok = load_base(model_spec, path=base_path, quant=lora_spec)
         torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
         policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+        if hasattr(scorer, "bind"):  # reward=rollout samples step values from the policy being trained
+            scorer.bind(policy, tok)
         summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
 
         results = {}
