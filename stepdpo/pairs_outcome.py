@@ -38,9 +38,10 @@ def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
 def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
-                        use_gold: bool = True, **_) -> tuple[list[StepPair], dict]:
+                        use_gold: bool = True, from_split: str = "train", **_) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
-    solution sharing most leading steps. Returns (unscored pairs, report)."""
+    solution sharing most leading steps. Returns (unscored pairs, report). `from_split` is read by run.py
+    (which problems arrive here), as for pairs=on_policy."""
     from .rewards.rule import RuleScorer
 
     if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:

@@ -168,3 +168,21 @@ def test_score_pairs_keeps_the_prefix_value():
     assert out[1].meta["value_before"] == 0.25  # V_1: after the shared prefix step
     assert out[1].chosen_scores == [0.0, 1.0] and out[1].rejected_scores == [0.0, 0.0]
     assert value_before(ScoreResult([1.0], None, "rule"), 0) == {}  # rule scores carry no values
+
+
+@pytest.mark.slow
+def test_cli_countdown_outcome_pairs_with_rollout_advantages(tmp_path):
+    import json
+
+    from conftest import FAST, run_cli
+
+    fast = [o for o in FAST if not o.startswith("pairs.min_pairs")]  # pairs=outcome never tops up
+    proc, run = run_cli(tmp_path, *fast, "dataset=countdown", "pairs=outcome", "reward=rollout", "reward.k=2",
+                        "reward.max_new_tokens=48", f"reward.cache_path={tmp_path / 'rollout.sqlite'}",
+                        "trainer=stepdpo", "trainer.weighting=advantage", "threads=1", fast=False)
+    summary = json.loads((run / "summary.json").read_text())
+    j = summary["judge"]
+    assert j["samples"] == 2 * j["generated_prefixes"] > 0 and j["seconds"] > 0
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["meta"]["provenance"] == "rollout:soft@2" and "value_before" in p["meta"] for p in pairs)
+    assert all(v in (0, 0.5, 1) for p in pairs for v in p["rejected_scores"] + [p["meta"]["value_before"]])
