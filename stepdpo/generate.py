@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from .data import format_prompt
-    from .evaluate import generate
+    from .generation import generate
 
     try:
         model, tok = load_trained(args.run_dir)
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outs = generate(model, tok, [format_prompt(q, tok) for q in args.question], max_new_tokens=args.max_new_tokens,
                     do_sample=args.sample, temperature=args.temperature, seed=args.seed)
-    for q, (o,) in zip(args.question, outs):
-        print(f"{format_prompt(q, tok)}{o}\n")
+    for q, (c,) in zip(args.question, outs):
+        print(f"{format_prompt(q, tok)}{c.text}\n")
     return 0
 
 

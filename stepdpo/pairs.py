@@ -21,7 +21,8 @@ from typing import Sequence
 
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text
-from .evaluate import generate, split_steps
+from .evaluate import split_steps
+from .generation import generate
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer, first_error_of, value_before
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
-    steps_of = [[split_steps(o) for o in outs] for outs in samples]
+    steps_of = [[split_steps(c.text) for c in outs] for outs in samples]
     reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts]
     results = scorer.score(reqs)
     report: Counter = Counter(problems=len(probs), samples=len(reqs))
@@ -174,7 +175,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
     conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
                      temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
-    fulls = [[st[:fe] + split_steps(o) for o in outs] for (p, st, _, fe), outs in zip(orphans, conts)]
+    fulls = [[st[:fe] + split_steps(c.text) for c in outs] for (p, st, _, fe), outs in zip(orphans, conts)]
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)
                                  for (p, *_), fs in zip(orphans, fulls) for f in fs]))
     report["resample_prefixes"] += len(orphans)

@@ -26,7 +26,8 @@ from collections import Counter
 from typing import Sequence
 
 from .data import Problem, StepPair, format_prompt
-from .evaluate import generate, split_steps
+from .evaluate import split_steps
+from .generation import generate
 from .pairs import answer_right, request_for
 
 
@@ -54,7 +55,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True, temperature=temperature,
                        top_p=top_p, num_return_sequences=k, seed=seed)
-    steps_of = [[split_steps(o) for o in outs] for outs in samples]
+    steps_of = [[split_steps(c.text) for c in outs] for outs in samples]
     rule = RuleScorer(unknown_score=1.0)
     graded = iter(rule.score([request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of)
                               for st in sts]))

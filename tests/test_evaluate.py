@@ -15,7 +15,8 @@ import torch
 from conftest import SHARED_DATA
 from stepdpo import evaluate
 from stepdpo.data import Problem
-from stepdpo.evaluate import (generate, majority_vote, math_accuracy, stop_from_config, truncate_at_stop)
+from stepdpo.evaluate import majority_vote, math_accuracy, stop_from_config
+from stepdpo.generation import Completion, generate, truncate_at_stop
 from stepdpo.model import tiny_llama
 
 PROMPTS = [
@@ -25,6 +26,11 @@ PROMPTS = [
     "Question: 7 * 6?\nAnswer:\n",
     "ab",
 ]
+
+
+def completions(outs):
+    """Stub generator output (lists of strings per prompt) as generate() returns it."""
+    return [[Completion(t, (), "stop") for t in o] for o in outs]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,7 @@ def test_generate_samples_per_prompt(tiny):
     model, tok = tiny
     outs = generate(model, tok, PROMPTS[:3], max_new_tokens=6, batch_size=4, do_sample=True, num_return_sequences=3, seed=1)
     assert [len(o) for o in outs] == [3, 3, 3]
-    assert all(isinstance(s, str) for o in outs for s in o)
+    assert all(isinstance(c.text, str) and len(c.token_ids) <= 6 for o in outs for c in o)
     again = generate(model, tok, PROMPTS[:3], max_new_tokens=6, batch_size=4, do_sample=True, num_return_sequences=3, seed=1)
     assert outs == again  # seeded
 
@@ -58,7 +64,7 @@ def test_generate_samples_per_prompt(tiny):
 def test_stop_string_ends_generation_and_is_cut(tiny):
     model, tok = tiny
     max_new = 24
-    (text,) = generate(model, tok, [PROMPTS[0]], max_new_tokens=max_new, batch_size=1)[0]
+    (text,) = [c.text for c in generate(model, tok, [PROMPTS[0]], max_new_tokens=max_new, batch_size=1)[0]]
     assert len(text) >= 8, text
     stop = text[4:6]
     cut = text.find(stop)  # may occur even earlier
@@ -76,13 +82,13 @@ def test_stop_string_ends_generation_and_is_cut(tiny):
         (stopped,) = generate(model, tok, [PROMPTS[0]], max_new_tokens=max_new, batch_size=1, stop=[stop, "never-there"])
     finally:
         del model.generate
-    assert stopped == [text[:cut]]
+    assert [c.text for c in stopped] == [text[:cut]] and stopped[0].finish_reason == "stop"
     assert lengths and lengths[0] < max_new  # generation itself ended early, not just the decoded text
 
     # in a batch, each row is cut at its own stop; rows without the stop string are unchanged
     free_all = generate(model, tok, PROMPTS, max_new_tokens=max_new, batch_size=8)
     stopped_all = generate(model, tok, PROMPTS, max_new_tokens=max_new, batch_size=8, stop=[stop])
-    assert stopped_all == [[truncate_at_stop(o[0], [stop])] for o in free_all]
+    assert [[c.text for c in o] for o in stopped_all] == [[truncate_at_stop(o[0].text, [stop])] for o in free_all]
 
 
 def test_truncate_and_stop_config():
@@ -119,7 +125,7 @@ def test_maj_at_k_with_stub_generator(monkeypatch):
     def stub(model, tokenizer, prompts, *, do_sample=False, num_return_sequences=1, stop=None, **kw):
         calls.append((do_sample, num_return_sequences, stop))
         qs = [p.split("Question: ")[1].split("\n")[0] for p in prompts]
-        return [samples[q] if do_sample else [greedy[q]] for q in qs]
+        return completions([samples[q] if do_sample else [greedy[q]] for q in qs])
 
     monkeypatch.setattr(evaluate, "generate", stub)
     metrics, records = math_accuracy(None, None, _problems(), maj_k=3, stop=["\n\nQuestion:"])
@@ -143,8 +149,8 @@ def test_gsm8k_answers(monkeypatch):
     outs = {p.question: r["answer"] for p, r in zip(probs, rows)}  # gold solutions, ending in '#### x'
     outs[probs[1].question] = "I think it is 4.\n#### 4"
     outs[probs[2].question] = outs[probs[2].question].replace("#### ", "The answer is $") + ".00"  # '$70000.00'
-    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, **kw: [[outs[p.split("Question: ", 1)[1].rsplit(
-        "\nAnswer:", 1)[0]]] for p in prompts])
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, **kw: completions([[outs[p.split(
+        "Question: ", 1)[1].rsplit("\nAnswer:", 1)[0]]] for p in prompts]))
     metrics, records = math_accuracy(None, None, probs)
     assert [r["correct"] for r in records] == [True, False, True, True]
     assert metrics["acc"] == 0.75
@@ -157,8 +163,8 @@ def test_math500_breakdown_by_level_and_subject(monkeypatch):
                      meta={"level": r["level"], "subject": r["subject"]}) for r in rows]
     wrong = {probs[0].id, probs[3].id, probs[4].id}
     by_q = {p.question: ("\\boxed{WRONG}" if p.id in wrong else r["solution"]) for p, r in zip(probs, rows)}
-    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, **kw: [[by_q[p.split("Question: ", 1)[1].rsplit(
-        "\nAnswer:", 1)[0]]] for p in prompts])
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, **kw: completions([[by_q[p.split(
+        "Question: ", 1)[1].rsplit("\nAnswer:", 1)[0]]] for p in prompts]))
     metrics, records = math_accuracy(None, None, probs)
     assert metrics["acc"] == pytest.approx(9 / 12)
     for key in ("level", "subject"):

@@ -3,6 +3,7 @@ a valid-but-doomed countdown sample is kept (rule flags only its answer line).""
 
 import stepdpo.pairs_outcome as mod
 from stepdpo.data import Problem
+from stepdpo.generation import Completion
 from stepdpo.pairs import score_pairs
 from stepdpo.rewards.rule import RuleScorer
 
@@ -17,7 +18,7 @@ CHEAT = ["7 * 7 = 49", "49 - 3 = 46", "The answer is 46"]  # right answer, 7 use
 def test_outcome_pairs_keep_doomed_samples_and_cut_at_the_shared_prefix(monkeypatch):
     p = Problem(id="c0", question="Make 46 from 3, 7, 25. Use each number once with + - *.", answer="46",
                 steps=list(RIGHT), meta=META)
-    outs = ["\n".join(s) for s in (SLIP, RIGHT, DOOM, DOOM, CHEAT)]
+    outs = [Completion("\n".join(s), (), "stop") for s in (SLIP, RIGHT, DOOM, DOOM, CHEAT)]
     monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=5, max_pairs_per_problem=3)
     assert report["correct"] == 1 and report["pairs_outcome"] == 3 and report["samples"] == 5
@@ -34,7 +35,8 @@ def test_outcome_pairs_keep_doomed_samples_and_cut_at_the_shared_prefix(monkeypa
 
 def test_gold_is_the_chosen_side_when_no_sample_is_right(monkeypatch):
     p = Problem(id="c1", question="q", answer="46", steps=list(RIGHT), meta=META)
-    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [["\n".join(DOOM)]])
+    doom = Completion("\n".join(DOOM), (), "stop")
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [[doom]])
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1)
     assert len(pairs) == 1 and pairs[0].chosen == RIGHT and pairs[0].meta["chosen_from"] == "gold"
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, use_gold=False)

@@ -6,9 +6,15 @@ import pytest
 
 import stepdpo.pairs as pairs_mod
 from stepdpo.arith import load
+from stepdpo.generation import Completion
 from stepdpo.rewards.rule import RuleScorer
 
 from conftest import arith_solution
+
+
+def completions(outs):
+    """Stub generator output (lists of strings per prompt) as generate() returns it."""
+    return [[Completion(t, (), "stop") for t in o] for o in outs]
 
 
 def solution(p, wrong_at=None):
@@ -40,7 +46,7 @@ def test_pool_pairs_use_correct_samples_only(bundle, monkeypatch):
             res.append([solution(p), solution(p, wrong_at=1)] if i < 6 else
                        [solution(p, wrong_at=0), solution(p, wrong_at=1)])
             outs[p.id] = res[-1]
-        return res
+        return completions(res)
 
     monkeypatch.setattr(pairs_mod, "generate", gen)
     pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
@@ -57,7 +63,7 @@ def test_pool_pairs_use_correct_samples_only(bundle, monkeypatch):
 
 def test_pool_top_up_corrupts_the_sft_problems(bundle, monkeypatch):
     monkeypatch.setattr(pairs_mod, "generate", lambda m, t, prompts, num_return_sequences=1, **_:
-                        [["garbage"] * num_return_sequences for _ in prompts])
+                        completions([["garbage"] * num_return_sequences for _ in prompts]))
     pairs, report = pairs_mod.build_on_policy_pairs(bundle.pool, model=None, tokenizer=None, scorer=RuleScorer(),
                                                     k=2, n_problems=12, min_pairs=10, topup_problems=bundle.train)
     assert report["pairs_on_policy"] == 0 and report["pairs_perturb_topup"] == 10 == len(pairs)
@@ -82,7 +88,7 @@ def test_reject_answer_skips_right_answers_with_a_flagged_step(bundle, reject, m
         return "\n".join([f"{int(a) + 1} {rest}"] + lines[1:])
 
     def gen(model, tok, prompts, *, num_return_sequences=1, **_):
-        return [by_prompt[q] for q in prompts]
+        return completions([by_prompt[q] for q in prompts])
 
     for p in probs:
         by_prompt[pairs_mod.format_prompt(p.question, None)] = [solution(p), lucky(p), solution(p, wrong_at=1)]
@@ -111,7 +117,7 @@ def test_resample_continues_the_correct_prefix_for_a_chosen_side(bundle, monkeyp
         calls.append((list(prompts), num_return_sequences, temperature))
         by_q = {pairs_mod.format_prompt(p.question, None): p for p in pool}
         if len(calls) == 1:  # the k samples: wrong at step 1 (prefix = step 0), and wrong at step 0 (no prefix)
-            return [[solution(by_q[q], wrong_at=1), solution(by_q[q], wrong_at=0)] for q in prompts]
+            return completions([[solution(by_q[q], wrong_at=1), solution(by_q[q], wrong_at=0)] for q in prompts])
         out = []
         for q in prompts:  # continuations: of prefix step 0, right for problems 0-2; of the empty prefix, wrong
             base = next(b for b in by_q if q.startswith(b))
@@ -120,7 +126,7 @@ def test_resample_continues_the_correct_prefix_for_a_chosen_side(bundle, monkeyp
             right = "\n".join(solution(p).split("\n")[1:])
             wrong = "\n".join(solution(p, wrong_at=1).split("\n")[1:])
             out.append([wrong, right, right] if prefix and i < 3 else [wrong, wrong, wrong])
-        return out
+        return completions(out)
 
     monkeypatch.setattr(pairs_mod, "generate", gen)
     pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,

@@ -9,6 +9,7 @@ import pytest
 
 from stepdpo.batching import encode_pair
 from stepdpo.data import StepPair, prompt_text, response_text
+from stepdpo.generation import Completion
 from stepdpo.model import char_tokenizer, tiny_llama
 from stepdpo.pairs import request_for, score_pairs
 from stepdpo.rewards.base import ScoreResult, value_before
@@ -36,7 +37,7 @@ class StubPolicy:
     def __call__(self, model, tokenizer, prompts, *, num_return_sequences, do_sample, **kw):
         assert do_sample and kw["temperature"] == 0.7
         self.calls.append(list(prompts))
-        return [TABLE[p][:num_return_sequences] for p in prompts]
+        return [[Completion(t, (), "stop") for t in TABLE[p][:num_return_sequences]] for p in prompts]
 
 
 def scorer(tmp_path=None, **kw):

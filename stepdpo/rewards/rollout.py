@@ -16,7 +16,7 @@ keep as `meta["value_before"]` (the value of the shared prefix) for `trainer.wei
 
 Cost and sharing:
 - Generation is batched: every missing prefix of every request of one `score()` call goes through
-  `chunk` prefixes x k samples per generate call (`stepdpo.evaluate.generate`, left-padded, seeded).
+  `chunk` prefixes x k samples per generate call (`stepdpo.generation.generate`, left-padded, seeded).
 - Values are cached by content in SQLite (`JudgeCache`: WAL, safe for parallel sweep jobs). A key
   is the sha256 of (model fingerprint or `cache_key`, prompt text incl. the prefix, reference answer,
   k, temperature, top_p, max_new_tokens, seed). The model fingerprint hashes the trainable weights
@@ -112,8 +112,8 @@ class RolloutScorer:
 
     def bind(self, model, tokenizer, generate_fn: Callable | None = None) -> None:
         """Sample from `model` (the policy being trained: it is read at every `score()` call, so later
-        rounds use the trained weights). `generate_fn(model, tokenizer, prompts, **kw) -> list[list[str]]`
-        defaults to `stepdpo.evaluate.generate`."""
+        rounds use the trained weights). `generate_fn(model, tokenizer, prompts, **kw) -> list[list[Completion]]`
+        defaults to `stepdpo.generation.generate`."""
         self.model, self.tokenizer, self.generate_fn = model, tokenizer, generate_fn
 
     def _value(self, hits: int) -> float:
@@ -165,7 +165,8 @@ class RolloutScorer:
 
     def _sample(self, keys: list[str], todo: dict) -> dict[str, int]:
         """Draw k continuations of each prefix in one generate call; store and return the hit counts."""
-        from ..evaluate import generate, split_steps
+        from ..evaluate import split_steps
+        from ..generation import generate
 
         fn = self.generate_fn or generate
         t = time.perf_counter()
@@ -180,7 +181,7 @@ class RolloutScorer:
             _, r, i = todo[key]
             if len(conts) != self.k:
                 raise RuntimeError(f"rollout: asked for {self.k} continuations, got {len(conts)}")
-            h = sum(reaches(list(r.steps[:i]) + split_steps(c), r.answer) for c in conts)
+            h = sum(reaches(list(r.steps[:i]) + split_steps(c.text), r.answer) for c in conts)
             self.cache.put(key, h, model="rollout")
             res[key] = h
         self.stats.generated_prefixes += len(keys)
