@@ -22,7 +22,13 @@ Two different checks, on purpose:
   scores that line 1 and only the final answer line 0, so credit assignment has something to find.
 
 Deterministic by seed. Every problem is generated from a random walk (its gold solution) and checked
-with the exhaustive solver `solve`; train, eval and pool questions are disjoint.
+with the exhaustive solver `solve`; train, eval and pool questions are disjoint. Difficulty knobs: how
+many numbers, their range, the target range, the operations, and `shuffle` (False: the question lists
+the numbers in the order the gold solution combines them, so the search is over operations, which the
+tiny model can learn; True: over pairs too).
+
+Because the question states the target, "The answer is <target>" alone proves nothing: a solution is
+right only when every line is valid (`stepdpo.outcome.solved`, used by evaluation and rollouts).
 """
 
 from __future__ import annotations
@@ -154,14 +160,15 @@ def question_text(numbers: Sequence[int], target: int, ops: str) -> str:
 
 
 def make_problem(rng: random.Random, idx: int, *, min_numbers: int, max_numbers: int, max_number: int,
-                 min_target: int, max_target: int, ops: str, split: str) -> Problem | None:
+                 min_target: int, max_target: int, ops: str, split: str, shuffle: bool = True) -> Problem | None:
     """A random multiset and a random walk over it (the gold solution); None when the walk's result
-    is outside [min_target, max_target] (the caller draws again)."""
+    is outside [min_target, max_target] (the caller draws again). shuffle=False: the walk combines the
+    first two numbers left, so the question lists the numbers in the order the gold solution uses them."""
     n = rng.randint(min_numbers, max_numbers)
     numbers = [rng.randint(1, max_number) for _ in range(n)]
     avail, steps = list(numbers), []
     while len(avail) > 1:
-        i, j = rng.sample(range(len(avail)), 2)
+        i, j = rng.sample(range(len(avail)), 2) if shuffle else (0, 1)
         a, b = avail[i], avail[j]
         choices = [op for op in ops if apply(a, op, b) is not None]
         if not choices:  # only "-" allowed and a < b: take them the other way round
@@ -171,7 +178,10 @@ def make_problem(rng: random.Random, idx: int, *, min_numbers: int, max_numbers:
         c = apply(a, op, b)
         for k in sorted((i, j), reverse=True):
             avail.pop(k)
-        avail.append(c)
+        if shuffle:
+            avail.append(c)
+        else:
+            avail.insert(0, c)
         steps.append(f"{a} {op} {b} = {c}")
     target = avail[0]
     if not min_target <= target <= max_target:
@@ -181,11 +191,12 @@ def make_problem(rng: random.Random, idx: int, *, min_numbers: int, max_numbers:
                    steps=steps, meta={"kind": "countdown", "numbers": numbers, "target": target, "ops": ops})
 
 
-def load(*, n_train: int = 2000, n_eval: int = 200, n_pool: int = 0, min_numbers: int = 3, max_numbers: int = 3,
-         max_number: int = 15, min_target: int = 1, max_target: int = 50, ops: str = "+-*",
+def load(*, n_train: int = 2000, n_eval: int = 500, n_pool: int = 0, min_numbers: int = 3, max_numbers: int = 3,
+         max_number: int = 12, min_target: int = 1, max_target: int = 36, ops: str = "+-", shuffle: bool = False,
          seed: int = 0) -> DatasetBundle:
     """Disjoint eval, train and answer-only pool splits (drawn in that order, so a larger pool never
-    changes train or eval). Two problems with the same numbers (in any order) and target count as one."""
+    changes train or eval). Two problems with the same numbers (in any order; in the same order when
+    shuffle=False) and target count as one."""
     if n_train < 0 or n_eval < 0 or n_pool < 0:
         raise ValueError(f"dataset: n_train/n_eval/n_pool must be >= 0, got {n_train}, {n_eval}, {n_pool}")
     if not 2 <= min_numbers <= max_numbers <= 6:
@@ -198,7 +209,7 @@ def load(*, n_train: int = 2000, n_eval: int = 200, n_pool: int = 0, min_numbers
                          f"got {max_number}, {min_target}, {max_target}")
     rng = random.Random(seed)
     kw = dict(min_numbers=min_numbers, max_numbers=max_numbers, max_number=max_number, min_target=min_target,
-              max_target=max_target, ops=ops)
+              max_target=max_target, ops=ops, shuffle=shuffle)
     seen: set[tuple] = set()
     out: dict[str, list[Problem]] = {"eval": [], "train": [], "pool": []}
     for split, n in (("eval", n_eval), ("train", n_train), ("pool", n_pool)):
@@ -211,7 +222,8 @@ def load(*, n_train: int = 2000, n_eval: int = 200, n_pool: int = 0, min_numbers
             p = make_problem(rng, len(out[split]), split=split, **kw)
             if p is None:
                 continue
-            key = (tuple(sorted(p.meta["numbers"])), p.meta["target"])
+            nums = p.meta["numbers"]
+            key = (tuple(sorted(nums) if shuffle else nums), p.meta["target"])  # unshuffled: the order is part of it
             if key in seen:
                 continue
             seen.add(key)

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Sequence
 
 from .answers import answers_match, extract_answer
+from .outcome import solved
 from .data import Problem, format_prompt
 from .generation import generate
 
@@ -63,7 +64,7 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     for p, (c,) in zip(problems, outs):
         pred = extract_answer(c.text)
         records.append({"id": p.id, "question": p.question, "output": c.text, "pred": pred, "gold": p.answer,
-                        "correct": answers_match(pred, p.answer), "steps": split_steps(c.text), "meta": p.meta,
+                        "correct": solved(c.text, p.answer, p.meta), "steps": split_steps(c.text), "meta": p.meta,
                         "finish_reason": c.finish_reason})
     n = max(1, len(records))
     metrics = {"acc": sum(r["correct"] for r in records) / n, "n": len(records),

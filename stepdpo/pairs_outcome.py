@@ -5,7 +5,7 @@ scorer decides which pairs exist. To compare credit assignment (which *tokens* o
 loss) the pairs themselves must not depend on the scorer. Here:
 
 - sample k solutions per problem from the policy;
-- a sample is correct when it reaches the reference answer and `reward=rule` flags none of its lines
+- a sample is correct when it is right (`stepdpo.outcome.solved`) and `reward=rule` flags none of its lines
   (`stepdpo.rewards.rule.RuleScorer`: exact for arith and countdown, <<a=b>> for GSM8K);
 - each distinct incorrect sample (at most `max_pairs_per_problem` per problem) is paired with the
   correct sample, or the gold solution, that shares the longest run of leading steps with it;
@@ -28,7 +28,8 @@ from typing import Sequence
 from .data import Problem, StepPair, format_prompt
 from .evaluate import split_steps
 from .generation import generate
-from .pairs import answer_right, request_for
+from .outcome import solved
+from .pairs import request_for
 
 
 def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
@@ -63,7 +64,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     pairs: list[StepPair] = []
     for p, sts in zip(probs, steps_of):
         lines_ok = [all(s >= 0.5 for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
-        ok = [v and answer_right(st, p.answer) for st, v in zip(sts, lines_ok)]
+        ok = [v and bool(st) and solved("\n".join(st), p.answer, p.meta) for st, v in zip(sts, lines_ok)]
         good = [(st, "sample") for st, o in zip(sts, ok) if o]
         report["correct"] += len(good)
         if use_gold and p.steps:

@@ -30,15 +30,16 @@ def brute_force_targets(numbers, ops):
 
 
 def test_deterministic_and_disjoint():
-    a, b = load(n_train=300, n_eval=50, n_pool=20, seed=3), load(n_train=300, n_eval=50, n_pool=20, seed=3)
+    kw = dict(n_train=300, n_eval=50, shuffle=True, ops="+-*", max_number=15, max_target=50)
+    a, b = load(n_pool=20, seed=3, **kw), load(n_pool=20, seed=3, **kw)
     assert [p.question for p in a.train] == [p.question for p in b.train]
     assert [p.steps for p in a.eval] == [p.steps for p in b.eval]
     q = lambda ps: {(tuple(sorted(p.meta["numbers"])), p.meta["target"]) for p in ps}
     assert not q(a.train) & q(a.eval) and not q(a.pool) & (q(a.train) | q(a.eval))
     assert all(not p.steps for p in a.pool)
-    assert load(n_train=300, n_eval=50, seed=4).train[0].question != a.train[0].question
+    assert load(seed=4, **kw).train[0].question != a.train[0].question
     # the pool is drawn last: its size never changes train or eval
-    assert [p.question for p in load(n_train=300, n_eval=50, seed=3).train] == [p.question for p in a.train]
+    assert [p.question for p in load(seed=3, **kw).train] == [p.question for p in a.train]
 
 
 @pytest.mark.parametrize("ops", ["+-*", "+-", "-", "*"])
@@ -119,3 +120,45 @@ def test_bad_knobs_are_refused():
         load(min_numbers=1)
     with pytest.raises(ValueError, match="distinct"):
         load(n_train=50, n_eval=10, max_number=2, max_numbers=2, min_numbers=2)
+
+
+def test_unshuffled_questions_list_the_numbers_in_the_gold_order():
+    b = load(n_train=200, n_eval=10, shuffle=False, ops="+-*", max_number=9, max_target=40)
+    for p in b.train:
+        a, op, c, _, v = p.steps[0].split()
+        assert sorted((int(a), int(c))) == sorted(p.meta["numbers"][:2])  # the first two listed, in some order
+        assert p.question.startswith(f"Make {p.answer} from {', '.join(map(str, p.meta['numbers']))}.")
+    q = {p.question for p in b.train}
+    assert len(q) == len(b.train) and not q & {p.question for p in b.eval}
+
+
+def test_a_right_answer_is_not_enough_when_the_question_states_it():
+    from stepdpo.outcome import solved
+
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    assert solved("7 * 3 = 21\n21 + 25 = 46\nThe answer is 46", "46", meta)
+    assert not solved("7 * 3 = 22\n22 + 25 = 46\nThe answer is 46", "46", meta)  # copied the target
+    assert not solved("The answer is 46", "46", meta)
+    assert not solved("7 * 3 = 21\n21 + 25 = 46", "46", meta)  # no answer line
+    assert solved("12 - 5 = 7\nThe answer is 7", "7", {"kind": "arith"})  # other tasks: the answer decides
+
+
+def test_eval_accuracy_on_countdown_needs_valid_lines():
+    from stepdpo.evaluate import math_accuracy
+    import stepdpo.evaluate as ev
+    from stepdpo.generation import Completion
+
+    b = load(n_train=10, n_eval=2, seed=0)
+    p, q = b.eval
+    outs = {p.question: p.steps, q.question: ["1 + 1 = 2", "2 + 2 = 4", f"The answer is {q.answer}"]}
+
+    def fake(model, tok, prompts, **kw):
+        return [[Completion("\n".join(next(v for k, v in outs.items() if k in pr)), (), "stop")] for pr in prompts]
+
+    orig, ev.generate = ev.generate, fake
+    try:
+        metrics, records = math_accuracy(None, None, b.eval)
+    finally:
+        ev.generate = orig
+    assert [r["correct"] for r in records] == [True, False] and metrics["acc"] == 0.5
+    assert records[1]["pred"] == q.answer  # the copied target is extracted, and still not counted

@@ -3,12 +3,13 @@
 For a solution with steps s_1..s_n to a question with reference answer a, the value of the prefix
 that ends with step i is estimated by sampling k continuations of it from the *current* policy:
 
-    V_i  = (1/k) * #{continuations of s_1..s_i whose final answer matches a}      (estimate=soft)
+    V_i  = (1/k) * #{continuations of s_1..s_i that reach a}                      (estimate=soft)
     V_i  = 1 if any of the k continuations reaches a, else 0                      (estimate=hard)
     V_0  = the same for the prompt alone (no step yet): the problem's value under the policy
     V_n  = 1 if the solution's own final answer matches a, else 0 (exact: nothing left to sample)
 
-and step i's score is V_i; its advantage is A_i = V_i - V_{i-1} (`advantages`). A step that keeps
+where "reach a" is `stepdpo.outcome.solved` (the final answer matches a; on countdown, whose
+question states the target, every line must also be valid), and step i's score is V_i; its advantage is A_i = V_i - V_{i-1} (`advantages`). A step that keeps
 the target reachable keeps V; a step that dooms the solution drops it (the critical step); a step
 that fixes a mistake raises it. `ScoreResult.scores` are V_1..V_n (in [0, 1]; "wrong" = V_i < 0.5,
 so first_error weighting reads them too) and `ScoreResult.prompt_value` is V_0, which the pairs
@@ -40,16 +41,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..answers import answers_match, extract_answer
 from .base import ScoreRequest, ScoreResult, first_error_of
 
 log = logging.getLogger(__name__)
 ESTIMATES = ("soft", "hard")
 
 
-def reaches(steps: Sequence[str], answer: str) -> bool:
-    """Does the solution `steps` end with the reference answer? (The outcome a rollout is scored by.)"""
-    return bool(steps) and answers_match(extract_answer("\n".join(steps)), answer)
+def reaches(steps: Sequence[str], answer: str, meta: dict | None = None) -> bool:
+    """Is the solution `steps` right (`stepdpo.outcome.solved`)? The outcome a rollout is scored by."""
+    from ..outcome import solved
+
+    return bool(steps) and solved("\n".join(steps), answer, meta)
 
 
 def advantages(values: Sequence[float], prompt_value: float) -> list[float]:
@@ -158,7 +160,7 @@ class RolloutScorer:
                 continue
             n = len(r.steps)
             vals = [self._value(hits[key_of[(r_i, i)]]) for i in range(n)]  # V_0..V_{n-1}
-            scores = vals[1:] + [1.0 if reaches(r.steps, r.answer) else 0.0]  # V_1..V_n
+            scores = vals[1:] + [1.0 if reaches(r.steps, r.answer, r.meta_dict()) else 0.0]  # V_1..V_n
             out.append(ScoreResult(scores, first_error_of(scores), f"rollout:{self.estimate}@{self.k}",
                                    prompt_value=vals[0]))
         return out
@@ -181,7 +183,7 @@ class RolloutScorer:
             _, r, i = todo[key]
             if len(conts) != self.k:
                 raise RuntimeError(f"rollout: asked for {self.k} continuations, got {len(conts)}")
-            h = sum(reaches(list(r.steps[:i]) + split_steps(c.text), r.answer) for c in conts)
+            h = sum(reaches(list(r.steps[:i]) + split_steps(c.text), r.answer, r.meta_dict()) for c in conts)
             self.cache.put(key, h, model="rollout")
             res[key] = h
         self.stats.generated_prefixes += len(keys)
