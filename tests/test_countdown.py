@@ -162,3 +162,19 @@ def test_eval_accuracy_on_countdown_needs_valid_lines():
         ev.generate = orig
     assert [r["correct"] for r in records] == [True, False] and metrics["acc"] == 0.5
     assert records[1]["pred"] == q.answer  # the copied target is extracted, and still not counted
+
+
+def test_error_mix_script_finds_the_critical_line():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("countdown_errors", ROOT / "scripts" / "countdown_errors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    assert mod.classify(meta, ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"]) == ("correct", None)
+    assert mod.classify(meta, ["7 * 3 = 22", "22 + 25 = 47", "The answer is 47"]) == ("invalid", 0)
+    # a valid line dooms 46, then a fudged line "reaches" it: rule flags line 1, the critical line is 0
+    assert mod.classify(meta, ["25 - 7 = 18", "18 * 3 = 46", "The answer is 46"]) == ("doomed", 0)
+    assert mod.classify(meta, ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"]) == ("doomed", 0)
