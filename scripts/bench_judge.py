@@ -45,7 +45,7 @@ class Server:
     """The fake server in a child process; `counts()` asks it for its request counters."""
 
     def __init__(self, latency: float):
-        self.proc = subprocess.Popen([sys.executable, "-m", "stepdpo.testing.fake_openai", "--latency", str(latency)],
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--latency", str(latency)],
                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.base_url = json.loads(self.proc.stdout.readline())["base_url"]
 
@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
             cache = Path(tmp) / "judge.sqlite"
             kw = dict(base_url=server.base_url, model="gpt-4o-mini", cache_path=cache, concurrency=args.concurrency,
                       progress=False, timeout=30.0)
-            judge = OpenAIJudge(**kw)
+            judge = OpenAIJudge(engine=kw)
             t = time.perf_counter()
             res = judge.score(reqs)
             seconds = time.perf_counter() - t
             summary = judge.summary()
             judge.close()
             before = server.counts().get("chat", 0)
-            rerun = OpenAIJudge(**kw)
+            rerun = OpenAIJudge(engine=kw)
             res2 = rerun.score(reqs)
             rerun.close()
             rerun_requests = server.counts().get("chat", 0) - before

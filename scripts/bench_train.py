@@ -8,11 +8,22 @@ rejected, with per-step scores):
     python scripts/bench_train.py --make-model /tmp/bench/model [--vocab 128256] \
         --make-pairs /tmp/bench/pairs.jsonl
 
-Throughput and memory (one JSON line; with --impl both each implementation runs in its own
-subprocess, so peak RSS is per implementation, and the ratios stepdpo/trl are printed):
+Throughput and memory (one JSON line): every run is its own subprocess, so peak RSS is per
+run; the variants run interleaved, --repeats times each (so load on a shared machine hits them
+alike), and each reports the median, min and max over its repeats; ratios are of medians:
 
     python scripts/bench_train.py --model-dir /tmp/bench/model --pairs /tmp/bench/pairs.jsonl \
-        --steps 10 --batch-size 4 --max-length 512 --impl both [--precompute-ref]
+        --steps 10 --batch-size 4 --max-length 512 --impl all --repeats 3 [--precompute-ref] [--threads 1]
+
+Variants (--impl, comma-separated, or `both` = stepdpo,trl, `all` = stepdpo,trl,trl_grouped):
+- stepdpo: `stepdpo.train.train`; its batches are length-grouped (`batching.length_grouped_batches`).
+- trl: TRL's DPOTrainer with its defaults (random sampler: batches of unrelated lengths, padded).
+- trl_grouped: the same with `train_sampling_strategy="group_by_length"` (transformers'
+  LengthGroupedSampler over a `length` column = prompt + longer response tokens; TRL 1.16's
+  `padding_free` is disabled in DPO, so this is its best batching). `remove_unused_columns=False`
+  keeps the length column up to the sampler (TRL's collator reads only its own keys).
+`ratio` compares stepdpo with every TRL variant run, and with `trl_best`, the TRL variant of
+highest median tokens/s. pad_fraction = padded positions / all positions the model ran on.
 
 Log-prob memory (extra memory of the log-prob step relative to the logits tensor, at vocab 128k):
 
@@ -22,7 +33,9 @@ tokens/s counts non-padding tokens of the chosen and rejected sequences (prompt 
 the steps after the first (warm-up), so data preparation and reference precomputation are not
 in it (reported as setup_s). TRL runs with its own defaults (DPOConfig: bf16 autocast, gradient
 checkpointing, fused LM head, logging every 10 steps); only batch size, max_length, steps, lr,
-beta and the LoRA config are set, to the same values stepdpo uses.
+beta and the LoRA config are set, to the same values stepdpo uses; --trl-arg KEY=JSON overrides
+any DPOConfig field (including those, e.g. precompute_ref_log_probs or gradient_checkpointing).
+The `bench` extra pins the TRL version these numbers are quoted for (pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,7 +112,7 @@ def make_pairs(out: str, *, n: int = 512, seed: int = 0) -> Path:
     from stepdpo.perturb import build_perturb_pairs
 
     bundle = load(path=str(GSM8K), n_train=None, n_eval=0, seed=seed, strip_annotations=True)
-    pairs = build_perturb_pairs(bundle.train, seed=seed, max_pairs=n)
+    pairs, _ = build_perturb_pairs(bundle.train, seed=seed, max_pairs=n)
     rows = []
     for p in pairs:
         rej_steps = p.prefix + p.rejected
@@ -122,7 +136,7 @@ def read_pairs(path: str, tok, max_length: int, limit: int | None = None) -> lis
         n_p = len(tok(row["prompt"])["input_ids"])
         n_r = max(len(tok(row[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected")) + 1
         if n_p + n_r <= max_length:
-            rows.append(row)
+            rows.append({**row, "length": n_p + n_r})  # the longer side's tokens: a padded row's length
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
@@ -132,30 +146,24 @@ def read_pairs(path: str, tok, max_length: int, limit: int | None = None) -> lis
 
 def encode_rows(rows: list[dict], tok, weighting: str):
     """Rows -> stepdpo Examples, tokenized as TRL does (prompt with the tokenizer's BOS template;
-    responses without special tokens, EOS appended); step weights through the token offsets."""
+    responses without special tokens, EOS appended); token weights from `weights.token_weights`."""
     from stepdpo.batching import Example
-    from stepdpo.data import step_spans
-    from stepdpo.weights import first_error, get_scheme, step_token_weights
+    from stepdpo.data import StepPair
+    from stepdpo.weights import token_weights
 
-    def side(text: str, step_w: list[float]):
-        steps = text.split("\n")
+    def side(text: str):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"]) + [tok.eos_token_id]
-        offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
-        return ids, offsets, steps, step_token_weights(offsets, step_spans(steps), step_w)
+        return list(enc["input_ids"]) + [tok.eos_token_id], list(enc["offset_mapping"]) + [(len(text), len(text))]
 
     out = []
-    for r in rows:
-        n_c, n_r = len(r["chosen"].split("\n")), len(r["rejected"].split("\n"))
-        cs = r.get("chosen_scores") or [1.0] * n_c
-        rs = r.get("rejected_scores") or [0.0] * n_r
-        cw, rw = get_scheme(weighting)(cs, rs)
-        cf, rf = first_error(cs, rs)
-        c_ids, c_off, c_steps, c_w = side(r["chosen"], cw)
-        r_ids, r_off, r_steps, r_w = side(r["rejected"], rw)
-        out.append(Example(list(tok(r["prompt"])["input_ids"]), c_ids, r_ids, c_w, r_w,
-                           step_token_weights(c_off, step_spans(c_steps), cf),
-                           step_token_weights(r_off, step_spans(r_steps), rf)))
+    for i, r in enumerate(rows):
+        pair = StepPair(id=str(i), question="", answer="", prefix=[], chosen=r["chosen"].split("\n"),
+                        rejected=r["rejected"].split("\n"), chosen_scores=r.get("chosen_scores"),
+                        rejected_scores=r.get("rejected_scores"))
+        (c_ids, c_off), (r_ids, r_off) = side(r["chosen"]), side(r["rejected"])
+        w = token_weights(pair, (c_off, r_off), weighting)
+        out.append(Example(list(tok(r["prompt"])["input_ids"]), c_ids, r_ids, w.chosen, w.rejected,
+                           w.chosen_focus, w.rejected_focus))
     return out
 
 
@@ -191,11 +199,12 @@ def run_stepdpo(a) -> dict:
 
     class Recorder:  # the loop logs every step; keep the time and the numbers
         def __init__(self):
-            self.times, self.tokens, self.losses = [], [], []
+            self.times, self.tokens, self.padded, self.losses = [], [], [], []
 
         def log(self, m, step):
             self.times.append(time.perf_counter())
             self.tokens.append(int(m["train/tokens/nonpad"]))
+            self.padded.append(int(m["train/tokens/padded"]))
             self.losses.append(float(m["train/loss"]))
 
     rec = Recorder()
@@ -205,11 +214,12 @@ def run_stepdpo(a) -> dict:
     first_step = rec.times[0] - t0  # includes the reference precompute, when on
     return {"impl": "stepdpo", "tokens_per_s": _throughput(rec.times, rec.tokens), "peak_rss_mb": peak_rss_mb(),
             "final_loss": rec.losses[-1], "losses": rec.losses, "tokens": sum(rec.tokens), "pairs": len(examples),
+            "pad_fraction": round(1 - sum(rec.tokens) / sum(rec.padded), 4),
             "setup_s": round(t0 - t_setup + first_step, 3), "train_s": round(t1 - t0, 3),
             "precision": a.precision, "gradient_checkpointing": a.gradient_checkpointing}
 
 
-def run_trl(a) -> dict:
+def run_trl(a, grouped: bool = False) -> dict:
     import torch
     import trl
     from datasets import Dataset
@@ -221,16 +231,20 @@ def run_trl(a) -> dict:
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     rows = read_pairs(a.pairs, tok, a.max_length, a.limit)
-    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected", "length")} for r in rows])
     out = tempfile.mkdtemp(prefix="bench-trl-")
-    args = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch_size, max_steps=a.steps,
-                     max_length=a.max_length, learning_rate=a.lr, beta=a.beta, report_to="none", save_strategy="no",
-                     seed=a.seed, precompute_ref_log_probs=a.precompute_ref, disable_tqdm=True,
-                     use_cpu=not torch.cuda.is_available(), **a.trl_args)  # bf16 on CPU needs use_cpu
+    kw = dict(output_dir=out, per_device_train_batch_size=a.batch_size, max_steps=a.steps, max_length=a.max_length,
+              learning_rate=a.lr, beta=a.beta, report_to="none", save_strategy="no", seed=a.seed,
+              precompute_ref_log_probs=a.precompute_ref, disable_tqdm=True,
+              use_cpu=not torch.cuda.is_available())  # bf16 on CPU needs use_cpu
+    if grouped:  # transformers' LengthGroupedSampler reads the `length` column, which must reach it
+        kw.update(train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False)
+    args = DPOConfig(**{**kw, **a.trl_args})  # --trl-arg overrides any of these (no duplicate keyword)
     lora = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")
     times: list[float] = []
     tokens: list[int] = []
+    padded: list[int] = []
     losses: list[float] = []
 
     class Steps(TrainerCallback):
@@ -251,17 +265,22 @@ def run_trl(a) -> dict:
     def counting(examples):  # non-padding tokens of every training batch, in order
         batch = collate(examples)
         tokens.append(int(batch["attention_mask"].sum()))
+        padded.append(batch["attention_mask"].numel())
         return batch
 
     trainer.data_collator = counting
     t0 = time.perf_counter()
     trainer.train()
     t1 = time.perf_counter()
-    return {"impl": "trl", "trl_version": trl.__version__, "tokens_per_s": _throughput(times, tokens[:len(times)]),
+    n = len(times)
+    return {"impl": "trl_grouped" if grouped else "trl", "trl_version": trl.__version__,
+            "tokens_per_s": _throughput(times, tokens[:n]),
+            "pad_fraction": round(1 - sum(tokens[:n]) / sum(padded[:n]), 4),
             "peak_rss_mb": peak_rss_mb(), "final_loss": losses[-1] if losses else None, "losses": losses,
             "tokens": sum(tokens[:len(times)]), "pairs": len(rows), "setup_s": round(t0 - t_setup + (times[0] - t0), 3),
             "train_s": round(t1 - t0, 3), "bf16": bool(args.bf16),
-            "gradient_checkpointing": bool(args.gradient_checkpointing)}
+            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "train_sampling_strategy": str(args.train_sampling_strategy)}
 
 
 # ----------------------------------------------------------------------------- log-prob memory
@@ -294,9 +313,9 @@ def _peak_alloc(fn) -> tuple[int, object]:
 def logp_memory(a) -> dict:
     """Extra memory of the log-prob step relative to the logits it works on, forward and backward.
 
-    - stepdpo_head: the loop's step (train._HeadLogps): LM-head GEMM + gather + chunked fp32
-      logsumexp over M response positions; relative to its own (M, V) logits buffer.
-    - token_logps: loss.token_logps on full (N, T, V) model logits; relative to those logits.
+    - stepdpo_head: the loop's step (logprobs.flat_logps_from_head): LM-head GEMM + gather + chunked
+      fp32 logsumexp over M response positions; relative to its own (M, V) logits buffer.
+    - token_logps: logprobs.logps_from_logits on full (N, T, V) model logits; relative to those logits.
     - naive: log_softmax(logits.float()).gather(...), for contrast.
     `*_fwd` is the peak of a forward that keeps what backward needs; `*_bwd` the peak of the
     backward, not counting the gradient w.r.t. the logits (a tensor the size of the logits that any
@@ -304,8 +323,7 @@ def logp_memory(a) -> dict:
     """
     import torch
 
-    from stepdpo.loss import token_logps
-    from stepdpo.train import _HeadLogps
+    from stepdpo.logprobs import flat_logps_from_head, logps_from_logits
 
     torch.manual_seed(0)
     V, H, N, T = a.vocab, a.hidden, a.rows, a.seq
@@ -316,7 +334,7 @@ def logp_memory(a) -> dict:
         labels[:, : T // 4] = -100
         logits = torch.randn(N, T, V, dtype=dt, requires_grad=True)
         size = logits.numel() * logits.element_size()
-        for what, fn in (("token_logps", lambda: token_logps(logits, labels)),
+        for what, fn in (("token_logps", lambda: logps_from_logits(logits, labels)),
                          ("naive", lambda: torch.log_softmax(logits[:, :-1].float(), -1).gather(
                              2, labels[:, 1:].clamp_min(0)[..., None]).squeeze(-1))):
             with torch.no_grad():
@@ -336,7 +354,7 @@ def logp_memory(a) -> dict:
 
         def head():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
-                return _HeadLogps.apply(h, W, None, tgt)
+                return flat_logps_from_head(h, W, None, tgt)
 
         with torch.no_grad():
             peak_ng, _ = _peak_alloc(head)
@@ -351,6 +369,22 @@ def logp_memory(a) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+
+
+VARIANTS = {"stepdpo": run_stepdpo, "trl": run_trl, "trl_grouped": lambda a: run_trl(a, grouped=True)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The repeats of one variant -> their fields (from the first run) with tokens_per_s,
+    peak_rss_mb, setup_s, train_s as medians, plus `<field>_range` = [min, max] and each run's value."""
+    out = {k: v for k, v in runs[0].items() if k != "losses"}
+    out["repeats"] = len(runs)
+    for k in ("tokens_per_s", "peak_rss_mb", "setup_s", "train_s"):
+        vals = [r[k] for r in runs]
+        out[k] = round(statistics.median(vals), 3)
+        out[f"{k}_range"] = [round(min(vals), 3), round(max(vals), 3)]
+        out[f"{k}_runs"] = [round(v, 3) for v in vals]
+    return out
 
 
 def parse(argv=None):
@@ -370,7 +404,10 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (2x sequences)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
-    p.add_argument("--impl", choices=("stepdpo", "trl", "both"), default="stepdpo")
+    p.add_argument("--impl", default="stepdpo",
+                   help="comma-separated variants among stepdpo, trl, trl_grouped; both = stepdpo,trl; "
+                        "all = stepdpo,trl,trl_grouped")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant (interleaved); medians reported")
     p.add_argument("--precompute-ref", action="store_true")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="stepdpo autocast precision (TRL's default on this hardware is bf16)")
@@ -388,6 +425,12 @@ def parse(argv=None):
                         "1 avoids OpenMP threads waiting on descheduled siblings, which swamps the measurement")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.impls = {"both": ["stepdpo", "trl"], "all": list(VARIANTS)}.get(a.impl, a.impl.split(","))
+    unknown = [v for v in a.impls if v not in VARIANTS]
+    if unknown:
+        p.error(f"--impl: unknown {unknown}; choose among {list(VARIANTS)}, both, all")
+    if a.repeats < 1:
+        p.error("--repeats must be >= 1")
     a.trl_args = {}
     for kv in a.trl_arg:
         k, _, v = kv.partition("=")
@@ -416,30 +459,39 @@ def main(argv=None) -> int:
         return 0
     if not (a.model_dir and a.pairs):
         p.error("--model-dir and --pairs are required (make them with --make-model / --make-pairs)")
-    if a.impl != "both":
-        res = run_stepdpo(a) if a.impl == "stepdpo" else run_trl(a)
+    if a.child or (len(a.impls) == 1 and a.repeats == 1):  # one run of one variant, in this process
         import torch
 
+        res = VARIANTS[a.impls[0]](a)
         res.update(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, precompute_ref=a.precompute_ref,
                    threads=torch.get_num_threads())
         print(json.dumps(res), flush=True)
         return 0
-    argv = list(sys.argv[1:] if argv is None else argv)
-    results = {}
-    for impl in ("stepdpo", "trl"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--impl", impl, "--child"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"bench: the {impl} run failed (exit {proc.returncode})")
-        results[impl] = json.loads(lines[-1])
-    s, t = results["stepdpo"], results["trl"]
-    for r in (s, t):
-        r.pop("losses", None)
-    print(json.dumps({**results, "ratio": {"tokens_per_s": round(s["tokens_per_s"] / t["tokens_per_s"], 3),
-                                           "peak_rss": round(s["peak_rss_mb"] / t["peak_rss_mb"], 3)},
-                      "targets": {"tokens_per_s": 1.2 if a.precompute_ref else 1.5, "peak_rss": 0.8}}))
+    argv = [x for x in (sys.argv[1:] if argv is None else argv)]
+    runs: dict[str, list[dict]] = {v: [] for v in a.impls}
+    for _ in range(a.repeats):  # interleaved: a burst of load from other jobs hits every variant alike
+        for impl in a.impls:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--impl", impl, "--child"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"bench: the {impl} run failed (exit {proc.returncode})")
+            runs[impl].append(json.loads(lines[-1]))
+            print(f"bench: {impl} run {len(runs[impl])}/{a.repeats}: {lines[-1]}", file=sys.stderr, flush=True)
+    res = {impl: summarize(rs) for impl, rs in runs.items()}
+    if len(a.impls) == 1:  # one variant: its summary, plus its last run's losses
+        print(json.dumps({**res[a.impls[0]], "losses": runs[a.impls[0]][-1]["losses"]}))
+        return 0
+    trls = [v for v in a.impls if v.startswith("trl")]
+    if "stepdpo" in res and trls:
+        s = res["stepdpo"]
+        best = max(trls, key=lambda v: res[v]["tokens_per_s"])
+        ratio = {v: {"tokens_per_s": round(s["tokens_per_s"] / res[v]["tokens_per_s"], 3),
+                     "peak_rss": round(s["peak_rss_mb"] / res[v]["peak_rss_mb"], 3)} for v in trls}
+        res.update(ratio={**ratio, "trl_best": {"variant": best, **ratio[best]}},
+                   targets={"tokens_per_s": 5.0, "peak_rss": 0.35})
+    print(json.dumps(res))
     return 0
 
 

@@ -8,11 +8,9 @@ from typing import Sequence
 
 import torch
 
-from .data import StepPair, prompt_ids, prompt_text, response_text, step_spans
-from .weights import (NORMALISE, VALUE_SCHEMES, first_difference, first_error, first_wrong, get_scheme, localise_step,
-                      normalise_mean_one, step_token_weights)
-
-IGNORE = -100
+from .data import StepPair, encode_text, end_of_response_id, pair_prompt_ids, response_text, truncated_prompt_ids
+from .loss import IGNORE  # the label of prompt/pad positions
+from .weights import token_weights
 
 
 @dataclass
@@ -72,60 +70,30 @@ class PreferenceBatch:
         return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def _encode_response(tokenizer, steps: list[str], step_w: list[float]) -> tuple[list[int], list[float], list[tuple]]:
+def _encode_response(tokenizer, steps: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Response ids (EOS appended) and each token's character offsets in `response_text(steps)`."""
     text = response_text(steps)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    enc = encode_text(tokenizer, text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"]) + [end_of_response_id(tokenizer)]
     offsets = list(enc["offset_mapping"]) + [(len(text), len(text))]
-    return ids, step_token_weights(offsets, step_spans(steps), step_w), offsets
+    return ids, offsets
 
 
 def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weighting_kwargs: dict | None = None,
                 max_length: int | None = None) -> Example:
-    """Tokenize a scored pair; compute token weights with the chosen scheme."""
-    cs = pair.chosen_scores if pair.chosen_scores is not None else [1.0] * len(pair.chosen)
-    rs = pair.rejected_scores if pair.rejected_scores is not None else [0.0] * len(pair.rejected)
-    kwargs = dict(weighting_kwargs or {})
-    error_span = kwargs.pop("error_span", "step") if weighting == "first_error" else "step"
-    if weighting in VALUE_SCHEMES:  # the value of the shared prefix (reward=rollout), for advantages
-        kwargs["value_before"] = pair.meta.get("value_before")
-    cw, rw = get_scheme(weighting)(cs, rs, **kwargs)
-    cf, rf = first_error(cs, rs)
-    p_ids = prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer))
-    n_prefix = 0
-    if pair.prefix:  # prompt tokens that are the prefix steps (for trainer.nll_on=solution)
-        n_prefix = max(0, len(p_ids) - len(prompt_ids(tokenizer, prompt_text(pair.question, (), tokenizer))))
-    c_ids, c_w, c_off = _encode_response(tokenizer, pair.chosen, cw)
-    r_ids, r_w, r_off = _encode_response(tokenizer, pair.rejected, rw)
-    if error_span == "token":
-        c_w, r_w = _localise_first_error(pair, rs, cw, rw, c_off, r_off, c_w, r_w)
-    if weighting in NORMALISE:
-        c_w, r_w = normalise_mean_one(c_w), normalise_mean_one(r_w)
-    c_f = step_token_weights(c_off, step_spans(pair.chosen), cf)
-    r_f = step_token_weights(r_off, step_spans(pair.rejected), rf)
-    if max_length is not None:
-        over = len(p_ids) + max(len(c_ids), len(r_ids)) - max_length
-        if over > 0:  # keep the responses whole; drop the oldest prompt tokens (validation counts this)
-            if over >= len(p_ids):
-                raise ValueError(f"pair {pair.id}: responses alone exceed trainer.max_length={max_length}")
-            p_ids = p_ids[over:]
-            n_prefix = min(n_prefix, len(p_ids))
-    return Example(p_ids, c_ids, r_ids, c_w, r_w, c_f, r_f, n_prefix)
-
-
-def _localise_first_error(pair: StepPair, rs, cw, rw, c_off, r_off, c_w, r_w):
-    """`first_error` with error_span=token: step k's weight only on the token where the chosen and
-    rejected step-k texts first differ (each side's own token there). Unchanged (whole step) when the
-    rejected side has no wrong step, the chosen side has no step k, or the two step texts are equal."""
-    k = first_wrong(rs)
-    if k is None or k >= len(pair.chosen):
-        return c_w, r_w
-    d = first_difference(pair.chosen[k], pair.rejected[k])
-    if d is None:
-        return c_w, r_w
-    c_spans, r_spans = step_spans(pair.chosen), step_spans(pair.rejected)
-    return (localise_step(c_off, c_spans, cw, k, c_spans[k][0] + d),
-            localise_step(r_off, r_spans, rw, k, r_spans[k][0] + d))
+    """Tokenize a pair; its token weights come from `weights.token_weights` (the whole score -> weight rule)."""
+    p_ids, n_prefix = pair_prompt_ids(tokenizer, pair.question, pair.prefix)  # n_prefix: for trainer.nll_on=solution
+    c_ids, c_off = _encode_response(tokenizer, pair.chosen)
+    r_ids, r_off = _encode_response(tokenizer, pair.rejected)
+    w = token_weights(pair, (c_off, r_off), weighting, **(weighting_kwargs or {}))
+    if max_length is not None and len(p_ids) + max(len(c_ids), len(r_ids)) > max_length:
+        # keep the responses, the template header and the prefix whole; drop the question's oldest tokens
+        try:
+            p_ids, n_prefix, _ = truncated_prompt_ids(tokenizer, pair.question, pair.prefix,
+                                                      max_length - max(len(c_ids), len(r_ids)))
+        except ValueError as e:
+            raise ValueError(f"pair {pair.id}: {e} (trainer.max_length={max_length})") from None
+    return Example(p_ids, c_ids, r_ids, w.chosen, w.rejected, w.chosen_focus, w.rejected_focus, n_prefix)
 
 
 def encode_sft(question: str, steps: list[str], tokenizer) -> Example:

@@ -15,22 +15,18 @@ never a half-written one. Older checkpoints beyond `keep` are deleted afterwards
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import logging
 import os
 import random
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -87,27 +83,6 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], where: str) -> N
                 raise ValueError(f"{where}: parameter {n} has shape {tuple(state[n].shape)}, this model's is "
                                  f"{tuple(p.shape)} (different lora.r or model size?)")
             p.copy_(state[n])
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str = "") -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing) for the `with` block: parallel jobs
-    that would compute the same cached file take turns, and the later ones find it written. The
-    kernel drops the lock when its process dies, so a killed job never leaves a stale one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            t = time.perf_counter()
-            log.info("waiting for another job's %s (%s)", what or "work", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-            log.info("lock %s released after %.1fs", path, time.perf_counter() - t)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

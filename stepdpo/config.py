@@ -1,6 +1,6 @@
 """Typed config schemas (registered in Hydra's ConfigStore) and `build()`, a restricted instantiate.
 
-Groups whose implementation varies (dataset, pairs, reward, model, lora, logger) carry a
+Groups whose implementation varies (dataset, pairs, reward, model, lora, logger, generation) carry a
 `_target_`; `validate_targets` binds every key against the target's signature before anything
 is loaded, so a typo fails in seconds naming the group and key. `trainer`, `sft` and `eval` are
 typed dataclasses: Hydra rejects unknown keys and wrong types while composing.
@@ -15,9 +15,9 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger")
+TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger", "generation")
 ALLOWED_PREFIXES = ("stepdpo.", "peft.", "torch.optim.")
-HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults"}
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Config:
     sft: TrainerConfig = field(default_factory=lambda: TrainerConfig(loss="sft"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = MISSING
+    generation: Any = MISSING  # the engine eval and on-policy sampling decode with: hf | vllm | openai_server
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -189,9 +190,33 @@ def check_target(node: Any, group: str) -> Any:
     return obj
 
 
+def validate_pairs_settings(node: Any) -> None:
+    """The `pairs` group's choices, checked by the same functions the builders call (pairs.py owns them)."""
+    from .pairs import check_from_split, check_reject, check_resample
+
+    check_from_split(node.get("from_split", "train"))
+    if "reject" in node:
+        check_reject(node.reject)
+    if "resample_k" in node:
+        check_resample(node.resample_k, node.get("resample_temperature", 0.7))
+
+
+def validate_quantized_tiny(model: Any, lora: Any) -> None:
+    """lora=qlora on the built-in tiny model: bitsandbytes quantizes in blocks of 64 input features."""
+    if lora.get("quant") is None or model.get("path") is not None:
+        return
+    for key in ("hidden_size", "intermediate_size"):
+        v = (model.get("tiny") or {}).get(key, 64)
+        if v % 64:
+            raise ValueError(f"model.tiny.{key}={v}: lora=qlora quantizes in blocks of 64 input features; "
+                             "use a multiple of 64")
+
+
 def validate_targets(cfg: DictConfig) -> None:
     for g in TARGET_GROUPS:
         check_target(cfg[g], g)
+    validate_pairs_settings(cfg.pairs)
+    validate_quantized_tiny(cfg.model, cfg.lora)
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")

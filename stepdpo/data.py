@@ -6,8 +6,14 @@ StepPair -> a preference pair: prompt, shared prefix steps, chosen and rejected 
 
 Text layout seen by the model (see `prompt_text` / `response_text`):
 
-    prompt   = format_prompt(question, tokenizer) + "".join(step + "\n" for step in prefix)
-    response = "\n".join(steps)            (the tokenizer's EOS is appended as a token)
+    prompt   = format_prompt(question, tokenizer) + joined prefix steps, each followed by its separator
+    response = the joined steps            (+ the end-of-turn token: `end_of_response_id`)
+
+Steps are joined by "\n", except that a step which already ends with a line break carries its
+own separator: gold steps (stripped) read "step1\nstep2", while steps split from a sampled
+solution (`steps.split_steps`) keep the text between them ("...= 24.\n\n", "Then ...") and join
+back to the sampled text byte for byte, so the tokens trained are the tokens the policy wrote.
+Response and prefix text is encoded with `encode_text` (special-token strings in it stay text).
 
 `format_prompt` is "Question: ...\nAnswer:\n" (model.prompt_format=plain), or the tokenizer's own
 chat template with an optional system message and the generation prompt (model.prompt_format=chat,
@@ -38,6 +44,8 @@ class PromptFormat:
 
     style: str = "plain"  # plain | chat
     system: str | None = None  # chat only: the system message (None = none)
+    template_kwargs: dict = field(default_factory=dict, hash=False, compare=True)  # chat only: extra variables for
+    # apply_chat_template (enable_thinking=False for Qwen3; date_string pins Llama-3.2's "Today Date")
 
     def __post_init__(self):
         if self.style not in PROMPT_FORMATS:
@@ -53,6 +61,7 @@ def set_prompt_format(tokenizer, fmt: PromptFormat):
         raise ValueError("model.prompt_format=chat: this tokenizer has no chat_template (base models usually "
                          "don't); use model.prompt_format=plain, or set one in the model's tokenizer_config.json")
     tokenizer.stepdpo_prompt_format = fmt
+    tokenizer.stepdpo_end_id = None  # end_of_response_id depends on the format
     return tokenizer
 
 
@@ -67,7 +76,42 @@ def format_prompt(question: str, tokenizer=None) -> str:
         return PROMPT_TEMPLATE.format(question=question.strip())
     messages = ([{"role": "system", "content": fmt.system}] if fmt.system else []) + [
         {"role": "user", "content": question.strip()}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **fmt.template_kwargs)
+
+
+_SENTINEL = "@@STEPDPO-SENTINEL-7f3a@@"  # stands in for a message to find where the template puts it
+
+
+def end_of_response_id(tokenizer) -> int:
+    """The token that ends a response in training: the chat template's end of an assistant turn
+    (what `apply_chat_template` writes right after an assistant message: `<|im_end|>` for Qwen,
+    `<|eot_id|>` for Llama-3, even where `eos_token` is `<|end_of_text|>`), or `eos_token` in the
+    plain format, or when the template writes no special token there. Cached on the tokenizer."""
+    cached = getattr(tokenizer, "stepdpo_end_id", None)
+    if cached is not None:
+        return cached
+    end = tokenizer.eos_token_id
+    fmt = prompt_format_of(tokenizer)
+    if fmt.style == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}],
+                                             tokenize=False, **fmt.template_kwargs)
+        at = text.rfind(_SENTINEL)
+        if at >= 0:
+            tail = tokenizer(text[at + len(_SENTINEL):], add_special_tokens=False)["input_ids"]
+            if tail and tail[0] in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
+                end = tail[0]
+    if end is None:
+        raise ValueError("tokenizer: no eos_token and no end-of-turn token in the chat template; set eos_token in "
+                         "the model's tokenizer_config.json")
+    tokenizer.stepdpo_end_id = end
+    return end
+
+
+def encode_text(tokenizer, text: str, **kw):
+    """Tokenize model-written text (steps, responses): no BOS/EOS added, and a special token's string
+    in it ("<|im_end|>" written out) stays text, as the policy sampled it, never that special token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kw)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -90,7 +134,7 @@ class Problem:
 
     @property
     def solution(self) -> str:
-        return STEP_SEP.join(self.steps)
+        return response_text(self.steps)
 
 
 @dataclass
@@ -118,12 +162,59 @@ class StepPair:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def separator_after(step: str, last: bool = False) -> str:
+    """What follows `step` in the model's text: nothing after the last step or after a step that
+    ends with its own line break (split from sampled text), else STEP_SEP."""
+    return "" if last or step.endswith("\n") else STEP_SEP
+
+
+def prefix_text(prefix: list[str] | tuple[str, ...]) -> str:
+    """The prefix steps as they sit in the prompt: each followed by its separator."""
+    return "".join(s + separator_after(s) for s in prefix)
+
+
 def prompt_text(question: str, prefix: list[str] | tuple[str, ...] = (), tokenizer=None) -> str:
-    return format_prompt(question, tokenizer) + "".join(s + STEP_SEP for s in prefix)
+    return format_prompt(question, tokenizer) + prefix_text(prefix)
 
 
-def response_text(steps: list[str]) -> str:
-    return STEP_SEP.join(steps)
+def pair_prompt_ids(tokenizer, question: str, prefix: list[str] | tuple[str, ...] = ()) -> tuple[list[int], int]:
+    """(ids of `prompt_text(question, prefix)`, how many of them are the prefix steps): the template
+    part through `prompt_ids`, the model-written prefix through `encode_text`. The cut sits after the
+    template's last line break (or special token), where byte-level BPE never merges across."""
+    head = prompt_ids(tokenizer, format_prompt(question, tokenizer))
+    tail = list(encode_text(tokenizer, prefix_text(prefix))["input_ids"]) if prefix else []
+    return head + tail, len(tail)
+
+
+def truncated_prompt_ids(tokenizer, question: str, prefix: list[str] | tuple[str, ...],
+                         max_tokens: int) -> tuple[list[int], int, int]:
+    """`pair_prompt_ids` cut to at most `max_tokens` by dropping the question's oldest tokens
+    (dataset.truncation=truncate_left): the BOS, the system message, the template's user/assistant
+    header and the prefix steps are kept whole. Returns (ids, n_prefix, question tokens dropped);
+    raises ValueError when even an empty question would not fit."""
+    ids, n_prefix = pair_prompt_ids(tokenizer, question, prefix)
+    if len(ids) <= max_tokens:
+        return ids, n_prefix, 0
+    q = question.strip()
+    text = format_prompt(_SENTINEL, tokenizer)
+    at = text.find(_SENTINEL)
+    if at < 0:
+        raise ValueError("dataset.truncation=truncate_left: can't find the question in the prompt template")
+    head = prompt_ids(tokenizer, text[:at])
+    q_ids = list(tokenizer(q, add_special_tokens=False)["input_ids"])
+    tail = list(tokenizer(text[at + len(_SENTINEL):], add_special_tokens=False)["input_ids"])
+    pre = ids[len(ids) - n_prefix:] if n_prefix else []
+    keep = max_tokens - len(head) - len(tail) - len(pre)
+    if keep <= 0:
+        raise ValueError(f"dataset.truncation=truncate_left: the prompt without its question is {max_tokens - keep} "
+                         f"tokens (template header {len(head) + len(tail)}, prefix steps {len(pre)}) and the budget "
+                         f"is {max_tokens}; raise trainer.max_length or use dataset.truncation=drop")
+    cut = len(q_ids) - keep
+    return head + q_ids[cut:] + tail + pre, n_prefix, cut
+
+
+def response_text(steps: list[str] | tuple[str, ...]) -> str:
+    return "".join(s + separator_after(s, i == len(steps) - 1) for i, s in enumerate(steps))
 
 
 def step_spans(steps: list[str]) -> list[tuple[int, int]]:
@@ -134,7 +225,7 @@ def step_spans(steps: list[str]) -> list[tuple[int, int]]:
     """
     spans, pos = [], 0
     for i, s in enumerate(steps):
-        end = pos + len(s) + (len(STEP_SEP) if i < len(steps) - 1 else 0)
+        end = pos + len(s) + len(separator_after(s, i == len(steps) - 1))
         spans.append((pos, end))
         pos = end
     return spans

@@ -101,21 +101,3 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-class NullTracker:
-    """What ranks other than 0 log to: nothing."""
-
-    summary_data: dict = {}
-
-    def log(self, *a, **k) -> None: ...
-
-    def summary(self, *a, **k) -> None: ...
-
-    def log_table(self, *a, **k) -> None: ...
-
-    def log_histogram(self, *a, **k) -> None: ...
-
-    def log_artifact(self, *a, **k) -> None: ...
-
-    def close(self) -> None: ...

@@ -15,11 +15,9 @@ from .answers import answers_match, extract_answer
 from .outcome import solved
 from .data import Problem, format_prompt
 from .generation import generate
+from .steps import split_steps  # noqa: F401  (sampled text -> exact steps; re-exported)
 
 
-def split_steps(text: str) -> list[str]:
-    """Steps of a generated solution: its non-empty lines."""
-    return [s.strip() for s in text.split("\n") if s.strip()]
 
 
 def stop_from_config(strings: Sequence[str]) -> list[str]:
@@ -48,6 +46,13 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return max(clusters, key=lambda cl: cl[1])[0] if clusters else None
 
 
+def answer_of(c) -> str | None:
+    """The answer a Completion states, or None when it hit max_new_tokens (finish_reason "length"):
+    a cut-off solution is counted (`truncated`) and scored wrong, never read for an answer it
+    may have stated on the way."""
+    return None if c.finish_reason == "length" else extract_answer(c.text)
+
+
 def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 128, batch_size: int = 64,
                   maj_k: int = 0, temperature: float = 0.7, seed: int = 0,
                   stop: Sequence[str] | None = None) -> tuple[dict[str, float], list[dict]]:
@@ -55,26 +60,28 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
 
     Returns (metrics, records); records hold question, output, predicted and gold answers, and
     correctness, one per problem. Metrics: `acc` (greedy pass@1), `n`, `no_answer` (share of
-    outputs without an extractable answer), `maj@k` (sampled majority vote, equivalent answers
+    outputs without an extractable answer, truncated ones included), `truncated` (share that hit
+    max_new_tokens: raise eval.max_new_tokens when it is not ~0), `maj@k` (sampled majority vote, equivalent answers
     pooled), and `acc/level/<L>`, `acc/subject/<S>` when the problems carry those meta fields (MATH).
     """
     prompts = [format_prompt(p.question, tokenizer) for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     records = []
     for p, (c,) in zip(problems, outs):
-        pred = extract_answer(c.text)
+        pred = answer_of(c)
         records.append({"id": p.id, "question": p.question, "output": c.text, "pred": pred, "gold": p.answer,
                         "correct": solved(c.text, p.answer, p.meta), "steps": split_steps(c.text), "meta": p.meta,
                         "finish_reason": c.finish_reason})
     n = max(1, len(records))
     metrics = {"acc": sum(r["correct"] for r in records) / n, "n": len(records),
-               "no_answer": sum(r["pred"] is None for r in records) / n}
+               "no_answer": sum(r["pred"] is None for r in records) / n,
+               "truncated": sum(r["finish_reason"] == "length" for r in records) / n}
     if maj_k > 0:
         samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            do_sample=True, temperature=temperature, num_return_sequences=maj_k, seed=seed, stop=stop)
         hits = 0
         for p, r, outs_k in zip(problems, records, samples):
-            maj = majority_vote([extract_answer(c.text) for c in outs_k])
+            maj = majority_vote([answer_of(c) for c in outs_k])
             r["maj_pred"], r["maj_correct"] = maj, answers_match(maj, p.answer)
             hits += r["maj_correct"]
         metrics[f"maj@{maj_k}"] = hits / n

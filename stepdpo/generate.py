@@ -25,16 +25,17 @@ def load_trained(run_dir: str | Path):
     if not meta_path.is_file() and not full.is_dir():
         raise FileNotFoundError(f"{run_dir}: no adapter/stepdpo.json or model/ — is this a finished stepdpo run directory?")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    fmt = PromptFormat(meta.get("prompt_format", "plain"), meta.get("system_prompt"))  # as in training
+    fmt = PromptFormat(meta.get("prompt_format", "plain"), meta.get("system_prompt"),
+                       meta.get("chat_template_kwargs") or {})  # as in training
     if full.is_dir():
         return AutoModelForCausalLM.from_pretrained(full), set_prompt_format(AutoTokenizer.from_pretrained(full), fmt)
     from peft import PeftModel
 
-    from .model import LoraSpec, ModelSpec, load_base
+    from .model import ModelSpec, QuantSpec, load_base
 
-    quant = LoraSpec(name="qlora", load_in_4bit=True) if meta.get("load_in_4bit") else None
+    quant = QuantSpec() if meta.get("load_in_4bit") else None
     base, tok = load_base(ModelSpec(name="base", path=meta["base_model"], prompt_format=fmt.style,
-                                    system_prompt=fmt.system), quant=quant)
+                                    system_prompt=fmt.system, chat_template_kwargs=fmt.template_kwargs), quant=quant)
     model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval(), tok
 

@@ -5,10 +5,15 @@ A sequence ends at any EOS id of the model (the union of `generation_config.eos_
 instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or Llama-3's
 128001/128008/128009, and `tokenizer.eos_token_id`), at a stop string, or after `max_new_tokens`;
 `Completion.finish_reason` says which ("stop" or "length").
+
+The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
+by its k samples, finished rows dropped from the batch; greedy picks the tokens `model.generate` picks.
+`set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,68 +44,181 @@ def truncate_at_stop(text: str, stop: Sequence[str] = ()) -> str:
     return text[:cut]
 
 
-def _completion(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str], max_new_tokens: int) -> Completion:
-    """A row of generated ids (maybe padded after it ended) as a Completion."""
-    end = next((j for j, t in enumerate(ids) if t in eos), None)
-    if end is not None:
-        ids = ids[:end]
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a sample is drawn from: softmax(logits / temperature) over the nucleus, the
+    most likely tokens whose mass before each reaches less than top_p (Holtzman et al. 2020; the rule of
+    transformers' TopPLogitsWarper), renormalised. logits: (N, V) fp32 -> (N, V) probabilities."""
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # the tokens more likely than this one already hold top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.softmax(-1)
+
+
+def _forward_names(model) -> tuple[str, bool]:
+    """The forward's name for the KV cache (`cache` in transformers 5, `past_key_values` before) and
+    whether it takes `logits_to_keep` (then the prefill computes only the last position's logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, eos: torch.Tensor,
+            pick, stop_hit=None, window: int = 0) -> list[tuple[list[int], bool]]:
+    """Decode a batch of left-padded prompts, k samples each: (ids, ended at an EOS id) per row, rows
+    ordered prompt 0's k samples, then prompt 1's, ...
+
+    Each prompt is prefilled once and its KV cache rows repeated for its k samples; a row that ends is
+    dropped from the batch (and its cache rows) at once, so every forward works on live rows only.
+    Positions, masks and the last-position logits are those of transformers' `generate`, so greedy
+    decoding picks the same tokens. `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which
+    of the live rows' last `window` token ids now hold a stop string (None: no stop strings).
+    """
+    cache_name, keep_arg = _forward_names(model)
+    last_only = {"logits_to_keep": 1} if keep_arg else {}
+    B, T = ids.shape
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, T) positions, as generate computes them
+    mask = attn if bool((attn == 0).any()) else None  # generate drops an all-ones mask too (same attention kernel)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
+    cache, logits = getattr(out, cache_name), out.logits[:, -1].float()  # logits: (B, V)
+    pos = pos[:, -1]
+    if k > 1:  # one prefill per prompt, shared by its k samples
+        cache.batch_repeat_interleave(k)
+        logits, pos = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0)
+        mask = mask.repeat_interleave(k, 0) if mask is not None else None
+    n = B * k
+    live = torch.arange(n)  # (L,) the original row of each row still in the batch
+    tokens = torch.zeros(n, max_new_tokens, dtype=torch.long)  # (n, max_new_tokens), filled up to each row's end
+    length, hit_eos = [max_new_tokens] * n, [False] * n
+    for step in range(max_new_tokens):
+        nxt = pick(logits)  # (L,)
+        tokens[live, step] = nxt.cpu()
+        ended = torch.isin(nxt, eos).cpu()  # (L,) bool
+        for r in live[ended].tolist():
+            length[r], hit_eos[r] = step, True  # the EOS itself is not kept
+        if stop_hit is not None:
+            going = (~ended).nonzero().squeeze(1)  # rows not at an EOS: does their text now hold a stop string
+            tails = tokens[live[going], max(0, step + 1 - window):step + 1].tolist()
+            hits = going[torch.tensor(stop_hit(tails), dtype=torch.bool).reshape(-1)]
+            for r in live[hits].tolist():
+                length[r] = step + 1  # kept: _completion cuts the text (and its ids) before the stop string
+            ended[hits] = True
+        if step == max_new_tokens - 1:
+            break
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(1)  # (L',)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep.to(pos.device))
+            live, nxt, pos = live[keep], nxt[keep.to(nxt.device)], pos[keep.to(pos.device)]
+            mask = mask[keep.to(mask.device)] if mask is not None else None
+        pos = pos + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # (L, T + step + 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                    **{cache_name: cache})
+        logits = out.logits[:, -1].float()
+    return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
+
+
+def ids_before(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The longest prefix of `ids` whose decoded text is a prefix of `text` (the ids before a stop string)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(tokenizer.decode(ids[:mid], skip_special_tokens=True)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return ids[:lo]
+
+
+def _completion(tokenizer, ids: list[int], hit_eos: bool, stop: Sequence[str]) -> Completion:
+    """A row's generated ids (EOS excluded) as a Completion; the text is cut before any stop string and
+    the ids kept are those whose text comes before it."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = truncate_at_stop(text, stop)
-    if len(cut) < len(text):  # a stop string ended it: keep the ids whose text comes before the stop string
-        lo, hi = 0, len(ids)
-        while lo < hi:  # the most ids whose decoded text is a prefix of the cut text
-            mid = (lo + hi + 1) // 2
-            if cut.startswith(tokenizer.decode(ids[:mid], skip_special_tokens=True)):
-                lo = mid
-            else:
-                hi = mid - 1
-        return Completion(cut, tuple(ids[:lo]), "stop")
-    reason = "stop" if end is not None else "length" if len(ids) >= max_new_tokens else "stop"
-    return Completion(text, tuple(ids), reason)
+    if len(cut) == len(text):
+        return Completion(text, tuple(ids), "stop" if hit_eos else "length")
+    return Completion(cut, tuple(ids_before(tokenizer, ids, cut)), "stop")
+
+
+class LocalBackend:
+    """generation=hf (the default): the decoding loop below, on the policy in this process."""
+
+
+_backend = None  # the engine generate() hands its calls to (set_backend); None / LocalBackend: the local loop
+
+
+def set_backend(backend) -> None:
+    """Route every generate() call (eval, on-policy sampling, resampling) through `backend`, an object with
+    the same generate() signature built from the `generation` group (`inference.VLLMBackend`,
+    `inference.ServerBackend`); None or a LocalBackend restores the local loop."""
+    global _backend
+    _backend = None if isinstance(backend, LocalBackend) else backend
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_return_sequences: int = 1, seed: int = 0, stop: Sequence[str] | None = None) -> list[list[Completion]]:
-    """Completions for each prompt (left-padded batches; stops at an EOS id, a stop string or max_new_tokens).
+    """Completions for each prompt: greedy (the tokens transformers' `generate` picks), or sampled at
+    `temperature` from the top-p nucleus with a generator seeded by `seed` (the global RNG is untouched).
 
     Returns one list of `num_return_sequences` Completions per prompt, in the order of `prompts`.
-    Prompts are encoded exactly as in training (`data.prompt_ids`: one BOS + the prompt text). `stop`:
-    extra stop strings (e.g. "\\n\\nQuestion:" for few-shot base models); a sequence ends once
-    its text contains one, and the returned text is cut before the stop string.
+    Prompts are encoded exactly as in training (`data.prompt_ids`: one BOS + the prompt text) and
+    batched longest first (`batch_size` sequences, i.e. batch_size // num_return_sequences prompts, per
+    batch) so that padding stays low. A sequence ends at any EOS id of the model (`eos_ids`), once its
+    text contains a stop string (e.g. "\\n\\nQuestion:" for few-shot base models; the text is cut
+    before it), or after max_new_tokens. Under generation=vllm|openai_server (`set_backend`) the engine
+    answers instead, with the same arguments and the same Completions.
     """
+    if _backend is not None:
+        return _backend.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                 num_return_sequences=num_return_sequences, seed=seed, stop=stop)
+    k = num_return_sequences
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    if do_sample:
-        torch.manual_seed(seed)
     stop = [x for x in (stop or []) if x]
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    stop_kw = dict(stop_strings=stop, tokenizer=tokenizer) if stop else {}  # transformers' StopStringCriteria
-    # longest prompts first keeps padding low; results are put back in order
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def pick(logits):  # (N, V) -> (N,)
+        if not do_sample:
+            return logits.argmax(-1)
+        return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=gen).squeeze(1)
+
+    window = 4 * max(map(len, stop), default=0) + 2  # tokens that can hold a stop string (>= 1 byte per token)
+
+    def stop_hit(tails):  # token-id tails -> does each one's text contain a stop string
+        return [any(x in t for x in stop) for t in tokenizer.batch_decode(tails, skip_special_tokens=True)]
+
+    enc = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))  # longest first; put back in order below
     done: dict[int, list[Completion]] = {}
-    per = max(1, batch_size // num_return_sequences)
+    per = max(1, batch_size // k)
     for s in range(0, len(order), per):
         idx = order[s:s + per]
-        enc = [prompt_ids(tokenizer, prompts[i]) for i in idx]
-        T = max(map(len, enc))
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
+        T = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for r, e in enumerate(enc):
-            ids[r, T - len(e):] = torch.tensor(e)
-            attn[r, T - len(e):] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=0 if do_sample else None, num_return_sequences=num_return_sequences,
-            pad_token_id=pad, eos_token_id=eos, **stop_kw)
-        rows = gen[:, T:].tolist()  # len(idx) * num_return_sequences rows of <= max_new_tokens ids
-        outs = [_completion(tokenizer, row, set(eos), stop, max_new_tokens) for row in rows]
         for r, i in enumerate(idx):
-            done[i] = outs[r * num_return_sequences:(r + 1) * num_return_sequences]
+            ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
+            attn[r, T - len(enc[i]):] = 1
+        rows = _decode(model, ids.to(device), attn.to(device), k=k, max_new_tokens=max_new_tokens,
+                       eos=torch.tensor(eos, device=device), pick=pick, stop_hit=stop_hit if stop else None,
+                       window=window)
+        outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
+        for r, i in enumerate(idx):
+            done[i] = outs[r * k:(r + 1) * k]
     if was_training:
         model.train()
     return [done[i] for i in range(len(prompts))]

@@ -1,4 +1,5 @@
-"""Per-token log-probabilities and the token-weighted preference losses. Pure tensor functions.
+"""The token-weighted preference losses and the SFT loss. Pure tensor functions of per-token
+log-probs (computed in `stepdpo.logprobs`).
 
 For a pair (x, y^c, y^r) with token weights w^c, w^r (0 on prompt and padding), define the
 weighted implicit rewards
@@ -30,61 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+IGNORE = -100  # label of positions that predict nothing (prompt, padding); batching writes it
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1) -> torch.Tensor:
-    """log p(label_t | <t) for every position, 0 where the label is IGNORE.
-
-    logits: (N, T, V) from a causal LM over the full sequence; labels: (N, T) with IGNORE on
-    prompt/pad. Returns (N, T-1) fp32, aligned to labels[:, 1:]. Never materialises a full fp32
-    log-softmax: gather the label logit, subtract a chunked fp32 logsumexp (chunks of at most
-    `chunk_rows` sequences and ~1/32 of the positions, so the extra memory stays ~1/16 of the
-    logits even for bf16 logits). The backward writes the logits gradient chunk by chunk and keeps
-    no fp32 copy of the logits alive between forward and backward.
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"token_logps: logits (N, T, V) and labels (N, T) expected, got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    return _TokenLogps.apply(logits, labels, chunk_rows)
-
-
-def _chunks(N: int, T: int, V: int, chunk_rows: int):
-    """(row slice, position slice) chunks over (N, T-1) positions: ~1/32 of them, <= 4M elements."""
-    rows = max(1, min(chunk_rows, N))
-    cols = max(1, min(T - 1, -(-N * (T - 1) // (32 * rows)), (1 << 22) // max(1, V * rows)))
-    for i in range(0, N, rows):
-        for j in range(0, T - 1, cols):
-            yield slice(i, i + rows), slice(j, min(j + cols, T - 1))
-
-
-class _TokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, chunk_rows):
-        N, T, V = logits.shape
-        mask = labels[:, 1:] != IGNORE  # (N, T-1)
-        safe = labels[:, 1:].masked_fill(~mask, 0)
-        picked = logits[:, :-1].gather(2, safe.unsqueeze(-1)).squeeze(-1).float()  # (N, T-1)
-        lse = torch.empty_like(picked)
-        for r, c in _chunks(N, T, V, chunk_rows):
-            lse[r, c] = torch.logsumexp(logits[r, c].float(), dim=-1)
-        ctx.save_for_backward(logits, safe, mask, lse)
-        ctx.chunk_rows = chunk_rows
-        return (picked - lse) * mask
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):  # g: (N, T-1)
-        logits, safe, mask, lse = ctx.saved_tensors
-        N, T, V = logits.shape
-        g = (g * mask).float()
-        grad = torch.empty_like(logits)  # (N, T, V): d/dlogits = g * (onehot(label) - softmax)
-        grad[:, -1] = 0
-        for r, c in _chunks(N, T, V, ctx.chunk_rows):
-            p = (logits[r, c].float() - lse[r, c, None]).exp_()
-            p.mul_(-g[r, c, None]).scatter_add_(2, safe[r, c, None], g[r, c, None])
-            grad[r, c] = p
-        return grad, None, None
 
 
 def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor,

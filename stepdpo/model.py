@@ -1,7 +1,8 @@
 """Models and tokenizers: a tiny Llama built from a config, Hugging Face loading, 4-bit and LoRA.
 
 The `model` config group builds a `ModelSpec` (where the weights come from), the `lora` group a
-`LoraSpec` (how they are fine-tuned). `load_policy` combines the two.
+`LoraSpec` (how they are fine-tuned), whose `quant` is a `QuantSpec` (how the base weights are
+quantized when loaded: lora=qlora) or None.
 """
 
 from __future__ import annotations
@@ -68,9 +69,24 @@ class ModelSpec:
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     prompt_format: str = "plain"  # plain ("Question: ...\nAnswer:\n") | chat (the tokenizer's chat template)
     system_prompt: str | None = None  # chat only: system message
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat only: extra apply_chat_template
+    # variables, everywhere a prompt is built (enable_thinking: false for Qwen3; date_string pins Llama-3.x's date)
 
     def __post_init__(self):
-        self.format = PromptFormat(self.prompt_format, self.system_prompt)  # checks the style
+        kw = dict(self.chat_template_kwargs or {})
+        if kw and self.prompt_format != "chat":
+            raise ValueError("model.chat_template_kwargs is set but model.prompt_format=plain ignores it; "
+                             "use model.prompt_format=chat or model.chat_template_kwargs={}")
+        self.format = PromptFormat(self.prompt_format, self.system_prompt, kw)  # checks the style
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """4-bit loading of the base weights through bitsandbytes (`load_base(..., quant=)`)."""
+
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True  # quantize the quantization constants too
+    compute_dtype: str = "float32"  # bf16 on GPUs that support it
 
 
 @dataclass
@@ -82,10 +98,16 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"
-    load_in_4bit: bool = False  # bitsandbytes nf4
-    double_quant: bool = True
-    quant_type: str = "nf4"
-    compute_dtype: str = "float32"  # bf16 on GPUs that support it
+    quant: QuantSpec | dict | None = None  # lora=qlora: the 4-bit base (a dict from YAML becomes a QuantSpec)
+
+    def __post_init__(self):
+        if isinstance(self.quant, dict):
+            try:
+                self.quant = QuantSpec(**self.quant)
+            except TypeError as e:
+                raise ValueError(f"lora.quant: {e}; keys: quant_type, double_quant, compute_dtype") from None
+        if self.quant is not None and not self.enabled:
+            raise ValueError("lora=none with lora.quant set: 4-bit weights can't be fully fine-tuned; use lora=qlora")
 
     @property
     def enabled(self) -> bool:
@@ -113,10 +135,10 @@ def tiny_llama(tokenizer=None, **kw):
     return LlamaForCausalLM(config), tokenizer
 
 
-def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | None = None):
+def load_base(spec: ModelSpec, *, path: str | None = None, quant: QuantSpec | None = None):
     """Load (model, tokenizer). `path` overrides spec.path (e.g. an SFT checkpoint directory).
 
-    With `quant.load_in_4bit`, the weights are loaded through bitsandbytes nf4; a tiny model is
+    With `quant`, the weights are loaded through bitsandbytes nf4; a tiny model is
     first written to disk so that exactly the same `from_pretrained` path is exercised on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +147,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
     if src is None:
         model, tok = tiny_llama(**spec.tiny)
         set_prompt_format(tok, spec.format)
-        if not (quant and quant.load_in_4bit):
+        if quant is None:
             return model, tok
         raise ValueError("load_base: a tiny model must be saved before 4-bit loading (pass path=)")
     if spec.path and not path and not Path(src).exists() and spec.local_files_only:
@@ -133,7 +155,7 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
     kwargs: dict[str, Any] = dict(trust_remote_code=spec.trust_remote_code, local_files_only=spec.local_files_only)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    if quant is not None and quant.load_in_4bit:
+    if quant is not None:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -151,7 +173,41 @@ def load_base(spec: ModelSpec, *, path: str | None = None, quant: LoraSpec | Non
         tok.pad_token = tok.eos_token
     set_prompt_format(tok, spec.format)  # before the weights load: a missing chat template fails fast
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    if quant is not None:
+        keep_4bit_training_layout(model)
     return model, tok
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    bitsandbytes 0.50's `Linear4bit.forward` on a CPU with AVX512-BF16, in eval mode and without
+    grad, converts its weight in place to a packed layout (`_convert_weight_packed_for_cpu`: absmax
+    cast to bf16, double quantization undone) and sets `quant_state.packing_format_for_cpu`. From
+    then on every forward, training ones included, goes through `gemv_4bit`, which has no autograd
+    formula: the LoRA gradients of the layers below come out wrong (torch only warns), and a biased
+    layer (Qwen2's q/k/v) crashes on bitsandbytes' in-place `result += bias`. The inverse
+    conversion is lossy (bf16 absmax, re-run double quantization), so the repacking is switched off
+    instead: the flag `support_avx512bf16_for_cpu` gates it, and generation then runs the same
+    dequantize + matmul path that training uses. A GPU never repacks (the check is CPU-only).
+    A layer that was repacked already is converted back (best effort, as bitsandbytes does before
+    saving).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+            n += 1
+    return n
 
 
 def _device_index():
@@ -166,8 +222,6 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
       disabled (`model.disable_adapter()`), so ref_model is None.
     """
     if not spec.enabled:
-        if spec.load_in_4bit:
-            raise ValueError("lora=none with lora.load_in_4bit=true: 4-bit weights can't be fully fine-tuned; use lora=qlora")
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
         model.requires_grad_(True)
@@ -176,7 +230,7 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
         return model, ref
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if spec.load_in_4bit:
+    if spec.quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -19,14 +19,13 @@ free, the Batch API, cost) is the judge's engine, `stepdpo.rewards.llm_engine.LL
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import Counter
 from typing import Any, Sequence
 
 from .data import Problem, StepPair
-from .rewards.llm_engine import LLMEngine, LLMJob, ParseError, cache_key, extract_json
-from .rewards.openai_judge import DEFAULT_CACHE, render_steps
+from .rewards.llm_engine import EngineConfig, LLMEngine, LLMJob, ParseError, cache_key, extract_json
+from .rewards.openai_judge import render_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ FLAW_SCHEMA = {
     },
 }
 
+FLAW_ENGINE = EngineConfig(temperature=0.7)  # the defaults: some variety in the mistakes
 _TEMPLATE_ID = cache_key(FLAW_SYSTEM_PROMPT, FLAW_SYSTEM_PROMPT_PLAIN, FLAW_USER_TEMPLATE, FLAW_SCHEMA)
 
 
@@ -109,33 +109,23 @@ def parse_flawed(text: str, gold: Sequence[str]) -> dict[str, Any]:
     return {"wrong_step": k0, "steps": [s.strip() for s in steps]}
 
 
-def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None, llm_model: str = "gpt-4o-mini",
-                    seed: int = 0, n_problems: int | None = None, avoid_last: bool = True,
-                    api_key_env: str = "OPENAI_API_KEY", structured: bool = True, temperature: float | None = 0.7,
-                    max_tokens: int | None = None, concurrency: int = 16, timeout: float = 60.0,
-                    max_retries: int = 6, parse_retries: int = 2, backoff_base: float = 1.0,
-                    backoff_max: float = 60.0, cache_path: str | os.PathLike | None = DEFAULT_CACHE,
-                    mode: str = "online", poll_interval: float = 30.0, batch_max_wait: float | None = None,
-                    prices: dict | None = None, progress: bool = True, return_report: bool = False,
-                    **_) -> list[StepPair] | tuple[list[StepPair], dict]:
+def build_llm_pairs(problems: Sequence[Problem], *, engine: EngineConfig | dict | None = None, seed: int = 0,
+                    n_problems: int | None = None, avoid_last: bool = True,
+                    structured: bool = True) -> tuple[list[StepPair], dict]:
     """One (gold, LLM-flawed) step pair per problem; see the module docstring.
 
     `problems` without gold steps are skipped. The target step t is drawn per problem from
     `seed` (uniform over the steps, or all but the last with `avoid_last` when there are two or
-    more). Extra runtime keyword arguments (model/tokenizer/scorer from the pipeline) are ignored;
-    that is why the LLM's name is `llm_model`: the pipeline passes its policy as `model=`.
-    With `return_report`, returns (pairs, report): counts of problems, skips, failures by
-    reason, pairs, and the engine summary (requests, cache hits, tokens, cost).
+    more). `engine`: the LLM endpoint (`EngineConfig`; pairs.engine.* in conf/pairs/llm.yaml).
+    Returns (pairs, report): counts of problems, skips, failures by reason, pairs, and the engine
+    summary (requests, cache hits, tokens, cost).
     """
     if n_problems is not None and (isinstance(n_problems, bool) or not isinstance(n_problems, int)
                                    or n_problems < 1):
         raise ValueError(f"pairs.n_problems: must be a positive integer or null (all), got {n_problems!r}")
-    engine = LLMEngine(base_url=base_url, model=llm_model, api_key_env=api_key_env, concurrency=concurrency,
-                       timeout=timeout, max_retries=max_retries, parse_retries=parse_retries,
-                       backoff_base=backoff_base, backoff_max=backoff_max, temperature=temperature,
-                       max_tokens=max_tokens, cache_path=cache_path, mode=mode, poll_interval=poll_interval,
-                       batch_max_wait=batch_max_wait, prices=prices, progress=progress, desc="flawed pairs",
-                       where="pairs", model_key="llm_model")
+    engine = LLMEngine(EngineConfig.of(engine, "pairs.engine", base=FLAW_ENGINE), desc="flawed pairs",
+                       where="pairs.engine")
+    llm_model, temperature = engine.model, engine.temperature
     try:
         rng = random.Random(seed)
         pool = list(problems)
@@ -179,6 +169,6 @@ def build_llm_pairs(problems: Sequence[Problem], *, base_url: str | None = None,
         summary = engine.summary()
         log.info("pairs=llm: %s; requests %d, cache hits %d, cost %s USD", dict(report), summary["requests"],
                  summary["cache_hits"], summary["cost_usd"])
-        return (pairs, {**dict(report), "llm": summary}) if return_report else pairs
+        return pairs, {**dict(report), "llm": summary}
     finally:
         engine.close()

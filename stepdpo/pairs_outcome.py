@@ -26,8 +26,8 @@ from collections import Counter
 from typing import Sequence
 
 from .data import Problem, StepPair, format_prompt
-from .evaluate import split_steps
 from .generation import generate
+from .steps import split_steps
 from .outcome import solved
 from .pairs import request_for
 
@@ -56,11 +56,13 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True, temperature=temperature,
                        top_p=top_p, num_return_sequences=k, seed=seed)
-    steps_of = [[split_steps(c.text) for c in outs] for outs in samples]
+    # a sample cut off at max_new_tokens is never graded into a pair side (counted, then dropped)
+    steps_of = [[split_steps(c.text) for c in outs if c.finish_reason != "length"] for outs in samples]
     rule = RuleScorer(unknown_score=1.0)
     graded = iter(rule.score([request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of)
                               for st in sts]))
-    report: Counter = Counter(problems=len(probs), samples=len(probs) * k)
+    report: Counter = Counter(problems=len(probs), samples=len(probs) * k,
+                              samples_truncated=sum(c.finish_reason == "length" for outs in samples for c in outs))
     pairs: list[StepPair] = []
     for p, sts in zip(probs, steps_of):
         lines_ok = [all(s >= 0.5 for s in next(graded).scores) for _ in sts]  # one grade per sample, in order

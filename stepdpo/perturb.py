@@ -1,4 +1,4 @@
-"""`pairs=perturb`: rule-based preference pairs from correct GSM8K solutions, and the GSM8K step rule.
+"""`pairs=perturb`: rule-based preference pairs from correct GSM8K solutions.
 
 One arithmetic step of a gold solution is corrupted: the result of one "<<a=b>>" calculator
 annotation and the number shown after it change ("48/2 = <<48/2=25>>25"), then the error is
@@ -22,8 +22,8 @@ from typing import Sequence
 
 from .answers import answers_match, extract_answer
 from .data import Problem, StepPair
-from .steps import (annotation_matches, annotations, check_annotation, evaluate_expression, format_number,
-                    parse_number, strip_annotation_marks)
+from .calculator import (annotation_matches, annotations, check_annotation, evaluate_expression, format_number,
+                         parse_number, strip_annotation_marks)
 
 # a number as written in text: 1,080 | 12 | 0.5 | .5 (no sign: negatives are left alone)
 _NUM = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\.\d+)(?![\w]|[.,]\d)")
@@ -32,11 +32,6 @@ _VISIBLE_EQ = re.compile(r"((?:\d[\d.,]*|\(|\))(?:\s*[-+*/x×÷()]\s*\(?\s*\d[\d
                          r"\s*=\s*\$?\s*(\d[\d.,]*)(?!\s*<<)")
 MAX_TRIES_PER_SITE = 3  # new values tried per annotation
 MAX_TRIES_PER_PROBLEM = 12
-
-
-def score_gsm8k_steps(steps: Sequence[str]) -> list[float]:
-    """1.0 for a step whose "<<a=b>>" annotations all recompute (or that has none), else 0.0."""
-    return [1.0 if all(check_annotation(e, c) for e, c in annotations(s)) else 0.0 for s in steps]
 
 
 def _numbers(text: str) -> set[Fraction]:
@@ -191,12 +186,12 @@ def perturb_problem(p: Problem, rng: random.Random) -> StepPair | None:
                                             "new_value": format_number(new)})
 
 
-def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0, max_pairs: int | None = None,
-                        **_) -> list[StepPair]:
+def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0,
+                        max_pairs: int | None = None) -> tuple[list[StepPair], dict]:
     """At most one corrupted-step pair per problem, problems visited in a seeded order.
 
-    `max_pairs` caps the number of pairs (None = one per usable problem). Extra runtime keyword
-    arguments (model, tokenizer, scorer, ...) are accepted and ignored: the rules need no model.
+    `max_pairs` caps the number of pairs (None = one per usable problem). The rules need no model.
+    Returns (pairs, report): problems visited, pairs made, problems with no corruptible step.
     """
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0):
         raise ValueError(f"pairs.max_pairs: must be null (no cap) or an integer >= 0, got {max_pairs!r}")
@@ -204,10 +199,12 @@ def build_perturb_pairs(problems: Sequence[Problem], *, seed: int = 0, max_pairs
     order = [p for p in problems if p.meta.get("kind") != "arith"]
     rng.shuffle(order)
     out: list[StepPair] = []
+    visited = 0
     for p in order:
         if max_pairs is not None and len(out) >= max_pairs:
             break
+        visited += 1
         pair = perturb_problem(p, rng)
         if pair is not None:
             out.append(pair)
-    return out
+    return out, {"problems": visited, "pairs_perturb": len(out), "skipped_no_corruption": visited - len(out)}

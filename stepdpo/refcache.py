@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint
+from .locks import exclusive_lock
 from .batching import Example, PreferenceBatch, collate
 
 VERSION = 1  # bump when the way log-probs are computed changes
@@ -149,7 +149,7 @@ def load_or_compute(cache_dir: str | os.PathLike, key: str, n_examples: int,
     path = root / f"{key}.pt"
     if path.exists():
         return _load(path, n_examples), True
-    with checkpoint.exclusive_lock(root / f"{key}.lock", "reference log-probs"):  # another job may be computing this very file
+    with exclusive_lock(root / f"{key}.lock", "reference log-probs"):  # another job may be computing this very file
         if path.exists():
             return _load(path, n_examples), True
         ref = compute_fn()

@@ -1,20 +1,30 @@
 """`python -m stepdpo.run`: the one entrypoint. Builds the pieces from config, runs the stages.
 
-    dataset -> [SFT warm-up] -> eval before -> pairs -> step scores -> token weights
-            -> preference training (LoRA) -> eval after -> adapter + reports in the run dir
+    setup           validate the config, seed, torchrun rank/world, build specs, scorer, pair builder, dataset;
+                    refuse bad input that costs nothing to find (file scores a reward would replace, ...)
+    load_model      the base model and tokenizer; `preflight` then checks the dataset's own pairs (fields,
+                    token lengths vs trainer.max_length) before any SFT step or judge request
+    sft_warmup      full fine-tune on gold solutions (or a resumed / cached warm-up), saved as base_model
+    attach_adapter  (re)load the base through 4-bit if asked, add LoRA: (policy, reference)
+    evaluate        accuracy before training
+    build_pairs     one round of pairs: built (or the dataset's), validated, scored, written; every round
+    encode          pairs -> token-weighted examples (or SFT examples)
+    preference_stage  the training loop (and later rounds' pairs, through build_pairs)
+    finish          adapter, accuracy after, summary.json, table, plots
 
 Returns the held-out accuracy after training (the sweep metric, e.g. for Optuna).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +42,362 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """What `setup` builds and the later stages read (plus the tracker and the summary they fill)."""
+
+    cfg: DictConfig
+    out: Path
+    rank: int  # torchrun: rank 0 logs, evaluates and writes
+    world: int
+    resume: Any  # checkpoint.Resume | None
+    model_spec: Any
+    lora_spec: Any
+    scorer: Any
+    engine: Any  # the `generation` group's backend: eval and on-policy sampling decode there
+    pair_fn: Any  # the `pairs` group's builder: (problems, *, <the runtime inputs it names>) -> (pairs, report)
+    bundle: Any  # datasets' DatasetBundle
+    eval_problems: list
+    uses_pairs: bool  # False: trainer=sft on gold solutions, no pairs at all
+    tracker: Any = None
+    summary: dict = field(default_factory=dict)
+    step: int = 0  # global step: the warm-up's steps come first
+
+
+def run(cfg: DictConfig, out: Path) -> float:
+    t_start = time.perf_counter()
+    s = setup(cfg, out)
+    if getattr(s.scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
+        return dry_run(s)
+    open_tracker(s)
+    try:
+        model, tok = load_model(s)
+        preflight(s, tok)  # the dataset's own pairs vs the tokenizer: before any SFT step or judge request
+        model, tok, base_path = sft_warmup(s, model, tok)
+        policy, ref, tok = attach_adapter(s, model, tok, base_path)
+        results = evaluate_before(s, policy, tok)
+        t = time.perf_counter()
+        pairs, s.summary["pairs"] = build_pairs(s, policy, tok, 0, s.step) if s.uses_pairs else (None, {"pairs": 0})
+        examples = encode(s, pairs, tok, report=s.summary["pairs"])
+        s.summary["time/pairs_s"] = time.perf_counter() - t
+        if cfg.validate_only:  # the first round's pairs only (later rounds need training)
+            return report_validation(s)
+        preference_stage(s, policy, ref, tok, examples)
+        if s.rank > 0:  # rank 0 saves the adapter and evaluates
+            return float("nan")
+        return finish(s, policy, tok, base_path, results, t_start)
+    finally:
+        from .generation import set_backend
+
+        set_backend(None)
+        s.tracker.close()
+        if hasattr(s.scorer, "close"):
+            s.scorer.close()
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def setup(cfg: DictConfig, out: Path) -> Run:
+    """Validate the config, seed, join torchrun, build every piece; refuse bad input found for free."""
+    import torch
+
+    from . import checkpoint, distributed
+    from .pairs import check_from_split, check_own_scores, score_pairs
+
+    validate_targets(cfg)  # every key of every group, the trainer's choices, the pairs builder's settings
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
+    seed_everything(cfg.seed)
+    rank, world = distributed.init()  # torchrun: DDP over `world` processes; rank 0 logs, evaluates, writes
+    if world > 1:
+        out = Path(distributed.broadcast(str(out)))  # ranks' clocks may name different run dirs: use rank 0's
+    resume = checkpoint.resolve_resume(cfg.trainer.resume, out)  # None, or where to continue from
+    model_spec, lora_spec = build(cfg.model, "model"), build(cfg.lora, "lora")
+    scorer = build(cfg.reward, "reward")
+    engine = build(cfg.generation, "generation")  # a missing vllm or a malformed server URL fails here, before any training
+    pair_fn = build(cfg.pairs, "pairs")
+    bundle = build(cfg.dataset, "dataset")
+    log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
+             f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
+    uses_pairs = cfg.trainer.loss != "sft" or cfg.trainer.sft_data == "chosen"  # sft_data=chosen: SFT on chosen sides
+    if cfg.trainer.rounds > 1 and uses_pairs and bundle.pairs is not None:
+        raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
+                         f"but dataset={cfg.dataset._target_} brings its own pairs; set trainer.rounds=1")
+    split = cfg.pairs.get("from_split", "train")
+    if bundle.pairs is None:
+        check_from_split(split, bundle.pool, dataset=cfg.dataset._target_.rsplit(".", 2)[-2])
+    elif uses_pairs:
+        check_own_scores(bundle.pairs, scorer, reward=group_choice(cfg, "reward"))
+        if getattr(scorer, "uses_labels", False):  # the pairs it keeps are known now: those with scores
+            require_pairs(cfg, True, *score_pairs(bundle.pairs, scorer))
+    return Run(cfg=cfg, out=out, rank=rank, world=world, resume=resume, model_spec=model_spec, lora_spec=lora_spec,
+               scorer=scorer, engine=engine, pair_fn=pair_fn, bundle=bundle,
+               eval_problems=bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval,
+               uses_pairs=uses_pairs, summary={"threads": torch.get_num_threads()})
+
+
+def dry_run(s: Run) -> float:
+    """reward.dry_run=true: print and write what judging would cost (calls after the cache, tokens, USD)."""
+    from .data import write_json
+    from .pairs import request_for
+
+    src = s.bundle.pairs or []
+    reqs = [request_for(p.question, p.prefix + side, p.answer, p.meta) for p in src for side in (p.chosen, p.rejected)]
+    if not src:  # on-policy: k samples per problem, roughly gold-sized
+        pcfg = s.cfg.pairs
+        problems = s.bundle.pool if pcfg.get("from_split", "train") == "pool" else s.bundle.train
+        k, n = pcfg.get("k", 1), pcfg.get("n_problems", len(s.bundle.train))
+        gold = [p.steps for p in s.bundle.train] or [[]]  # answer-only pool problems: gold-sized guesses
+        reqs = [request_for(p.question, p.steps or gold[i % len(gold)], p.answer, p.meta)
+                for i, p in enumerate(problems[:n]) for _ in range(k)]
+    est = s.scorer.estimate(reqs)
+    print(json.dumps({"dry_run": est}, indent=2))
+    write_json(s.out / "dry_run.json", est)
+    return float("nan")
+
+
+def open_tracker(s: Run) -> None:
+    from .data import atomic_write_text
+    from .tracking import NullTracker
+
+    if s.rank == 0:
+        atomic_write_text(s.out / "config_resolved.yaml", OmegaConf.to_yaml(s.cfg, resolve=True))
+    s.tracker = (build(s.cfg.logger, "logger", out_dir=str(s.out), run_config=to_container(s.cfg)) if s.rank == 0
+                 else NullTracker())
+
+
+def load_model(s: Run):
+    """The base model and its tokenizer (a tiny model is built from config)."""
+    from .model import count_params, load_base
+
+    model, tok = load_base(s.model_spec)
+    s.summary.update(count_params(model))
+    return model, tok
+
+
+def preflight(s: Run, tok) -> None:
+    """The dataset's own pairs, checked with the tokenizer before any SFT step or judge request: fields and
+    token length vs trainer.max_length (dataset.truncation), the checks `finish_pairs` repeats per round."""
+    from .pairs import score_pairs
+
+    if not s.uses_pairs or s.bundle.pairs is None or (s.resume and s.resume.artifact("pairs.jsonl")):
+        return
+    pairs, report = validate(s.bundle.pairs, tok, s.cfg)
+    if getattr(s.scorer, "uses_labels", False):  # costs nothing: labels only
+        pairs, labels = score_pairs(pairs, s.scorer)
+        report.update(labels)
+    require_pairs(s.cfg, True, pairs, report)
+
+
+def sft_warmup(s: Run, model, tok):
+    """Full fine-tune on the gold solutions; or the resumed run's, or a cached one. Returns the model, its
+    tokenizer and the path of the base the adapter goes on (saved as base_model when it exists only in memory)."""
+    from . import checkpoint, distributed, sft_cache
+    from .batching import encode_sft
+    from .model import load_base
+    from .train import train
+
+    cfg, resume = s.cfg, s.resume
+    cached = sft_cache.path(cfg, s.bundle.train)
+    done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
+    # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
+    # its ranks train the warm-up together)
+    with sft_cache.lock(cached if done is None and s.world == 1 else None):
+        if done is not None:
+            log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
+            model, tok = load_base(s.model_spec, path=str(done))
+        elif sft_cache.is_ready(cached):  # same model, data, SFT config, seed
+            log.info("sft: reusing the cached warm-up at %s", cached)
+            model, tok = load_base(s.model_spec, path=str(cached))
+            s.summary["sft_cached"] = str(cached)
+        elif cfg.sft.max_steps > 0:
+            t = time.perf_counter()
+            sft_ex = [encode_sft(p.question, p.steps, tok) for p in s.bundle.train if p.steps]
+            train(cfg.sft, model, tok, sft_ex, s.tracker, seed=cfg.seed, prefix="sft",
+                  ckpt_dir=s.out / "checkpoints" / "sft", resume_from=resume.checkpoint("sft") if resume else None)
+            s.summary["time/sft_s"] = time.perf_counter() - t
+            if cached is not None and s.rank == 0:
+                sft_cache.save(model, tok, cached)
+    s.step += cfg.sft.max_steps
+    base_path = s.model_spec.path
+    if done is not None:
+        base_path = str(done)
+    elif cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
+        base_path = str(s.out / "base_model")
+        if s.rank == 0:
+            with checkpoint.atomic_dir(base_path) as tmp:  # its presence means "SFT done" to a resume
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        distributed.barrier()
+    return model, tok, base_path
+
+
+def attach_adapter(s: Run, model, tok, base_path: str):
+    """(Re)load the base through bitsandbytes nf4 when lora.quant is set, add LoRA: (policy, reference, tok)."""
+    import torch
+
+    from . import generation
+    from .model import add_lora, count_params, load_base
+
+    if s.lora_spec.quant is not None:  # reload the weights through bitsandbytes nf4
+        del model
+        model, tok = load_base(s.model_spec, path=base_path, quant=s.lora_spec.quant)
+    torch.manual_seed(s.cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
+    policy, ref = add_lora(model, s.lora_spec, gradient_checkpointing=s.cfg.trainer.gradient_checkpointing)
+    s.summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
+    if getattr(s.engine, "base_model", "") is None:  # vllm: serve the adapter on the base it was trained on
+        s.engine.base_model = base_path
+    generation.set_backend(s.engine)  # eval and on-policy sampling decode there from now on
+    if hasattr(s.scorer, "bind"):  # reward=rollout samples step values from the policy being trained
+        s.scorer.bind(policy, tok)
+    return policy, ref, tok
+
+
+def evaluate_before(s: Run, policy, tok) -> dict:
+    """{"before": accuracy metrics} (the resumed run's if it has them), or {} with eval.before=false."""
+    from .data import write_json
+
+    before = s.resume.artifact("eval_before.json") if s.resume else None
+    if before is not None:
+        return {"before": json.loads(before.read_text())}
+    if s.cfg.eval.before and s.rank == 0:
+        m = evaluate_stage("before", policy, tok, s.eval_problems, s.cfg, s.tracker, s.step, s.out, s.scorer)
+        write_json(s.out / "eval_before.json", m)
+        return {"before": m}
+    return {}
+
+
+def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list, dict]:
+    """Round `r`'s pairs on every rank, written to pairs.jsonl (round 0) or pairs_round<r>.jsonl: the
+    dataset's own, or the `pairs` builder's from the current policy (seed + r); validated, then scored
+    where unscored (`finish_pairs`). torchrun: rank 0 builds them, the others read the file. A resumed
+    run reads the pairs it saved. No usable pair is an error naming the source and how to fix it."""
+    from . import distributed
+    from .data import StepPair, read_jsonl
+    from .pairs import call_builder
+
+    path = s.out / ("pairs.jsonl" if r == 0 else f"pairs_round{r}.jsonl")
+    saved = s.resume.artifact(path.name) if s.resume else None  # scored + validated by the resumed run
+    if saved is None:
+        if s.rank == 0:
+            if s.bundle.pairs is not None:
+                pairs, report = list(s.bundle.pairs), {"source": "dataset"}
+            else:
+                pairs, report = call_builder(s.pair_fn, s.bundle.train, pool=s.bundle.pool, model=policy,
+                                             tokenizer=tok, scorer=s.scorer, seed=s.cfg.seed + r)
+            pairs, report = finish_pairs(pairs, report, s.scorer, tok, s.cfg, path)
+            if hasattr(s.scorer, "summary"):
+                s.summary["judge"] = s.scorer.summary()
+                s.tracker.log({f"judge/{k}": v for k, v in s.summary["judge"].items() if isinstance(v, (int, float))},
+                              at_step)
+        distributed.barrier()  # torchrun: rank 0 has written them
+        if s.rank == 0:
+            require_pairs(s.cfg, s.bundle.pairs is not None, pairs, report)
+            return pairs, report
+        saved = path
+    pairs = [StepPair.from_dict(row) for _, row in read_jsonl(saved)]
+    report = {"source": str(saved), "pairs": len(pairs)}
+    require_pairs(s.cfg, s.bundle.pairs is not None, pairs, report)
+    return pairs, report
+
+
+def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:
+    """Pairs -> token-weighted preference examples; trainer=sft: SFT examples (the gold solutions when
+    `pairs` is None, else each distinct chosen solution once). With `report` (the first round's), log
+    the token-weight histogram and the report."""
+    from .batching import encode_pair, encode_sft
+
+    cfg = s.cfg
+    if pairs is None:
+        examples = [encode_sft(p.question, p.steps, tok) for p in s.bundle.train if p.steps]
+    elif cfg.trainer.loss == "sft":  # sft_data=chosen: each distinct correct solution once
+        sols = {(p.question, tuple(p.prefix) + tuple(p.chosen)): None for p in pairs}
+        examples = [encode_sft(q, list(steps), tok) for q, steps in sols]
+    else:
+        kwargs = OmegaConf.to_container(cfg.trainer.weighting_kwargs)
+        examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting, weighting_kwargs=kwargs,
+                                max_length=cfg.trainer.max_length) for p in pairs]
+    if report is not None:
+        if pairs is not None and cfg.trainer.loss == "sft":
+            report["sft_examples"] = len(examples)
+        elif pairs is not None and (weights := [w for e in examples for w in e.chosen_w + e.rejected_w]):
+            s.tracker.log_histogram("pairs/token_weights", weights, s.step)
+        log.info("pairs: %s", report)
+    return examples
+
+
+def report_validation(s: Run) -> float:
+    """validate_only=true: validation.json holds the first round's report; stop before training."""
+    from .data import write_json
+
+    write_json(s.out / "validation.json", s.summary["pairs"])
+    print(json.dumps({"validation": s.summary["pairs"]}, indent=2))
+    return float("nan")
+
+
+def preference_stage(s: Run, policy, ref, tok, examples: list) -> None:
+    """The training loop on `examples` (trainer.loss=dpo: the token-weighted preference loss; sft: NLL);
+    with trainer.rounds > 1 each later round's pairs come from `build_pairs` on the current policy."""
+    from .train import train
+
+    cfg, offset = s.cfg, s.step
+    t = time.perf_counter()
+    stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
+
+    def eval_fn(step: int) -> dict:
+        m = evaluate_stage(f"step{step}", policy, tok, s.eval_problems, cfg, s.tracker, offset + step, s.out)
+        return {f"eval/during/{k}": v for k, v in m.items()}
+
+    def refresh(r: int, at_step: int) -> list:  # trainer.rounds: round r's pairs, sampled from the current policy
+        t_r = time.perf_counter()
+        pairs, report = build_pairs(s, policy, tok, r, at_step)
+        if s.rank == 0:
+            report["seconds"] = time.perf_counter() - t_r
+            log.info("pairs round %d (step %d): %s", r, at_step, report)
+            s.summary.setdefault("pairs_rounds", []).append({"round": r, "step": at_step, **report})
+            s.tracker.log({f"pairs/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, at_step)
+        return encode(s, pairs, tok)
+
+    train(cfg.trainer, policy, tok, examples, s.tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
+          eval_fn=eval_fn if s.rank == 0 else None, step_offset=offset, ckpt_dir=s.out / "checkpoints" / stage,
+          resume_from=s.resume.checkpoint(stage) if s.resume else None,
+          refresh=refresh if cfg.trainer.rounds > 1 and s.uses_pairs else None)
+    s.step += cfg.trainer.max_steps
+    s.summary["time/train_s"] = time.perf_counter() - t
+
+
+def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float) -> float:
+    """Rank 0: save the adapter (+ how to load it), accuracy after, summary.json, the table, the plots."""
+    from .data import write_json
+    from .plots import plot_run
+
+    cfg, out, summary = s.cfg, s.out, s.summary
+    adapter_dir = out / ("adapter" if s.lora_spec.enabled else "model")
+    policy.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": s.lora_spec.name,
+                                               "load_in_4bit": s.lora_spec.quant is not None,
+                                               "prompt_format": s.model_spec.prompt_format,
+                                               "system_prompt": s.model_spec.system_prompt,
+                                               "chat_template_kwargs": s.model_spec.format.template_kwargs})
+    s.tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
+    results["after"] = evaluate_stage("after", policy, tok, s.eval_problems, cfg, s.tracker, s.step, out, s.scorer)
+    summary["time/total_s"] = time.perf_counter() - t_start
+    summary["eval"] = results
+    if hasattr(s.scorer, "summary"):  # again: eval samples were scored too
+        summary["judge"] = s.scorer.summary()
+    write_json(out / "eval.json", results)
+    write_json(out / "summary.json", {**s.tracker.summary_data, **summary})
+    s.tracker.summary({k: v for k, v in _flat(summary).items()})
+    print_table(results, cfg.trainer, summary["time/total_s"])
+    plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
+    return float(results["after"]["acc"])
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None) -> dict:
@@ -56,284 +422,16 @@ def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Pa
     return metrics
 
 
-def run(cfg: DictConfig, out: Path) -> float:
-    import torch
-
-    from .batching import encode_pair, encode_sft
-    from .data import StepPair, atomic_write_text, read_jsonl, write_json
-    from .model import add_lora, count_params, load_base
-    from .pairs import check_reject, check_resample, request_for
-    from .train import train
-    from . import checkpoint, distributed
-
-    t_start = time.perf_counter()
-    validate_targets(cfg)  # every key of every group, before anything is loaded
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
-    seed_everything(cfg.seed)
-    rank, world = distributed.init()  # torchrun: DDP over `world` processes; rank 0 logs, evaluates, writes
-    if world > 1:
-        out = Path(distributed.broadcast(str(out)))  # ranks' clocks may name different run dirs: use rank 0's
-    resume = checkpoint.resolve_resume(cfg.trainer.resume, out)  # None, or where to continue from
-    model_spec = build(cfg.model, "model")
-    lora_spec = build(cfg.lora, "lora")
-    if lora_spec.load_in_4bit and model_spec.path is None:
-        for key in ("hidden_size", "intermediate_size"):
-            if model_spec.tiny.get(key, 64) % 64:
-                raise ValueError(f"model.tiny.{key}={model_spec.tiny[key]}: lora=qlora quantizes in blocks of 64 "
-                                 "input features; use a multiple of 64")
-    scorer = build(cfg.reward, "reward")
-    pair_fn = build(cfg.pairs, "pairs")
-    bundle = build(cfg.dataset, "dataset")
-    log.info("dataset %s: %d train / %d eval problems%s", bundle.name, len(bundle.train), len(bundle.eval),
-             f", {len(bundle.pairs)} pairs" if bundle.pairs is not None else "")
-    eval_problems = bundle.eval[: cfg.eval.n] if cfg.eval.n is not None else bundle.eval
-    uses_pairs = cfg.trainer.loss != "sft" or cfg.trainer.sft_data == "chosen"  # sft_data=chosen: SFT on chosen sides
-    if cfg.trainer.rounds > 1 and uses_pairs and bundle.pairs is not None:
-        raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
-                         f"but dataset={cfg.dataset._target_} brings its own pairs; set trainer.rounds=1")
-    # validate_only=true builds and checks the first round's pairs (later rounds need training): rounds are ignored
-
-    pair_split = cfg.pairs.get("from_split", "train")
-    if pair_split not in ("train", "pool"):
-        raise ValueError(f"pairs.from_split={pair_split!r}: choose train (the SFT problems) or pool (answer-only)")
-    check_reject(cfg.pairs.get("reject", "process"))
-    check_resample(cfg.pairs.get("resample_k", 0), cfg.pairs.get("resample_temperature", 0.7))
-    if pair_split == "pool" and not bundle.pool and bundle.pairs is None:
-        raise ValueError(f"pairs.from_split=pool, but dataset={cfg.dataset._target_.rsplit('.', 2)[-2]} has no "
-                         "answer-only pool problems: set dataset.n_pool (arith, gsm8k) or pairs.from_split=train")
-    pair_problems = bundle.pool if pair_split == "pool" else bundle.train
-    pair_kw = {"topup_problems": bundle.train} if pair_split == "pool" else {}
-
-    if getattr(scorer, "dry_run", False):  # reward.dry_run=true: say what judging would cost, then stop
-        src = bundle.pairs or []
-        reqs = [request_for(p.question, p.prefix + side, p.answer, p.meta) for p in src for side in (p.chosen, p.rejected)]
-        if not src:  # on-policy: k samples per problem, roughly gold-sized
-            k, n = cfg.pairs.get("k", 1), cfg.pairs.get("n_problems", len(bundle.train))
-            gold = [p.steps for p in bundle.train] or [[]]  # answer-only pool problems: gold-sized guesses
-            reqs = [request_for(p.question, p.steps or gold[i % len(gold)], p.answer, p.meta)
-                    for i, p in enumerate(pair_problems[:n]) for _ in range(k)]
-        est = scorer.estimate(reqs)
-        print(json.dumps({"dry_run": est}, indent=2))
-        write_json(out / "dry_run.json", est)
-        return float("nan")
-
-    if rank == 0:
-        atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = (build(cfg.logger, "logger", out_dir=str(out), run_config=to_container(cfg)) if rank == 0
-               else distributed.NullTracker())
-    summary: dict = {"threads": torch.get_num_threads()}
-    try:
-        model, tok = load_base(model_spec)
-        summary.update(count_params(model))
-        step = 0
-        # ---------------------------------------------------------------- SFT warm-up (full fine-tune)
-        cached = sft_cache_path(cfg, bundle.train)
-        done = resume.artifact("base_model") if resume else None  # written once the warm-up finished
-        # a parallel sweep job with the same warm-up waits for this one's and reuses it (not under torchrun:
-        # its ranks train the warm-up together)
-        lock = sft_lock_path(cached) if cached and done is None and distributed.world_size() == 1 else None
-        with checkpoint.exclusive_lock(lock, "SFT warm-up") if lock else contextlib.nullcontext():
-            if done is not None:
-                log.info("resume: the SFT warm-up finished in %s; reusing %s", resume.run_dir, done)
-                model, tok = load_base(model_spec, path=str(done))
-            elif cached is not None and (cached / "config.json").exists():  # same model, data, SFT config, seed
-                log.info("sft: reusing the cached warm-up at %s", cached)
-                model, tok = load_base(model_spec, path=str(cached))
-                summary["sft_cached"] = str(cached)
-            elif cfg.sft.max_steps > 0:
-                t = time.perf_counter()
-                sft_ex = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
-                train(cfg.sft, model, tok, sft_ex, tracker, seed=cfg.seed, prefix="sft", ckpt_dir=out / "checkpoints" / "sft",
-                      resume_from=resume.checkpoint("sft") if resume else None)
-                summary["time/sft_s"] = time.perf_counter() - t
-                if cached is not None and rank == 0:
-                    save_atomic_dir(model, tok, cached)
-        step += cfg.sft.max_steps
-        base_path = model_spec.path
-        if done is not None:
-            base_path = str(done)
-        elif cfg.sft.max_steps > 0 or base_path is None:  # the base exists only in memory: save it
-            base_path = str(out / "base_model")
-            if rank == 0:
-                with checkpoint.atomic_dir(base_path) as tmp:  # its presence means "SFT done" to a resume
-                    model.save_pretrained(tmp)
-                    tok.save_pretrained(tmp)
-            distributed.barrier()
-        if lora_spec.load_in_4bit:  # reload the weights through bitsandbytes nf4
-            del model
-            model, tok = load_base(model_spec, path=base_path, quant=lora_spec)
-        torch.manual_seed(cfg.seed)  # LoRA init must not depend on whether SFT ran in this process (resume)
-        policy, ref = add_lora(model, lora_spec, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
-        if hasattr(scorer, "bind"):  # reward=rollout samples step values from the policy being trained
-            scorer.bind(policy, tok)
-        summary.update({f"policy/{k}": v for k, v in count_params(policy).items()})
-
-        results = {}
-        before = resume.artifact("eval_before.json") if resume else None
-        if before is not None:
-            results["before"] = json.loads(before.read_text())
-        elif cfg.eval.before and rank == 0:
-            results["before"] = evaluate_stage("before", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
-            write_json(out / "eval_before.json", results["before"])
-
-        # ---------------------------------------------------------------- pairs and step scores
-        t = time.perf_counter()
-        def encode(pairs):
-            if cfg.trainer.loss == "sft":  # sft_data=chosen: each distinct correct solution once
-                sols = {(p.question, tuple(p.prefix) + tuple(p.chosen)): None for p in pairs}
-                return [encode_sft(q, list(steps), tok) for q, steps in sols]
-            return [encode_pair(p, tok, weighting=cfg.trainer.weighting,
-                                weighting_kwargs=OmegaConf.to_container(cfg.trainer.weighting_kwargs),
-                                max_length=cfg.trainer.max_length) for p in pairs]
-
-        if not uses_pairs:
-            examples = [encode_sft(p.question, p.steps, tok) for p in bundle.train if p.steps]
-            pair_report: dict = {"pairs": 0}
-        else:
-            saved = resume.artifact("pairs.jsonl") if resume else None  # scored + validated by the resumed run
-            if saved is None and rank > 0:
-                distributed.barrier()  # torchrun: rank 0 builds the pairs, the others read them
-                saved = out / "pairs.jsonl"
-            if saved is not None:
-                pairs = [StepPair.from_dict(row) for _, row in read_jsonl(saved)]
-                pair_report = {"source": str(saved), "pairs": len(pairs)}
-            elif bundle.pairs is not None:
-                pairs, pair_report = list(bundle.pairs), {"source": "dataset"}
-            else:
-                res = pair_fn(problems=pair_problems, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed, **pair_kw)
-                pairs, pair_report = res if isinstance(res, tuple) else (res, {})
-            if saved is None:
-                pairs, pair_report = finish_pairs(pairs, pair_report, scorer, tok, cfg, out / "pairs.jsonl")
-                if world > 1:
-                    distributed.barrier()
-                if hasattr(scorer, "summary"):
-                    summary["judge"] = scorer.summary()
-                    tracker.log({f"judge/{k}": v for k, v in summary["judge"].items() if isinstance(v, (int, float))}, step)
-            examples = encode(pairs)
-            if cfg.trainer.loss == "sft":
-                pair_report["sft_examples"] = len(examples)
-            elif weights := [w for e in examples for w in e.chosen_w + e.rejected_w]:
-                tracker.log_histogram("pairs/token_weights", weights, step)
-        summary["pairs"] = pair_report
-        summary["time/pairs_s"] = time.perf_counter() - t
-        log.info("pairs: %s", pair_report)
-        if cfg.validate_only:
-            write_json(out / "validation.json", pair_report)
-            print(json.dumps({"validation": pair_report}, indent=2))
-            return float("nan")
-
-        # ---------------------------------------------------------------- preference (or SFT) training
-        t = time.perf_counter()
-        eval_fn = (lambda s: {f"eval/during/{k}": v for k, v in evaluate_stage(
-            f"step{s}", policy, tok, eval_problems, cfg, tracker, step + s, out).items()})
-        stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
-
-        def refresh(r: int, at_step: int):  # trainer.rounds: round r's pairs, sampled from the current policy
-            path = out / f"pairs_round{r}.jsonl"
-            if rank == 0:
-                t_r = time.perf_counter()
-                res = pair_fn(problems=pair_problems, model=policy, tokenizer=tok, scorer=scorer, seed=cfg.seed + r,
-                              **pair_kw)
-                new, report = res if isinstance(res, tuple) else (res, {})
-                new, report = finish_pairs(new, report, scorer, tok, cfg, path)
-                report["seconds"] = time.perf_counter() - t_r
-                log.info("pairs round %d (step %d): %s", r, at_step, report)
-                summary.setdefault("pairs_rounds", []).append({"round": r, "step": at_step, **report})
-                tracker.log({f"pairs/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, at_step)
-            distributed.barrier()
-            if rank > 0:
-                new = [StepPair.from_dict(row) for _, row in read_jsonl(path)]
-            return encode(new)
-
-        train(cfg.trainer, policy, tok, examples, tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
-              eval_fn=eval_fn if rank == 0 else None, step_offset=step, ckpt_dir=out / "checkpoints" / stage,
-              resume_from=resume.checkpoint(stage) if resume else None,
-              refresh=refresh if cfg.trainer.rounds > 1 and uses_pairs else None)
-        step += cfg.trainer.max_steps
-        if rank > 0:  # rank 0 saves the adapter and evaluates
-            return float("nan")
-        summary["time/train_s"] = time.perf_counter() - t
-        adapter_dir = out / ("adapter" if lora_spec.enabled else "model")
-        policy.save_pretrained(adapter_dir)
-        tok.save_pretrained(adapter_dir)
-        write_json(adapter_dir / "stepdpo.json", {"base_model": base_path, "lora": lora_spec.name,
-                                                   "load_in_4bit": lora_spec.load_in_4bit,
-                                                   "prompt_format": model_spec.prompt_format,
-                                                   "system_prompt": model_spec.system_prompt})
-        tracker.log_artifact(str(adapter_dir), name=f"adapter-{out.name}", type="model")
-        results["after"] = evaluate_stage("after", policy, tok, eval_problems, cfg, tracker, step, out, scorer)
-        summary["time/total_s"] = time.perf_counter() - t_start
-        summary["eval"] = results
-        if hasattr(scorer, "summary"):  # again: eval samples were scored too
-            summary["judge"] = scorer.summary()
-        write_json(out / "eval.json", results)
-        write_json(out / "summary.json", {**tracker.summary_data, **summary})
-        tracker.summary({k: v for k, v in _flat(summary).items()})
-        print_table(results, cfg.trainer, summary["time/total_s"])
-        from .plots import plot_run
-
-        plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
-        return float(results["after"]["acc"])
-    finally:
-        tracker.close()
-        if hasattr(scorer, "close"):
-            scorer.close()
-
-
-SFT_KEY_IGNORES = ("sft_data", "log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds", "ref_update",
-                   "precompute_ref", "ref_cache_dir")
-
-
-def sft_cache_path(cfg: DictConfig, train: list) -> Path | None:
-    """`sft_cache_dir/<hash>` of everything the warm-up depends on (model, data, SFT config, seed),
-    so the jobs of a sweep that differ only after the warm-up share one SFT run. The key hashes the
-    config and `train` (the problems the warm-up trains on: their questions and gold steps), so a
-    warm-up is never reused for other data under the same config (a generator fix, an edited file)."""
-    if not cfg.sft_cache_dir or cfg.sft.max_steps == 0:
-        return None
-    import hashlib
-
-    key = {k: to_container(cfg[k]) for k in ("model", "dataset", "sft")}
-    data = json.dumps([[p.question, p.steps] for p in train if p.steps]).encode()
-    key["data_sha256"] = hashlib.sha256(data).hexdigest()
-    key["dataset"].pop("n_pool", None)  # answer-only problems, drawn after train: the warm-up never sees them
-    for k in SFT_KEY_IGNORES:  # how the warm-up is logged, saved or resumed doesn't change its weights
-        key["sft"].pop(k, None)
-    key["seed"] = cfg.seed
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(cfg.sft_cache_dir).expanduser() / digest
-
-
-def sft_lock_path(cached: Path) -> Path:
-    """The flock that parallel jobs needing the warm-up `cached` share: hidden, beside it in the cache."""
-    return cached.parent / f".{cached.name}.lock"
-
-
-def save_atomic_dir(model, tok, dest: Path) -> None:
-    """save_pretrained into a temp dir beside `dest`, then rename: parallel jobs never see half a model."""
-    import shutil
-    import tempfile
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(dest)
-    except OSError:  # another job got there first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def finish_pairs(pairs, report: dict, scorer, tok, cfg, path: Path) -> tuple[list, dict]:
-    """Score (where unscored), validate and write built pairs to `path` (atomically); extend `report`."""
+    """Validate built pairs (fields, token lengths: free), then score the unscored ones (may cost judge
+    requests), and write them to `path` (atomically); extend `report`."""
     from .data import write_jsonl
     from .pairs import score_pairs
 
-    pairs, score_report = score_pairs(pairs, scorer)
-    report.update(score_report)
     pairs, val_report = validate(pairs, tok, cfg)
     report.update(val_report)
+    pairs, score_report = score_pairs(pairs, scorer)
+    report.update(score_report)
     report["pairs"] = len(pairs)
     write_jsonl(path, (p.to_dict() for p in pairs))
     return pairs, report
@@ -347,6 +445,27 @@ def validate(pairs, tok, cfg):
     return validate_pairs(pairs, tokenizer=tok, max_length=cfg.trainer.max_length, on_invalid=on_invalid,
                           truncation=cfg.dataset.get("truncation", "error"),
                           source=f"dataset={cfg.dataset._target_}")
+
+
+def require_pairs(cfg: DictConfig, from_dataset: bool, pairs: list, report: dict) -> None:
+    """No usable pair is an error (never a run that trains on nothing, or a validation that exits 0)."""
+    if pairs:
+        return
+    from .pairs import no_pairs_message
+
+    source = str(cfg.dataset.get("path") or f"dataset={cfg.dataset._target_}") if from_dataset else None
+    raise ValueError(no_pairs_message(report, source=source, builder=group_choice(cfg, "pairs"),
+                                      reward=group_choice(cfg, "reward")))
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """The option chosen for a config group (`reward=rule`), for messages; the target outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{group}={HydraConfig.get().runtime.choices[group]}"
+    except (ValueError, KeyError, AttributeError):
+        return f"{group}._target_={cfg[group]._target_}"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -100,6 +100,24 @@ def sweep_group(sweep_dir: str) -> str:
     return f"{p.parent.name}_{p.name}" if re.fullmatch(r"[\d_.:-]+", p.name) and p.parent.name else p.name
 
 
+class NullTracker:
+    """What ranks other than 0 log to (`stepdpo.distributed`): nothing."""
+
+    summary_data: dict = {}
+
+    def log(self, *a, **k) -> None: ...
+
+    def summary(self, *a, **k) -> None: ...
+
+    def log_table(self, *a, **k) -> None: ...
+
+    def log_histogram(self, *a, **k) -> None: ...
+
+    def log_artifact(self, *a, **k) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class JsonlTracker:
     """Appends one JSON object per `log` call to out_dir/metrics.jsonl; summary to summary.json."""
 

@@ -20,7 +20,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Sequence
 
-from .data import Problem, StepPair, prompt_ids, prompt_text, response_text
+from .data import Problem, StepPair, encode_text, pair_prompt_ids, response_text, truncated_prompt_ids
 
 TRUNCATION = ("error", "drop", "truncate_left")
 ON_INVALID = ("error", "skip")
@@ -116,9 +116,9 @@ def check_pair(obj: Any, where: str, *, require_scores: bool = False) -> StepPai
 def pair_length(pair: StepPair, tokenizer) -> tuple[int, int]:
     """(prompt tokens incl. BOS, longer response tokens incl. EOS), as `batching.encode_pair` counts them."""
     def n(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(tokenizer, text)["input_ids"])
 
-    n_prompt = len(prompt_ids(tokenizer, prompt_text(pair.question, pair.prefix, tokenizer)))
+    n_prompt = len(pair_prompt_ids(tokenizer, pair.question, pair.prefix)[0])
     return n_prompt, 1 + max(n(response_text(pair.chosen)), n(response_text(pair.rejected)))
 
 
@@ -188,10 +188,10 @@ def validate_pairs(pairs: Sequence[StepPair | dict], *, tokenizer=None, max_leng
                 if truncation == "error":
                     rep.drop("too_long", msg)
                     continue
-                if n_resp + (1 if getattr(tokenizer, "bos_token_id", None) is not None else 0) >= max_length:
-                    rep.drop("responses_too_long", f"{where}: the responses alone are {n_resp} tokens, which "
-                                                   f"truncating the prompt can't fit in max_length={max_length}; "
-                                                   "raise trainer.max_length or shorten the continuations")
+                try:  # only the question is cut: BOS, system/user header and prefix stay whole
+                    truncated_prompt_ids(tokenizer, pair.question, pair.prefix, max_length - n_resp)
+                except ValueError as e:
+                    rep.drop("responses_too_long", f"{where}: the responses are {n_resp} tokens and {e}")
                     continue
                 pair = dataclasses.replace(pair, meta={**pair.meta, "truncated_prompt_tokens": total - max_length})
                 truncated += 1

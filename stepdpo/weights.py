@@ -1,4 +1,15 @@
-"""Step scores -> per-step weights -> per-token weights. Pure functions.
+"""Step scores -> per-step weights -> per-token weights: the whole rule, here only. Pure functions.
+
+`token_weights(pair, offsets, scheme, **kwargs)` is the one entry point (`stepdpo.batching.encode_pair`
+tokenizes and calls it). For one pair it:
+1. reads the step scores, filling an unscored side from the pair's preference alone (`pair_scores`);
+2. turns them into per-step weights with the scheme (below);
+3. spreads step weights over the tokens through their character offsets (`step_token_weights`);
+4. with first_error and `error_span=token`, keeps step k's weight on one token (`localise_step`);
+5. normalises each side to mean 1 for the schemes in `NORMALISE`;
+and also gives the `focus` rows (1 on the first wrong rejected step and the chosen step facing it).
+
+A step is wrong when its score is < 0.5 (`is_wrong`): every module that asks calls it.
 
 Weighting schemes (`trainer.weighting`), for a pair with chosen scores c_1..c_n and rejected
 scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
@@ -12,7 +23,7 @@ scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
   `after_error`) sets the chosen side's later steps alone: 1 pushes the whole correct continuation
   up while the rejected steps after its error (which usually carry the wrong value forward with
   correct arithmetic) stay out of the loss. A rejected response with no wrong step falls back to
-  uniform weights. `error_span` (applied in `stepdpo.batching.encode_pair`, which has the texts):
+  uniform weights. `error_span` (a keyword of `token_weights`, which has the texts):
   `step` (default) weighs every token of step k; `token` keeps step k's weight only on the token
   where the two step-k texts first differ, on each side, and 0 on the rest of step k. A wrong step
   that miscopies an operand (`13 - 7 = 6` for `13 - 4 = 9`) then has only `7` pushed down, not the
@@ -37,15 +48,28 @@ A user-defined scheme is any function `fn(chosen_scores, rejected_scores, **kwar
 Token weights: token t covering response characters [s, e) gets the overlap-weighted mean of the
 weights of the steps it overlaps; a zero-width token (EOS) gets the weight of the last step.
 Prompt and padding tokens weigh 0 (that is done in batching, by construction).
+
+Unscored pairs: a side whose scores are None (a pairs file without scores, `encode_sft`) reads as the
+pair's preference alone: every chosen step right (1.0), every rejected step wrong (0.0), so first_error
+puts the error on the rejected side's first step. A side whose score count differs from its step count
+is a bug upstream and raises.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-WRONG = 0.5
+from .data import StepPair, step_spans
+
+WRONG = 0.5  # a step scoring below this is wrong
 StepWeights = tuple[list[float], list[float]]
+UNSCORED_CHOSEN, UNSCORED_REJECTED = 1.0, 0.0  # step scores read from an unscored pair's preference alone
+
+
+def is_wrong(score: float) -> bool:
+    """A step is wrong when its score (in [0, 1]) is below 0.5. The one place this is decided."""
+    return score < WRONG
 
 
 def uniform(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeights:
@@ -54,7 +78,7 @@ def uniform(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeig
 
 def first_wrong(scores: Sequence[float]) -> int | None:
     """Index of the first wrong step (score < WRONG), None when every step is right."""
-    return next((i for i, s in enumerate(scores) if s < WRONG), None)
+    return next((i for i, s in enumerate(scores) if is_wrong(s)), None)
 
 
 def first_error(chosen: Sequence[float], rejected: Sequence[float], *, after_error: float = 0.0,
@@ -97,7 +121,7 @@ def advantage(chosen: Sequence[float], rejected: Sequence[float], *, value_befor
 SCHEMES: dict[str, Callable[..., StepWeights]] = {"uniform": uniform, "first_error": first_error, "score": score,
                                                   "advantage": advantage}
 NORMALISE = {"score"}  # schemes whose token weights are normalised to mean 1 per response
-VALUE_SCHEMES = {"advantage"}  # schemes that read the pair's meta["value_before"] (batching.encode_pair passes it)
+VALUE_SCHEMES = {"advantage"}  # schemes that read the pair's meta["value_before"] (token_weights passes it)
 
 
 def get_scheme(name: str) -> Callable[..., StepWeights]:
@@ -180,3 +204,61 @@ def normalise_mean_one(weights: list[float]) -> list[float]:
         return weights
     k = len(weights) / total
     return [w * k for w in weights]
+
+
+class PairWeights(NamedTuple):
+    """Per-token weights of one pair, aligned with each side's token offsets (response tokens + EOS)."""
+
+    chosen: list[float]
+    rejected: list[float]
+    chosen_focus: list[float]  # 1 on the chosen step facing the first wrong rejected step (metrics only)
+    rejected_focus: list[float]  # 1 on the first wrong rejected step (metrics only)
+
+
+def pair_scores(pair: StepPair) -> StepWeights:
+    """The pair's step scores; an unscored side (None) reads as the preference alone (module docstring)."""
+    out = []
+    for side, scores, fill in (("chosen", pair.chosen_scores, UNSCORED_CHOSEN),
+                               ("rejected", pair.rejected_scores, UNSCORED_REJECTED)):
+        steps = getattr(pair, side)
+        if scores is None:
+            out.append([fill] * len(steps))
+        elif len(scores) != len(steps):
+            raise ValueError(f"pair {pair.id}: {len(scores)} {side}_scores for {len(steps)} {side} steps")
+        else:
+            out.append([float(x) for x in scores])
+    return out[0], out[1]
+
+
+def token_weights(pair: StepPair, offsets: tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]],
+                  scheme: str = "uniform", **kwargs) -> PairWeights:
+    """Token weights of one pair from its step scores (the whole rule: see the module docstring).
+
+    offsets: (chosen, rejected) character offsets of every response token in `response_text(side)`,
+    EOS included as a zero-width (len, len). kwargs: the scheme's keywords (`trainer.weighting_kwargs`),
+    plus `error_span` (step | token; token only with first_error).
+    """
+    error_span = kwargs.pop("error_span", "step")
+    if error_span not in ERROR_SPANS:
+        raise ValueError(f"error_span={error_span!r}: choose one of {list(ERROR_SPANS)}")
+    if error_span != "step" and scheme != "first_error":
+        raise ValueError(f"error_span={error_span}: only weighting=first_error localises the error, got {scheme}")
+    cs, rs = pair_scores(pair)
+    if scheme in VALUE_SCHEMES:  # the value of the shared prefix (reward=rollout), for advantages
+        kwargs["value_before"] = pair.meta.get("value_before")
+    cw, rw = get_scheme(scheme)(cs, rs, **kwargs)  # per-step weights
+    cf, rf = first_error(cs, rs)  # per-step focus
+    c_off, r_off = offsets
+    c_spans, r_spans = step_spans(pair.chosen), step_spans(pair.rejected)
+    c_w, r_w = step_token_weights(c_off, c_spans, cw), step_token_weights(r_off, r_spans, rw)
+    k = first_wrong(rs)
+    if error_span == "token" and k is not None and k < len(pair.chosen):
+        # step k's weight only on the token where the two step-k texts first differ (each side's own
+        # token there); whole steps when the texts are equal
+        d = first_difference(pair.chosen[k], pair.rejected[k])
+        if d is not None:
+            c_w = localise_step(c_off, c_spans, cw, k, c_spans[k][0] + d)
+            r_w = localise_step(r_off, r_spans, rw, k, r_spans[k][0] + d)
+    if scheme in NORMALISE:
+        c_w, r_w = normalise_mean_one(c_w), normalise_mean_one(r_w)
+    return PairWeights(c_w, r_w, step_token_weights(c_off, c_spans, cf), step_token_weights(r_off, r_spans, rf))

@@ -1,21 +1,33 @@
-"""Shared test helpers.
+"""Shared test helpers and fixtures: test files import helpers from here (`from conftest import ...`),
+never from each other.
 
-`FAST` are the overrides that make a whole `python -m stepdpo.run` take seconds on a CPU:
-tiny model, few problems, a couple of optimizer steps. `run_cli(tmp_path, *overrides)` runs the
-real entrypoint in a subprocess (Hydra, config groups and all) and returns (CompletedProcess,
-run_dir). Tests never touch the network: W&B runs offline, the judge talks to a local server.
+- `compose_config(*overrides)`: the real `conf/` composed in-process (Hydra's compose API), no run.
+- `FAST` are the overrides that make a whole `python -m stepdpo.run` take seconds on a CPU: tiny model, few
+  problems, a couple of optimizer steps. `run_cli(tmp_path, *overrides)` runs the real entrypoint in a
+  subprocess (Hydra, config groups and all) and returns (CompletedProcess, run_dir). A test that calls it (or
+  any other subprocess that runs a pipeline) is marked `@pytest.mark.slow`: `pytest -m "not slow"` is the
+  fast loop, CI runs everything.
+- `TINY`, `lora_model`, `make_examples`, `cfg`, `Recorder`, `token_span_pairs`: a tiny Llama with a LoRA
+  adapter, random preference examples, a TrainerConfig and a metrics recorder for calling `train()` directly.
+- `one_thread` (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")` or as an argument): torch and
+  OpenMP at one thread.
+
+Tests never touch the network: W&B runs offline, the judge talks to a local server.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 FAST = [
@@ -70,3 +82,100 @@ def _offline(monkeypatch):
         if k.startswith(("WANDB", "HF_", "TRANSFORMERS", "TOKENIZERS")):
             monkeypatch.setenv(k, v)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for
+    each other make them several times slower. OMP_NUM_THREADS=1 reaches the subprocesses a test starts."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the config, in-process
+
+
+def compose_config(*overrides: str, hydra: bool = False):
+    """conf/config.yaml composed with `overrides` (as on the command line, without -m), as `run` would see it.
+    hydra=True keeps the `hydra` node (launcher, sweeper, runtime.choices)."""
+    from hydra import compose, initialize_config_dir
+
+    from stepdpo.config import register_configs
+
+    register_configs()  # the typed schema conf/config.yaml's defaults name
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+# ----------------------------------------------------------------------------- train() without the CLI
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+
+
+class Recorder:
+    """A tracker that keeps every logged row: [(step, metrics)]."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+
+def make_examples(n: int, seed: int = 0, vocab: int = 90):
+    """n random encoded pairs (prompt, chosen, rejected ids ending in EOS id 2; 0/1 token weights)."""
+    from stepdpo.batching import Example
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [1] + [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 9))]
+        c = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
+        r = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
+        cw = [rng.choice([0.0, 1.0]) for _ in c]
+        rw = [rng.choice([0.0, 1.0]) for _ in r]
+        out.append(Example(p, c, r, cw, rw, [float(w) for w in cw], [float(w) for w in rw]))
+    return out
+
+
+def lora_model(seed: int = 0, lora_seed: int | None = None):
+    """(policy, ref, tokenizer): a tiny Llama (TINY) with a r=4 LoRA adapter; ref is None (adapter disabled)."""
+    from stepdpo.model import LoraSpec, add_lora, tiny_llama
+
+    torch.manual_seed(seed)
+    model, tok = tiny_llama(**TINY)
+    if lora_seed is not None:
+        torch.manual_seed(lora_seed)
+    policy, ref = add_lora(model, LoraSpec(name="lora", r=4, alpha=8))
+    return policy, ref, tok
+
+
+def cfg(**kw):
+    """A TrainerConfig for tests: 3 steps of 4 pairs at lr 1e-2 on the CPU, no warm-up, no NLL anchor."""
+    from stepdpo.config import TrainerConfig
+
+    base = dict(max_steps=3, batch_size=4, log_every=1, lr=1e-2, device="cpu", warmup_steps=0, nll_alpha=0.0)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def token_span_pairs(tok, n: int = 6):
+    """n encoded arith pairs whose first rejected step is wrong (a miscopied operand or a wrong result),
+    weighted first_error with error_span=token: one weighted token per side."""
+    from stepdpo.batching import encode_pair
+    from stepdpo.data import StepPair
+
+    pairs = []
+    for i in range(n):
+        a, b = 10 + i, 1 + i % 4
+        wrong_operand = i % 2 == 0  # "13 - 7 = 6" for "13 - 4 = 9"; else a wrong result "13 - 4 = 8"
+        rej = f"{a} - {b + 2} = {a - b - 2}" if wrong_operand else f"{a} - {b} = {a - b + 1}"
+        pairs.append(StepPair(id=str(i), question=f"Start with {a}, subtract {b}, subtract 1. What is the result?",
+                              answer=str(a - b - 1), prefix=[] if i % 3 else [f"{a} - 0 = {a}"],
+                              chosen=[f"{a} - {b} = {a - b}", f"{a - b} - 1 = {a - b - 1}", f"The answer is {a - b - 1}"],
+                              rejected=[rej, "x - 1 = y", "The answer is y"],
+                              chosen_scores=[1.0, 1.0, 1.0], rejected_scores=[0.0, 1.0, 1.0]))
+    return [encode_pair(p, tok, weighting="first_error", weighting_kwargs={"error_span": "token"}) for p in pairs]

@@ -99,7 +99,9 @@ def test_answer_only_pool_is_disjoint_and_leaves_train_and_eval_alone():
         assert p.steps == [] and p.id.startswith("arith-pool-")
         gold = arith_solution(p)
         assert check_steps(p.meta, gold) == [1.0] * len(gold) and gold[-1] == f"The answer is {p.answer}"
-    with pytest.raises(ValueError, match="n_pool"):
-        load(n_train=200, n_eval=50, max_operand=9, max_value=30, ops="+-", n_pool=100_000)
+    one_op = dict(min_ops=1, max_ops=1, max_operand=9, max_value=30, ops="+-")  # ~225 distinct questions
+    assert len(load(n_train=100, n_eval=50, n_pool=60, **one_op).pool) == 60
+    with pytest.raises(ValueError, match="can't generate 100 distinct pool problems.*lower dataset.n_pool"):
+        load(n_train=100, n_eval=50, n_pool=100, **one_op)  # a small space: the error comes after ~5k tries, not 5M
     with pytest.raises(ValueError, match="n_pool=-1"):
         load(n_pool=-1)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import ROOT, SHARED_DATA
-from test_train import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
 bench = importlib.util.module_from_spec(spec)
@@ -33,7 +34,7 @@ def test_stepdpo_side_reports_throughput_memory_and_loss(tmp_path, capsys):
     assert (model / "config.json").exists() and (model / "tokenizer.json").exists()
     for extra in ([], ["--precompute-ref"]):
         res = run(capsys, "--model-dir", str(model), "--pairs", str(pairs), "--steps", "2", "--batch-size", "2",
-                  "--max-length", "384", "--impl", "stepdpo", *extra)
+                  "--max-length", "384", "--impl", "stepdpo", "--repeats", "1", *extra)
         assert res["impl"] == "stepdpo" and res["steps"] == 2 and res["precompute_ref"] == bool(extra)
         assert res["tokens_per_s"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] > 0
         assert 0.0 < res["final_loss"] < 5.0 and len(res["losses"]) == 2

@@ -1,15 +1,17 @@
 """Every config option binds to its target; bad config fails fast, naming the key."""
 
+import re
+import shlex
+
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from stepdpo.config import TARGET_GROUPS, check_target, register_configs, validate_targets
+from stepdpo.config import TARGET_GROUPS, check_target, validate_targets
 
-from conftest import ROOT, run_cli
+from conftest import CONF, ROOT, compose_config, run_cli
 
-CONF = ROOT / "conf"
-register_configs()
+COMMAND = "# python -m stepdpo.run"
 
 
 def _options(group: str) -> list[str]:
@@ -25,31 +27,83 @@ def test_every_option_binds_to_its_target(group):
         check_target(node, f"{group}={opt}")  # importable, allowed package, every key a real parameter
 
 
-def test_every_yaml_opens_with_the_command_that_uses_it():
-    for path in CONF.rglob("*.yaml"):
-        first = path.read_text().lstrip().splitlines()[0]
-        assert first.startswith("#"), f"{path.relative_to(ROOT)} must open with a comment giving its command"
+def header_overrides(path) -> list[str]:
+    """The overrides of the `# python -m stepdpo.run ...` command a YAML file opens with (after a `# @package`
+    line), a sweep's comma list cut to its first value. A note in brackets may follow the command."""
+    lines = path.read_text().splitlines()
+    if lines and lines[0].startswith("# @package"):
+        lines = lines[1:]
+    first = lines[0] if lines else ""
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    assert first == COMMAND or first.startswith(COMMAND + " "), f"{name} must open with '{COMMAND} ...', got {first!r}"
+    args = shlex.split(re.split(r"\s\(", first[len(COMMAND):])[0])
+    multirun = "-m" in args
+    out = []
+    for o in OverridesParser.create().parse_overrides([a for a in args if a != "-m"]):
+        if o.is_sweep_override():
+            assert multirun, f"{name}: '{o.input_line}' sweeps, so the command needs -m"
+            out.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def test_header_overrides_are_parsed_from_the_command(tmp_path):
+    yaml = tmp_path / "x.yaml"
+    yaml.write_text("# @package _global_\n# python -m stepdpo.run -m trainer=dpo,stepdpo seed=0,1 lora.r=8   (a note)\n")
+    assert header_overrides(yaml) == ["trainer=dpo", "seed=0", "lora.r=8"]
+    for bad in ("# the command that uses this file", "# python -m stepdpo.runner", "key: 1",
+                "# python -m stepdpo.run trainer=dpo,stepdpo"):  # a sweep without -m
+        yaml.write_text(bad + "\n")
+        with pytest.raises(AssertionError):
+            header_overrides(yaml)
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_opens_with_a_command_that_uses_it(path):
+    """The command composes (every group option and key in it exists), validates, and selects this file."""
+    cfg = compose_config(*header_overrides(path), hydra=True)
+    validate_targets(cfg)
+    group = str(path.parent.relative_to(CONF))
+    if group != ".":  # conf/config.yaml: any command uses it
+        # a group nested by other groups' defaults (engine@reward.engine) is chosen under its package's name
+        picked = {v for k, v in cfg.hydra.runtime.choices.items() if k == group or k.startswith(f"{group}@")}
+        assert path.stem in picked, f"{path.relative_to(ROOT)}: its command picks {group}={picked or None}"
 
 
 @pytest.mark.parametrize("trainer", _options("trainer"))
 def test_default_composition_validates(trainer):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"trainer={trainer}"])
+    cfg = compose_config(f"trainer={trainer}")
     validate_targets(cfg)
     assert cfg.trainer.loss in ("sft", "dpo")
 
 
+def test_quantization_has_its_own_spec_and_the_engine_one_sub_config():
+    from stepdpo.config import build
+    from stepdpo.model import QuantSpec
+
+    q = compose_config("lora=qlora", "lora.quant.compute_dtype=bfloat16")
+    none = compose_config("lora=none", "+lora.quant.quant_type=nf4")
+    llm = compose_config("reward=openai", "pairs=llm", "reward.engine.model=judge-m")
+    assert build(q.lora, "lora").quant == QuantSpec(quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+    assert build(compose_config("lora=lora").lora, "lora").quant is None
+    with pytest.raises(ValueError, match="lora=none with lora.quant set"):
+        build(none.lora, "lora")
+    # reward.engine and pairs.engine are the same settings (conf/engine/openai.yaml), each overridable alone
+    shared = set(llm.reward.engine) & set(llm.pairs.engine)
+    assert shared == set(llm.reward.engine) and llm.reward.engine.model == "judge-m" != llm.pairs.engine.model
+    assert (llm.reward.engine.temperature, llm.pairs.engine.temperature) == (0.0, 0.7)
+
+
 def test_unknown_key_in_target_group_names_it():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+reward.bogus_knob=1"])
+    cfg = compose_config("+reward.bogus_knob=1")
     with pytest.raises(ValueError, match=r"reward\.bogus_knob: unknown key"):
         validate_targets(cfg)
 
 
 @pytest.mark.parametrize("key,value", [("loss_type", "kto"), ("nll_on", "everything")])
 def test_bad_choice_names_allowed_values(key, value):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"trainer.{key}={value}"])
+    cfg = compose_config(f"trainer.{key}={value}")
     with pytest.raises(ValueError, match=rf"trainer\.{key}: '{value}' is not one of"):
         validate_targets(cfg)
 
@@ -64,6 +118,7 @@ def test_bad_choice_names_allowed_values(key, value):
     ("sft.sft_data=chosen", "the warm-up trains on gold solutions"),
     ("trainer.sft_data=chosen", "use trainer=sft_control"),  # trainer=stepdpo has no SFT data
 ])
+@pytest.mark.slow
 def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):
     proc, run_dir = run_cli(tmp_path, override, check=False, timeout=120)
     assert proc.returncode != 0
@@ -71,6 +126,7 @@ def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):
     assert not (run_dir / "base_model").exists()  # failed before any model was built
 
 
+@pytest.mark.slow
 def test_qlora_block_size_checked_before_loading(tmp_path):
     proc, run_dir = run_cli(tmp_path, "lora=qlora", "model.tiny.hidden_size=96", check=False, timeout=120)
     assert proc.returncode != 0 and "model.tiny.hidden_size=96" in proc.stderr + proc.stdout
@@ -79,13 +135,12 @@ def test_qlora_block_size_checked_before_loading(tmp_path):
 
 def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
     train = load(n_train=20, n_eval=5, max_operand=9, max_value=30, ops="-").train  # the same data throughout
 
     def key(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return sft_cache_path(compose("config", overrides=[f"sft_cache_dir={tmp_path}", *overrides]), train)
+        return sft_cache_path(compose_config(f"sft_cache_dir={tmp_path}", *overrides), train)
 
     base = key()
     assert base.parent == tmp_path
@@ -100,10 +155,9 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
     import dataclasses
 
     from stepdpo.arith import load
-    from stepdpo.run import sft_cache_path
+    from stepdpo.sft_cache import path as sft_cache_path
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"sft_cache_dir={tmp_path}"])
+    cfg = compose_config(f"sft_cache_dir={tmp_path}")
     train = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
     same = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="-").train
     other = load(n_train=50, n_eval=5, max_operand=9, max_value=30, ops="+-").train
@@ -122,8 +176,7 @@ def test_every_experiment_arm_composes_validates_and_has_equal_compute(experimen
     assert len(arms) > 1
     cfgs = {}
     for arm in arms:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfgs[arm] = compose("config", overrides=[f"experiment={experiment}", f"{key}={arm}"])
+        cfgs[arm] = compose_config(f"experiment={experiment}", f"{key}={arm}")
         validate_targets(cfgs[arm])
 
     def compute(t):  # optimizer steps x policy sequences per step (a DPO pair is 2 sequences, 1 when its

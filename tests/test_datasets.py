@@ -13,8 +13,8 @@ from stepdpo.answers import answers_match, extract_answer, last_boxed
 from stepdpo.data import DatasetBundle, read_jsonl
 from stepdpo.datasets import gsm8k, math as math_ds, pairs_file, prm800k, step_dpo
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+from conftest import ROOT, SHARED_DATA as DATA, compose_config
+
 FIX = ROOT / "tests" / "fixtures"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").exists(), reason=f"shared data not at {DATA}")
 
@@ -428,14 +428,10 @@ def test_dataset_configs_build(name, overrides, monkeypatch):
     """Each conf/dataset YAML composes, binds to its loader and builds (paths relative to the root)."""
     if not DATA.exists() and name in ("gsm8k", "math", "prm800k", "step_dpo"):
         pytest.skip("shared data missing")
-    from hydra import compose, initialize_config_dir
-
-    from stepdpo.config import build, register_configs
+    from stepdpo.config import build
 
     monkeypatch.chdir(ROOT)
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"dataset={name}", "pairs=perturb", *overrides])
+    cfg = compose_config(f"dataset={name}", "pairs=perturb", *overrides)
     text = (ROOT / "conf" / "dataset" / f"{name}.yaml").read_text()
     assert text.startswith("# python -m stepdpo.run dataset=")
     for line in text.splitlines():

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import conftest
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, TINY, Recorder, cfg, lora_model, make_examples, run_cli
 from stepdpo.train import train
-from test_train import Recorder, cfg, lora_model, make_examples, one_thread, tiny_llama, TINY  # noqa: F401
+from stepdpo.model import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TESTS = Path(__file__).resolve().parent
 # not rewards/accuracy: a threshold at 0 that float noise flips while the policy still equals the reference
@@ -27,7 +29,8 @@ WORKER = textwrap.dedent('''
     torch.set_num_threads(1)
     from stepdpo import distributed
     from stepdpo.train import train
-    from test_train import Recorder, cfg, lora_model, make_examples, tiny_llama, TINY
+    from stepdpo.model import tiny_llama
+    from conftest import Recorder, cfg, lora_model, make_examples, TINY
 
     out, cache = sys.argv[1], sys.argv[2]
     rank, world = distributed.init()
@@ -72,6 +75,7 @@ def close(a: dict, b: dict, prefix: str, rel: float = 1e-5) -> None:
             assert sorted(a[key]) == pytest.approx(sorted(b[key]), rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -6,10 +6,14 @@ The models have random weights; the checks compare against the same model's unco
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
 
-from stepdpo.generation import Completion, eos_ids, generate
+from stepdpo.data import prompt_ids
+from stepdpo.generation import Completion, eos_ids, generate, sampling_probs
 from stepdpo.model import tiny_llama
 
 PROMPTS = ["Question: Start with 3, add 4. What is the result?\nAnswer:\n", "x", "Question: 7 * 6?\nAnswer:\n"]
@@ -66,3 +70,177 @@ def test_second_eos_of_generation_config_ends_the_sequence(tiny):
     assert ended.finish_reason == "stop"
     assert list(ended.token_ids) == ids[:first_seen]  # cut where it first said the second EOS, which is excluded
     assert ended.text == tok.decode(ids[:first_seen], skip_special_tokens=True)
+
+
+# --- the decoding loop against transformers' generate (greedy) and an independent sampling distribution ---
+
+QWEN_TOK = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen3"
+
+
+def hf_greedy(model, tok, prompts, max_new_tokens, k=1):
+    """model.generate on the same left-padded batch, each row cut at its first EOS id of eos_ids()."""
+    eos = eos_ids(model, tok)
+    enc = [prompt_ids(tok, p) for p in prompts]
+    T = max(map(len, enc))
+    ids = torch.full((len(enc), T), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for r, e in enumerate(enc):
+        ids[r, T - len(e):], attn[r, T - len(e):] = torch.tensor(e), 1
+    gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_return_sequences=k, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    return [tuple(r[:next((j for j, t in enumerate(r) if t in eos), len(r))]) for r in gen[:, T:].tolist()]
+
+
+def with_common_eos(model, tok, prompts, max_new_tokens):
+    """Add as an EOS id a token the rows first write at the most different steps, so that rows end at
+    different steps (the loop then drops finished rows from the batch)."""
+    free = [c.token_ids for (c,) in generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))]
+    first = lambda t: {r.index(t) if t in r else -1 for r in free}  # noqa: E731
+    best = max({t for r in free for t in r}, key=lambda t: (len(first(t)), sum(t in r for r in free)))
+    model.generation_config.eos_token_id = sorted(set(eos_ids(model, tok)) | {best})
+
+
+def assert_greedy_matches_generate(model, tok, prompts, max_new_tokens=24):
+    ours = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+    ref = hf_greedy(model, tok, prompts, max_new_tokens)
+    assert [c.token_ids for (c,) in ours] == ref
+    lengths = {len(r) for r in ref}
+    assert len(lengths) > 1, lengths  # rows ended at different steps: finished rows were dropped mid-batch
+    # k greedy samples per prompt come from one prefill, repeated: each equals the prompt's generate row
+    ours_k = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=3 * len(prompts),
+                      num_return_sequences=3)
+    assert [[c.token_ids for c in o] for o in ours_k] == [[r] * 3 for r in ref]
+
+
+@pytest.fixture
+def tiny_fresh():
+    torch.manual_seed(1)
+    model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return model.eval(), tok
+
+
+def test_greedy_token_identical_to_generate_tiny_llama(tiny_fresh):
+    model, tok = tiny_fresh
+    prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n", "ab"]
+    with_common_eos(model, tok, prompts, 24)
+    assert_greedy_matches_generate(model, tok, prompts)
+
+
+def test_greedy_token_identical_to_generate_qwen2_real_tokenizer():
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(QWEN_TOK)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2,
+                                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))).eval()
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["What is 2 + 2?", "Natalia sold clips to 48 of her friends in April. How many in May?", "Hi"]]
+    with_common_eos(model, tok, prompts, 16)
+    assert_greedy_matches_generate(model, tok, prompts, max_new_tokens=16)
+
+
+def test_greedy_token_identical_with_a_lora_adapter(tiny_fresh):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_fresh
+    torch.manual_seed(2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear",
+                                                  init_lora_weights=False)).eval()  # random B: the adapter matters
+    with_common_eos(peft_model, tok, PROMPTS, 16)
+    assert_greedy_matches_generate(peft_model, tok, PROMPTS, max_new_tokens=16)
+    with peft_model.disable_adapter():
+        base = generate(peft_model, tok, PROMPTS, max_new_tokens=16, batch_size=8)
+    assert generate(peft_model, tok, PROMPTS, max_new_tokens=16, batch_size=8) != base  # the adapter acts in the loop
+
+
+def test_greedy_token_identical_on_a_4bit_model(tmp_path):
+    from stepdpo.model import ModelSpec, QuantSpec, load_base
+
+    torch.manual_seed(3)
+    model, tok = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    q4, tok = load_base(ModelSpec(name="local", path=str(tmp_path / "m")), quant=QuantSpec())
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.modules())
+    with_common_eos(q4.eval(), tok, PROMPTS, 16)
+    assert_greedy_matches_generate(q4, tok, PROMPTS, max_new_tokens=16)
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> dict[int, float]:
+    """Independent of generation.sampling_probs: softmax at temperature, then walk the tokens from the most
+    likely, keeping each while the mass kept so far is below top_p, and renormalise (plain Python)."""
+    p = torch.softmax(logits.double() / temperature, -1).tolist()
+    kept, mass = {}, 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        kept[i], mass = p[i], mass + p[i]
+    return {i: v / mass for i, v in kept.items()}
+
+
+def test_sampling_probs_match_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * torch.tensor([0.5, 1, 2, 4, 8])[:, None]
+    for t, top_p in [(1.0, 1.0), (0.7, 0.9), (0.3, 0.5), (1.3, 0.95)]:
+        ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(t)(None, logits.clone())).softmax(-1)
+        assert torch.allclose(sampling_probs(logits, t, top_p), ref, atol=1e-6)
+        for row in range(5):
+            want = torch.zeros(300, dtype=torch.float64)
+            for i, v in nucleus_probs(logits[row], t, top_p).items():
+                want[i] = v
+            assert torch.allclose(sampling_probs(logits, t, top_p)[row].double(), want, atol=1e-6)
+
+
+def test_samples_follow_the_models_distribution(tiny_fresh):
+    """Draw many samples of two tokens; the first token's frequencies match the nucleus of the model's own
+    forward logits on the prompt, and the second token's (given the most common first token) those on
+    prompt + that token: the shared prefill, the repeated cache and the decode step are what the model computes."""
+    model, tok = tiny_fresh
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a peaked distribution: a few tokens carry the mass
+    prompt, n, t, top_p = PROMPTS[2], 4000, 0.7, 0.9
+    (outs,) = generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t,
+                       top_p=top_p, num_return_sequences=n, seed=5)
+    assert len(outs) == n
+    ids = prompt_ids(tok, prompt)
+
+    def check(samples, context):
+        with torch.no_grad():
+            want = nucleus_probs(model(torch.tensor([context])).logits[0, -1], t, top_p)
+        got = Counter(samples)
+        assert set(got) <= set(want), set(got) - set(want)  # never a token outside the nucleus
+        m = len(samples)
+        for i, p in want.items():
+            assert abs(got[i] / m - p) <= 4.5 * (p * (1 - p) / m) ** 0.5 + 1e-3, (i, got[i] / m, p)
+        assert len(want) >= 3  # the test has several tokens to tell apart
+
+    check([c.token_ids[0] for c in outs], ids)
+    first = Counter(c.token_ids[0] for c in outs).most_common(1)[0][0]
+    check([c.token_ids[1] for c in outs if c.token_ids[0] == first and len(c.token_ids) > 1], ids + [first])
+    again = generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t, top_p=top_p,
+                     num_return_sequences=n, seed=5)
+    assert again == [outs]  # seeded
+    assert generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t, top_p=top_p,
+                    num_return_sequences=n, seed=6) != [outs]
+
+
+def test_stop_string_ends_the_row_and_its_ids(tiny_fresh):
+    model, tok = tiny_fresh
+    free = generate(model, tok, PROMPTS, max_new_tokens=24, batch_size=8)
+    text = free[0][0].text
+    stop = text[6:8]
+    ours = generate(model, tok, PROMPTS, max_new_tokens=24, batch_size=8, stop=[stop])
+    for (f,), (c,) in zip(free, ours):
+        cut = f.text.find(stop)
+        if cut < 0:
+            assert c == f
+            continue
+        assert c.text == f.text[:cut] and c.finish_reason == "stop"
+        assert f.token_ids[:len(c.token_ids)] == c.token_ids  # the ids before the stop string
+        assert stop not in tok.decode(list(c.token_ids)) and stop in tok.decode(list(f.token_ids[:len(c.token_ids) + len(stop)]))

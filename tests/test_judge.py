@@ -22,9 +22,10 @@ import pytest
 
 from stepdpo.rewards.base import ScoreRequest, StepScorer
 from stepdpo.rewards.judge_cache import JudgeCache
-from stepdpo.rewards.llm_engine import LLMEngine, ParseError, read_dotenv
+from stepdpo.rewards.llm_engine import EngineConfig, LLMEngine, ParseError, read_dotenv
 from stepdpo.rewards.openai_judge import PROMPT_VERSION, OpenAIJudge, judge_messages, parse_judgement
-from stepdpo.testing.fake_openai import FakeOpenAI, judge_steps, steps_of
+
+from fake_openai import FakeOpenAI, judge_steps, steps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False)
@@ -52,11 +53,14 @@ def fake():
         yield f
 
 
+JUDGE_KEYS = ("structured", "include_answer", "dry_run")  # the rest of **kw are engine settings
+
+
 def judge(fake, tmp_path=None, **kw) -> OpenAIJudge:
-    opts = dict(FAST, base_url=fake.base_url, model="gpt-4o-mini",
-                cache_path=None if tmp_path is None else tmp_path / "judge.sqlite")
-    opts.update(kw)
-    return OpenAIJudge(**opts)
+    engine = dict(FAST, base_url=fake.base_url, model="gpt-4o-mini",
+                  cache_path=None if tmp_path is None else tmp_path / "judge.sqlite")
+    engine.update({k: v for k, v in kw.items() if k not in JUDGE_KEYS})
+    return OpenAIJudge(engine=engine, **{k: v for k, v in kw.items() if k in JUDGE_KEYS})
 
 
 # ----------------------------------------------------------------------------- basics
@@ -172,7 +176,8 @@ def test_retry_after_is_honoured(fake):
 
 
 def test_backoff_is_exponential_with_jitter():
-    eng = LLMEngine(base_url="http://127.0.0.1:9/v1", model="m", backoff_base=1.0, backoff_max=8.0)
+    eng = LLMEngine(EngineConfig(base_url="http://127.0.0.1:9/v1", model="m", backoff_base=1.0, backoff_max=8.0,
+                                 cache_path=None))
     for attempt, cap in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (6, 8.0)]:
         d = [eng._delay(attempt, None) for _ in range(200)]
         assert cap / 2 <= min(d) and max(d) <= cap and max(d) - min(d) > 0.1 * cap
@@ -195,8 +200,8 @@ sys.path.insert(0, {tests!r})
 from test_judge import make_requests
 from stepdpo.rewards.openai_judge import OpenAIJudge
 start, n, conc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-j = OpenAIJudge(base_url={url!r}, model="gpt-4o-mini", cache_path={cache!r}, concurrency=conc, progress=False,
-                backoff_base=0.01, backoff_max=0.05)
+j = OpenAIJudge(engine=dict(base_url={url!r}, model="gpt-4o-mini", cache_path={cache!r}, concurrency=conc,
+                            progress=False, backoff_base=0.01, backoff_max=0.05))
 res = j.score(make_requests(n, start=start))
 print(json.dumps({{"failed": sum(r.scores is None for r in res), "summary": j.summary()}}))
 """
@@ -208,6 +213,7 @@ def _child(fake, cache: Path, start: int, n: int, conc: int) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # child processes
 def test_killed_run_resumes_with_only_the_missing_requests(tmp_path):
     cache = tmp_path / "judge.sqlite"
     n = 60
@@ -229,6 +235,7 @@ def test_killed_run_resumes_with_only_the_missing_requests(tmp_path):
         assert [r.scores for r in res] == [expected(q) for q in make_requests(n)]
 
 
+@pytest.mark.slow  # child processes
 def test_two_processes_share_one_cache(tmp_path):
     cache = tmp_path / "judge.sqlite"
     with FakeOpenAI(latency=0.01) as fake:
@@ -412,8 +419,9 @@ def test_prompt_lists_every_step_for_the_judge():
 
 
 def test_bad_options_name_the_key():
-    for kw, key in [(dict(mode="stream"), "reward.mode"), (dict(concurrency=0), "reward.concurrency"),
-                    (dict(base_url="localhost:8000"), "reward.base_url"),
-                    (dict(prices={"m": {"input": -1}}), "reward.prices.m.input")]:
+    for kw, key in [(dict(mode="stream"), "reward.engine.mode"), (dict(concurrency=0), "reward.engine.concurrency"),
+                    (dict(base_url="localhost:8000"), "reward.engine.base_url"),
+                    (dict(prices={"m": {"input": -1}}), "reward.engine.prices.m.input"),
+                    (dict(concurency=4), "reward.engine.concurency: unknown engine setting")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-            OpenAIJudge(model="m", cache_path=None, **kw)
+            OpenAIJudge(engine=dict(model="m", cache_path=None, **kw))

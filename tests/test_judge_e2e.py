@@ -13,19 +13,20 @@ import json
 import pytest
 
 from stepdpo.data import read_jsonl
-from stepdpo.testing.fake_openai import FakeOpenAI
 
 from conftest import FAST, run_cli
+from fake_openai import FakeOpenAI
 
-SPEED = ["eval.before=false", "reward.progress=false", "reward.backoff_base=0.01", "reward.timeout=10"]
+SPEED = ["eval.before=false", "reward.engine.progress=false", "reward.engine.backoff_base=0.01",
+         "reward.engine.timeout=10"]
 
 
 @pytest.mark.slow
 def test_run_with_the_llm_judge(tmp_path):
     cache = tmp_path / "judge.sqlite"
     with FakeOpenAI() as fake:
-        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.base_url={fake.base_url}",
-                                f"reward.cache_path={cache}", *SPEED)
+        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.engine.base_url={fake.base_url}",
+                                f"reward.engine.cache_path={cache}", *SPEED)
         chat = fake.counts["chat"]
     pairs = [row for _, row in read_jsonl(run_dir / "pairs.jsonl")]
     assert pairs
@@ -46,8 +47,8 @@ def test_run_with_the_llm_judge(tmp_path):
 @pytest.mark.slow
 def test_dry_run_prints_the_estimate_and_calls_nothing(tmp_path):
     with FakeOpenAI() as fake:
-        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.base_url={fake.base_url}",
-                                f"reward.cache_path={tmp_path / 'judge.sqlite'}", "reward.dry_run=true", *SPEED)
+        proc, run_dir = run_cli(tmp_path, "reward=openai", f"reward.engine.base_url={fake.base_url}",
+                                f"reward.engine.cache_path={tmp_path / 'judge.sqlite'}", "reward.dry_run=true", *SPEED)
         assert fake.counts["chat"] == 0
     est = json.loads((run_dir / "dry_run.json").read_text())
     assert est["calls_needed"] > 0 and est["est_cost_usd"] > 0 and est["est_prompt_tokens"] > 0
@@ -60,9 +61,10 @@ def test_run_with_llm_written_pairs_judged_by_the_llm(tmp_path):
     cache = tmp_path / "judge.sqlite"
     fast = [o for o in FAST if not o.startswith("pairs.")]  # on_policy knobs; pairs=llm has its own
     with FakeOpenAI() as fake:
-        proc, run_dir = run_cli(tmp_path, *fast, "pairs=llm", f"pairs.base_url={fake.base_url}", "pairs.n_problems=8",
-                                f"pairs.cache_path={cache}", "pairs.progress=false", "reward=openai",
-                                f"reward.base_url={fake.base_url}", f"reward.cache_path={cache}", *SPEED, fast=False)
+        proc, run_dir = run_cli(tmp_path, *fast, "pairs=llm", f"pairs.engine.base_url={fake.base_url}",
+                                "pairs.n_problems=8", f"pairs.engine.cache_path={cache}", "pairs.engine.progress=false",
+                                "reward=openai", f"reward.engine.base_url={fake.base_url}",
+                                f"reward.engine.cache_path={cache}", *SPEED, fast=False)
     pairs = [row for _, row in read_jsonl(run_dir / "pairs.jsonl")]
     assert len(pairs) == 8
     for p in pairs:

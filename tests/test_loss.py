@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stepdpo.loss import sft_loss, token_logps, weighted_dpo_loss
+from stepdpo.logprobs import logps_from_logits
+from stepdpo.loss import sft_loss, weighted_dpo_loss
 
 
 def _inputs():
@@ -75,7 +76,7 @@ def test_token_logps_matches_log_softmax_and_masks():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
-    lp = token_logps(logits, labels)
+    lp = logps_from_logits(logits, labels)
     full = torch.log_softmax(logits[:, :-1], -1)
     assert lp.shape == (2, 4)
     assert lp[0, 1].item() == pytest.approx(full[0, 1, 3].item(), abs=1e-6)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from stepdpo.config import build, register_configs
+from stepdpo.config import build
 from stepdpo.data import Problem, StepPair
 from stepdpo.pairs_llm import build_llm_pairs, flaw_messages, parse_flawed
 from stepdpo.rewards.llm_engine import ParseError
-from stepdpo.testing.fake_openai import FakeOpenAI, judge_steps, steps_of
 
-from conftest import ROOT
+from conftest import compose_config
+from fake_openai import FakeOpenAI, judge_steps, steps_of
 
-register_configs()
-FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False, llm_model="gpt-4o-mini")
+FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=2.0, progress=False, model="gpt-4o-mini")  # engine settings
 
 
 def make_problems(n: int) -> list[Problem]:
@@ -38,7 +36,7 @@ def fake():
 
 def test_pairs_share_the_gold_prefix_and_diverge_at_the_wrong_step(fake):
     probs = make_problems(12)
-    pairs = build_llm_pairs(probs, base_url=fake.base_url, cache_path=None, seed=0, **FAST)
+    pairs, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=0)
     assert len(pairs) == 12 and fake.counts["chat"] == 12
     by_id = {p.id: p for p in probs}
     targets = set()
@@ -59,9 +57,9 @@ def test_pairs_share_the_gold_prefix_and_diverge_at_the_wrong_step(fake):
 
 def test_seeded_and_limited(fake):
     probs = make_problems(10)
-    a = build_llm_pairs(probs, base_url=fake.base_url, cache_path=None, seed=1, n_problems=4, **FAST)
-    b = build_llm_pairs(probs, base_url=fake.base_url, cache_path=None, seed=1, n_problems=4, **FAST)
-    c = build_llm_pairs(probs, base_url=fake.base_url, cache_path=None, seed=2, n_problems=4, **FAST)
+    a, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
+    b, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=1, n_problems=4)
+    c, _ = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None), seed=2, n_problems=4)
     assert [p.to_dict() for p in a] == [p.to_dict() for p in b] and len(a) == 4
     assert [(p.id, p.meta["wrong_step"]) for p in a] != [(p.id, p.meta["wrong_step"]) for p in c]
 
@@ -82,8 +80,8 @@ def test_bad_prefix_is_retried_then_counted(fake):
         return "invalid_json" if pid == "p3" else None
 
     fake.fault_for = fault_for
-    pairs, report = build_llm_pairs(probs, base_url=fake.base_url, cache_path=None, parse_retries=1,
-                                    return_report=True, **FAST)
+    pairs, report = build_llm_pairs(probs, engine=dict(FAST, base_url=fake.base_url, cache_path=None,
+                                                                   parse_retries=1))
     got = {p.meta["problem_id"] for p in pairs}
     assert got == {"p0", "p2", "p4", "p5"}
     assert report["failed"] == 2 and report["pairs"] == 4  # (with seed 0, p1's target step is > 1)
@@ -93,10 +91,10 @@ def test_bad_prefix_is_retried_then_counted(fake):
 
 def test_rerun_is_free_and_identical(fake, tmp_path):
     probs = make_problems(8)
-    kw = dict(base_url=fake.base_url, cache_path=tmp_path / "c.sqlite", **FAST)
-    first = build_llm_pairs(probs, **kw)
+    kw = dict(engine=dict(FAST, base_url=fake.base_url, cache_path=tmp_path / "c.sqlite"))
+    first, _ = build_llm_pairs(probs, **kw)
     n = fake.counts["chat"]
-    again = build_llm_pairs(probs, **kw)
+    again, _ = build_llm_pairs(probs, **kw)
     assert fake.counts["chat"] == n == 8
     assert [p.to_dict() for p in again] == [p.to_dict() for p in first]
 
@@ -120,11 +118,12 @@ def test_parse_flawed_rules():
 
 
 def test_built_from_config_and_called_like_the_pipeline(fake, tmp_path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["pairs=llm", f"pairs.base_url={fake.base_url}",
-                                           f"pairs.cache_path={tmp_path / 'c.sqlite'}", "pairs.n_problems=3",
-                                           "pairs.progress=false"])
+    cfg = compose_config("pairs=llm", f"pairs.engine.base_url={fake.base_url}",
+                         f"pairs.engine.cache_path={tmp_path / 'c.sqlite'}", "pairs.n_problems=3",
+                         "pairs.engine.progress=false")
+    from stepdpo.pairs import call_builder
+
     fn = build(cfg.pairs, "pairs")
-    pairs, report = fn(problems=make_problems(5), model=object(), tokenizer=None, scorer=None, seed=0)
+    pairs, report = call_builder(fn, make_problems(5), pool=[], model=object(), tokenizer=None, scorer=None, seed=0)
     assert len(pairs) == 3 and report["pairs"] == 3 and report["llm"]["requests"] == 3
     assert fake.counts["chat"] == 3

@@ -8,6 +8,7 @@ import stepdpo.pairs as pairs_mod
 from stepdpo.arith import load
 from stepdpo.generation import Completion
 from stepdpo.rewards.rule import RuleScorer
+from stepdpo.steps import split_steps
 
 from conftest import arith_solution
 
@@ -56,9 +57,9 @@ def test_pool_pairs_use_correct_samples_only(bundle, monkeypatch):
     for pr in pairs:
         p = next(q for q in pool if q.id == pr.meta["problem_id"])
         assert int(p.id.rsplit("-", 1)[1]) < 6  # only problems with a correct sample give pairs
-        correct = outs[p.id][0].split("\n")
+        correct = split_steps(outs[p.id][0])  # steps keep their line breaks
         assert pr.prefix == correct[:1] and pr.chosen == correct[1:]  # the sample's own steps, not a gold solution
-        assert pr.rejected == outs[p.id][1].split("\n")[1:] and pr.rejected_scores[0] == 0.0
+        assert pr.rejected == split_steps(outs[p.id][1])[1:] and pr.rejected_scores[0] == 0.0
 
 
 def test_pool_top_up_corrupts_the_sft_problems(bundle, monkeypatch):
@@ -141,9 +142,9 @@ def test_resample_continues_the_correct_prefix_for_a_chosen_side(bundle, monkeyp
     assert sorted(int(pr.meta["problem_id"].rsplit("-", 1)[1]) for pr in pairs) == [0, 1, 2]
     for pr in pairs:
         p = next(q for q in pool if q.id == pr.meta["problem_id"])
-        gold = solution(p).split("\n")
+        gold = split_steps(solution(p))  # sampled text: steps keep their line breaks
         assert pr.source == "on_policy_resampled" and pr.prefix == gold[:1] and pr.chosen == gold[1:]
-        assert pr.rejected == solution(p, wrong_at=1).split("\n")[1:]
+        assert pr.rejected == split_steps(solution(p, wrong_at=1))[1:]
         assert pr.rejected_scores[0] == 0.0 and all(s == 1.0 for s in pr.chosen_scores)
     # off (the default): the same samples give no pairs and nothing is re-sampled
     calls.clear()

@@ -10,8 +10,9 @@ import pytest
 
 from stepdpo.answers import answers_match, extract_answer
 from stepdpo.data import Problem
-from stepdpo.perturb import build_perturb_pairs, perturb_problem, score_gsm8k_steps
-from stepdpo.steps import annotations, check_annotation
+from stepdpo.perturb import build_perturb_pairs, perturb_problem
+from stepdpo.rewards.rule import score_gsm8k_steps
+from stepdpo.calculator import annotations, check_annotation
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").exists(), reason=f"shared data not at {DATA}")
@@ -100,17 +101,20 @@ def test_build_skips_arith_caps_and_is_seeded():
                     meta={"kind": "arith", "ops": [["+", 3]]})
     twin = Problem(id="twin", question=NATALIA.question + " ", answer="72", steps=list(NATALIA.steps))
     probs = [arith, NATALIA, twin]
-    a = build_perturb_pairs(probs, seed=1, model=None, tokenizer=None, scorer=None)  # runtime kwargs are accepted
+    a, report = build_perturb_pairs(probs, seed=1)
     assert sorted(p.meta["problem_id"] for p in a) == ["gsm8k-train-1", "twin"]
-    assert [p.to_dict() for p in a] == [p.to_dict() for p in build_perturb_pairs(probs, seed=1)]
-    assert len(build_perturb_pairs(probs, seed=1, max_pairs=1)) == 1
-    assert build_perturb_pairs([arith]) == []
+    assert report == {"problems": 2, "pairs_perturb": 2, "skipped_no_corruption": 0}
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in build_perturb_pairs(probs, seed=1)[0]]
+    assert len(build_perturb_pairs(probs, seed=1, max_pairs=1)[0]) == 1
+    assert build_perturb_pairs([arith]) == ([], {"problems": 0, "pairs_perturb": 0, "skipped_no_corruption": 0})
+    with pytest.raises(TypeError):  # the contract: a builder takes only what it uses (no model here)
+        build_perturb_pairs(probs, seed=1, model=None)
     with pytest.raises(ValueError, match="pairs.max_pairs"):
         build_perturb_pairs(probs, max_pairs=-1)
 
 
 def test_stripped_annotations_use_the_annotated_copy():
-    from stepdpo.steps import strip_annotation_marks
+    from stepdpo.calculator import strip_annotation_marks
 
     p = Problem(id="s", question=NATALIA.question, answer="72", steps=[strip_annotation_marks(s) for s in NATALIA.steps],
                 meta={"annotated_steps": list(NATALIA.steps)})
@@ -142,7 +146,7 @@ def test_gsm8k_perturbed_pairs(gsm8k_train):
     answer, correct chosen, exactly one wrong annotation, later annotations consistent)."""
     probs = gsm8k_train[:1500]
     by_id = {p.id: p for p in probs}
-    pairs = build_perturb_pairs(probs, seed=0)
+    pairs, _ = build_perturb_pairs(probs, seed=0)
     print(f"\nperturb: {len(pairs)} pairs from {len(probs)} GSM8K problems")
     assert len(pairs) >= 0.85 * len(probs)  # measured 1,331 (89%); 6,531 (87%) over all 7,473 training problems
     for pair in pairs:

@@ -18,6 +18,7 @@ def default_run(tmp_path_factory):
     return proc, run_dir
 
 
+@pytest.mark.slow
 def test_run_dir_has_everything(default_run):
     proc, run_dir = default_run
     for name in ("config_resolved.yaml", ".hydra/config.yaml", "metrics.jsonl", "eval.json", "summary.json",
@@ -50,6 +51,7 @@ def test_run_dir_has_everything(default_run):
     assert len(by_name["dpo/margins/first_error_step"]) == 2
 
 
+@pytest.mark.slow
 def test_lora_changed_base_did_not(default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -66,11 +68,37 @@ def test_lora_changed_base_did_not(default_run):
         assert torch.equal(merged_free[k2], v), k  # base weights untouched
 
 
-def test_generate_from_run(default_run):
+@pytest.mark.slow
+def test_generate_from_run(default_run, capsys):
+    """`python -m stepdpo.generate RUN_DIR q1 q2` prints each prompt and the trained model's greedy continuation:
+    the same text as an argmax loop over the run's base model with its adapter, loaded here with peft directly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from stepdpo.generate import main
 
     _, run_dir = default_run
-    assert main([str(run_dir), "Start with 3, add 4. What is the result?", "--max-new-tokens", "8"]) == 0
+    questions = ["Start with 3, add 4. What is the result?", "Start with 12, subtract 5, subtract 3. What is the result?"]
+    assert main([str(run_dir), *questions, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+                                      str(run_dir / "adapter")).eval()
+    pos = 0
+    for q in questions:
+        prompt = f"Question: {q}\nAnswer:\n"  # the plain prompt format the run trained with
+        ids = [tok.bos_token_id] * (tok.bos_token_id is not None) + tok(prompt, add_special_tokens=False)["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(8):
+                nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        want = prompt + tok.decode(new, skip_special_tokens=True)
+        assert new and want in out[pos:], f"want {want!r} in order in:\n{out}"
+        pos = out.index(want, pos) + len(want)
 
 
 def test_generate_names_bad_run_dir(tmp_path, capsys):
@@ -80,6 +108,7 @@ def test_generate_names_bad_run_dir(tmp_path, capsys):
     assert "stepdpo run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_qlora_end_to_end(tmp_path):
     """bitsandbytes nf4 4-bit base + LoRA, forward and backward on the CPU."""
     import bitsandbytes as bnb
@@ -95,6 +124,7 @@ def test_qlora_end_to_end(tmp_path):
     assert len(dpo) == 2 and all(m["dpo/grad_norm"] > 0 for m in dpo)
 
 
+@pytest.mark.slow
 def test_full_finetune_and_sft_main_stage(tmp_path):
     proc, run_dir = run_cli(tmp_path / "none", "lora=none")
     assert (run_dir / "model/config.json").exists()
@@ -103,6 +133,7 @@ def test_full_finetune_and_sft_main_stage(tmp_path):
     assert any("train_sft/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     """A job reuses the warm-up another job cached; one that starts while the same warm-up is still
     being trained (its lock held) waits for it instead of training it a second time."""
@@ -111,8 +142,8 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
     import time
 
     from conftest import FAST, ROOT, test_env
-    from stepdpo.checkpoint import exclusive_lock
-    from stepdpo.run import sft_lock_path
+    from stepdpo.locks import exclusive_lock
+    from stepdpo.sft_cache import lock_path as sft_lock_path
 
     cache = tmp_path / "cache"
     _, first = run_cli(tmp_path / "a", f"sft_cache_dir={cache}")
@@ -139,6 +170,7 @@ def test_sft_warmup_is_shared_through_the_cache(tmp_path):
            [json.loads(line)["output"] for line in (second / "samples_before.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_rounds_resample_pairs_from_the_trained_policy(tmp_path):
     """trainer.rounds=2: a second set of on-policy pairs is sampled half-way, from the policy being
     trained, written beside the first, logged and summarised."""
@@ -155,6 +187,7 @@ def test_rounds_resample_pairs_from_the_trained_policy(tmp_path):
     assert dpo_steps == [21, 22, 23, 24]
 
 
+@pytest.mark.slow
 def test_sft_control_on_the_chosen_sides_of_the_same_pairs(tmp_path):
     """trainer=sft_control trainer.sft_data=chosen: SFT on each distinct chosen solution of the very pairs
     trainer=dpo builds from the same warm-up and seed (rejection-sampling fine-tuning), re-built each round."""
@@ -177,6 +210,7 @@ def test_sft_control_on_the_chosen_sides_of_the_same_pairs(tmp_path):
     assert not (gold / "pairs.jsonl").exists() and "pairs_rounds" not in json.loads((gold / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_rounds_need_pairs_built_by_the_run(tmp_path):
     proc, _ = run_cli(tmp_path, "dataset=pairs", "dataset.path=tests/fixtures/pairs/pairs.jsonl", "trainer.rounds=2",
                       check=False)
@@ -185,6 +219,7 @@ def test_rounds_need_pairs_built_by_the_run(tmp_path):
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()  # failed before any work
 
 
+@pytest.mark.slow
 def test_pairs_from_the_answer_only_pool(tmp_path):
     """pairs.from_split=pool: pairs are sampled on dataset.n_pool answer-only problems the SFT stage
     never sees (rule-based top-ups still corrupt SFT problems); the SFT cache ignores n_pool."""
@@ -216,6 +251,7 @@ def test_pairs_from_the_answer_only_pool(tmp_path):
     assert not (tmp_path / "e" / "run" / "config_resolved.yaml").exists()  # before any work
 
 
+@pytest.mark.slow
 def test_validate_only_builds_checks_and_stops(tmp_path):
     """validate_only=true: the pairs are built, scored and validated, validation.json holds the
     report, and nothing is trained; trainer.rounds is ignored (only the first round can be built)."""
@@ -227,6 +263,7 @@ def test_validate_only_builds_checks_and_stops(tmp_path):
     assert not any("dpo/loss" in m for m in _read_jsonl(run_dir / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_stepdpo_token_reads_rejected_sides_off_the_chosen_rows(tmp_path):
     """trainer=stepdpo_token end to end: each pair's one weighted rejected token is read off its
     chosen row, so the model runs on one sequence per pair."""

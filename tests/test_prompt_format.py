@@ -54,20 +54,23 @@ def test_generate_feeds_the_chat_prompt_with_one_bos():
     model, _ = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     tok = chat_tok()
     seen = []
-    real = model.generate
+    real = model.forward
 
-    def spy(*a, **kw):
-        seen.extend(kw["input_ids"][kw["attention_mask"].bool()].reshape(-1).tolist()[:1])
-        seen.append(tok.decode(kw["input_ids"][0][kw["attention_mask"][0].bool()]))
+    def spy(*a, **kw):  # the first forward is the prompt's prefill
+        if not seen:
+            ids, mask = kw["input_ids"][0], kw.get("attention_mask")
+            ids = ids if mask is None else ids[mask[0].bool()]
+            seen.extend([ids[0].item(), tok.decode(ids)])
         return real(*a, **kw)
 
-    model.generate = spy
+    model.forward = spy
     math_accuracy(model, tok, [Problem(id="a", question="What is 2 + 2?", answer="4", steps=[])], max_new_tokens=2)
     first_id, text = seen[:2]
     assert first_id == tok.bos_token_id
     assert text == "<s>[system]\nBe brief.\n[user]\nWhat is 2 + 2?\n[assistant]\n"
 
 
+@pytest.mark.slow
 def test_bad_format_and_missing_template_fail_before_weights_load(tmp_path):
     with pytest.raises(ValueError, match="model.prompt_format: unknown 'chatml'"):
         ModelSpec(name="x", prompt_format="chatml")
@@ -82,6 +85,7 @@ def test_bad_format_and_missing_template_fail_before_weights_load(tmp_path):
         load_base(ModelSpec(name="local", path=str(tmp_path / "m"), prompt_format="chat"))
 
 
+@pytest.mark.slow
 def test_chat_format_end_to_end_and_in_generate(tmp_path, capsys):
     from stepdpo.generate import main
 

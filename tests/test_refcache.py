@@ -11,15 +11,19 @@ import torch
 from stepdpo import refcache
 from stepdpo.batching import Example, collate
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
-from stepdpo.train import TokenLogps, reference_logps, train
-from test_train import TINY, Recorder, cfg, lora_model, make_examples, one_thread  # noqa: F401 (autouse)
+from stepdpo.logprobs import ModelLogps, reference_logps
+from stepdpo.train import train
+
+from conftest import TINY, Recorder, cfg, lora_model, make_examples, token_span_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cached_rows_line_up_with_a_live_reference_forward():
     policy, _, tok = lora_model()
     ex = make_examples(9)
     ex.append(Example([], [5, 6, 7, 2], [8, 2], [1.0] * 4, [1.0] * 2, [0.0] * 4, [0.0] * 2))  # no prompt at all
-    lp = TokenLogps(policy)
+    lp = ModelLogps(policy)
     ref = refcache.compute(lambda b: reference_logps(lp, None, b), ex, tok.pad_token_id, batch_size=3,
                            device=torch.device("cpu"))
     assert ref.values.numel() == sum(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
@@ -34,11 +38,9 @@ def test_cache_serves_rejected_sides_read_off_the_chosen_row():
     rows), and a batch whose rejected sides are read off the chosen rows takes tokens 0..j of it."""
     from dataclasses import replace
 
-    from test_train import _token_span_pairs
-
     policy, _, tok = lora_model()
-    ex = _token_span_pairs(tok)
-    lp = TokenLogps(policy)
+    ex = token_span_pairs(tok)
+    lp = ModelLogps(policy)
     ref = refcache.compute(lambda b: reference_logps(lp, None, b), ex, tok.pad_token_id, batch_size=4,
                            device=torch.device("cpu"))
     assert ref.values.numel() == sum(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)

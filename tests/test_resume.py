@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import conftest
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, TINY, Recorder, cfg, lora_model, make_examples, run_cli
 from stepdpo import checkpoint
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
 from stepdpo.train import train
-from test_train import TINY, Recorder, cfg, lora_model, make_examples, one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resume_from_a_checkpoint_is_bitwise_equal_to_the_uninterrupted_run(tmp_path):

@@ -168,7 +168,7 @@ def test_score_pairs_keeps_the_prefix_value():
     assert out[0].meta["value_before"] == 0.5  # the prompt's value V_0
     assert out[1].meta["value_before"] == 0.25  # V_1: after the shared prefix step
     assert out[1].chosen_scores == [0.0, 1.0] and out[1].rejected_scores == [0.0, 0.0]
-    assert value_before(ScoreResult([1.0], None, "rule"), 0) == {}  # rule scores carry no values
+    assert value_before(ScoreResult([1.0], "rule"), 0) == {}  # rule scores carry no values
 
 
 @pytest.mark.slow

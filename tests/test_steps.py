@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from stepdpo.data import read_jsonl
-from stepdpo.steps import (MODES, annotation_status, annotations, check_annotation, clean_steps, evaluate_expression,
-                           format_number, parse_number, segment, spans, strip_annotation_marks)
+from stepdpo.calculator import (annotation_status, annotations, check_annotation, evaluate_expression, format_number,
+                                parse_number, strip_annotation_marks)
+from stepdpo.steps import MODES, clean_steps, segment, spans
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").exists(), reason=f"shared data not at {DATA}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, compose_config, run_cli
 
 spec = importlib.util.spec_from_file_location("collect_sweep", ROOT / "scripts" / "collect_sweep.py")
 collect_sweep = importlib.util.module_from_spec(spec)
@@ -24,9 +24,7 @@ spec.loader.exec_module(collect_sweep)
 SHORT = ["sft.max_steps=4"]  # the warm-up is irrelevant to sweep plumbing
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls; parallel jobs must not fight over 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls; parallel jobs must not fight over 2 cores
 
 
 def fake_job(sweep: Path, num: int, overrides: list[str], evals: dict | None) -> None:
@@ -122,20 +120,15 @@ def test_slurm_config_renders_sbatch(tmp_path, monkeypatch):
     """conf/hydra/launcher/slurm.yaml through submitit's SlurmExecutor, as the plugin's launch() passes it
     (hydra_submitit_launcher/submitit_launcher.py), up to the sbatch script; nothing is submitted."""
     import submitit
-    from hydra import compose, initialize_config_dir
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
-
-    from stepdpo.config import register_configs
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit checks that it runs on a cluster
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                           f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    cfg = compose_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}",
+                         hydra=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert params.pop("_target_").endswith("SlurmLauncher")
     ex = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / ".submitit" / "%j"),

@@ -20,11 +20,6 @@ from stepdpo.tracking import (JsonlTracker, WandbTracker, read_wandb_run, redact
 SECRET = "sk-test0123456789abcdef"
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocess runs: tiny matmuls, shared CPUs
-
-
 def finished_run(path: Path, timeout: float = 30.0) -> dict:
     """read_wandb_run once the exit record is on disk (W&B's service writes it asynchronously)."""
     deadline = time.monotonic() + timeout

@@ -11,72 +11,29 @@ import torch.nn.functional as F
 
 from stepdpo.batching import Example, collate
 from stepdpo.config import TrainerConfig
-from stepdpo.loss import token_logps
+from stepdpo.logprobs import (ModelLogps, _gemm_rows, flat_logps_from_head, flat_logps_from_logits, logps_from_logits,
+                              reference_logps)
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
-from stepdpo.train import BatchStream, TokenLogps, _gemm_rows, _HeadLogps, flat_token_logps, reference_logps, train
+from stepdpo.train import BatchStream, train
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+from conftest import TINY, Recorder, cfg, lora_model, make_examples, token_span_pairs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for
-    each other make them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Recorder:
-    def __init__(self):
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-
-def make_examples(n: int, seed: int = 0, vocab: int = 90) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = [1] + [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 9))]
-        c = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
-        r = [rng.randrange(4, vocab) for _ in range(rng.randrange(2, 10))] + [2]
-        cw = [rng.choice([0.0, 1.0]) for _ in c]
-        rw = [rng.choice([0.0, 1.0]) for _ in r]
-        out.append(Example(p, c, r, cw, rw, [float(w) for w in cw], [float(w) for w in rw]))
-    return out
-
-
-def lora_model(seed: int = 0, lora_seed: int | None = None):
-    torch.manual_seed(seed)
-    model, tok = tiny_llama(**TINY)
-    if lora_seed is not None:
-        torch.manual_seed(lora_seed)
-    policy, ref = add_lora(model, LoraSpec(name="lora", r=4, alpha=8))
-    return policy, ref, tok
-
-
-def cfg(**kw) -> TrainerConfig:
-    base = dict(max_steps=3, batch_size=4, log_every=1, lr=1e-2, device="cpu", warmup_steps=0, nll_alpha=0.0)
-    base.update(kw)
-    return TrainerConfig(**base)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_selective_logps_equal_full_logits_values_and_grads():
     torch.manual_seed(0)
     model, tok = tiny_llama(**TINY)
     batch = collate(make_examples(3), tok.pad_token_id)
-    lp = TokenLogps(model)
+    lp = ModelLogps(model)
     assert lp.parts is not None  # llama: the LM head runs only at response positions
     fast = lp(batch.input_ids, batch.attention_mask, batch.labels)
-    full = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    full = logps_from_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
     assert fast.shape == full.shape == (6, batch.input_ids.shape[1] - 1)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     w = torch.randn_like(fast)
     g_fast = torch.autograd.grad((fast * w).sum(), list(model.parameters()))
-    full = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    full = logps_from_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
     g_full = torch.autograd.grad((full * w).sum(), list(model.parameters()))
     for a, b in zip(g_fast, g_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -92,12 +49,12 @@ def test_head_logps_backward_matches_autograd_with_bias():
     b = torch.randn(13, requires_grad=True)
     t = torch.randint(0, 13, (7,))
     g = torch.randn(7)
-    got = torch.autograd.grad((_HeadLogps.apply(h, W, b, t) * g).sum(), (h, W, b))
-    want = torch.autograd.grad((flat_token_logps(h @ W.t() + b, t) * g).sum(), (h, W, b))
+    got = torch.autograd.grad((flat_logps_from_head(h, W, b, t) * g).sum(), (h, W, b))
+    want = torch.autograd.grad((flat_logps_from_logits(h @ W.t() + b, t) * g).sum(), (h, W, b))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the reference pass keeps nothing for backward
-        torch.testing.assert_close(_HeadLogps.apply(h, W, b, t), flat_token_logps(h @ W.t() + b, t))
+        torch.testing.assert_close(flat_logps_from_head(h, W, b, t), flat_logps_from_logits(h @ W.t() + b, t))
 
 
 def test_head_logps_bf16_in_row_chunks_matches_one_gemm():
@@ -110,10 +67,10 @@ def test_head_logps_bf16_in_row_chunks_matches_one_gemm():
     g = torch.randn(300)
     assert _gemm_rows(h, 50, torch.bfloat16) == 19 and _gemm_rows(h, 50, torch.float32) == 300
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got_lp = _HeadLogps.apply(h, W, b, t)
+        got_lp = flat_logps_from_head(h, W, b, t)
         got = torch.autograd.grad((got_lp * g).sum(), (h, W, b))
     logits = F.linear(h.bfloat16(), W.bfloat16(), b.bfloat16())  # one bf16 GEMM
-    want_lp = flat_token_logps(logits, t)
+    want_lp = flat_logps_from_logits(logits, t)
     want = torch.autograd.grad((want_lp * g).sum(), (h, W, b))
     torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-6)  # same bf16 logits row by row
     for x, y in zip(got, want):  # the backward keeps dlogits in bf16: compare as a whole, to bf16 precision
@@ -128,10 +85,10 @@ def test_reference_is_the_adapter_disabled_policy():
             if "lora_B" in n:
                 p.add_(0.5)
     batch = collate(make_examples(2), tok.pad_token_id)
-    lp = TokenLogps(policy)
+    lp = ModelLogps(policy)
     r = reference_logps(lp, None, batch)
     with policy.disable_adapter(), torch.no_grad():
-        want = token_logps(policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+        want = logps_from_logits(policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
     torch.testing.assert_close(r, want, rtol=0, atol=1e-6)
     assert not r.requires_grad
     assert (lp(batch.input_ids, batch.attention_mask, batch.labels) - r).abs().max() > 1e-4
@@ -151,7 +108,11 @@ def test_batch_stream_is_deterministic_resumable_and_sharded():
     s3 = BatchStream(lengths, 4, seed=3)
     s3.load_state_dict(state)
     assert [s3.next() for _ in range(5)] == seq[7:12]
-    assert BatchStream(lengths, 4, seed=4).next() != seq[0] or BatchStream(lengths, 4, seed=4).next() != seq[1]
+    other = BatchStream(lengths, 4, seed=4)
+    other_epoch = [other.next() for _ in range(5)]
+    assert len(set(sum(other_epoch, []))) == 20  # another seed: again 5 disjoint batches...
+    assert other_epoch != seq[:5]  # ...in another order
+    assert seq[5:10] != seq[:5] and len(set(sum(seq[5:10], []))) == 20  # the next epoch: reshuffled, disjoint
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
         BatchStream(lengths, 32, seed=0)
 
@@ -250,14 +211,14 @@ def test_sft_loss_is_the_token_mean_of_the_global_batch_however_split():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logps_values_and_grads_match_log_softmax(dtype):
-    """loss.token_logps (the full-logits path, e.g. Gemma) has a chunked custom backward: check it."""
+    """logprobs.logps_from_logits (the full-logits path, e.g. Gemma) has a chunked custom backward: check it."""
     torch.manual_seed(0)
     x = torch.randn(3, 9, 17, dtype=dtype, requires_grad=True)
     lab = torch.randint(0, 17, (3, 9))
     lab[:, :3] = -100
     lab[2, 6:] = -100
     g = torch.randn(3, 8)
-    got = token_logps(x, lab)
+    got = logps_from_logits(x, lab)
     want = torch.log_softmax(x[:, :-1].float(), -1).gather(2, lab[:, 1:].clamp_min(0)[..., None]).squeeze(-1)
     want = want * (lab[:, 1:] != -100)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -294,15 +255,15 @@ def test_nll_on_solution_anchors_prefix_steps_and_leaves_dpo_alone():
         assert tok.decode(e.prompt_ids[p - e.n_prefix:]) == "".join(s + "\n" for s in pairs[i].prefix)
 
     # one training step: the logged anchor is the mean NLL over prefix + continuation tokens
-    from stepdpo.loss import IGNORE
+    from stepdpo.batching import IGNORE
 
     with torch.no_grad():
         logits = model(input_ids=full.input_ids, attention_mask=full.attention_mask).logits
-    lp = token_logps(logits, full.labels)[:B]
+    lp = logps_from_logits(logits, full.labels)[:B]
     m = full.labels[:B, 1:] != IGNORE
     want_nll = float((-(lp * m).sum(-1) / m.sum(-1)).mean())
     cont = plain.labels[:B, 1:] != IGNORE
-    want_cont = float((-(token_logps(logits, plain.labels)[:B] * cont).sum(-1) / cont.sum(-1)).mean())
+    want_cont = float((-(logps_from_logits(logits, plain.labels)[:B] * cont).sum(-1) / cont.sum(-1)).mean())
     assert want_nll != pytest.approx(want_cont)  # the two anchors really differ on this data
     logged = {}
     for on in ("continuation", "solution"):
@@ -403,30 +364,13 @@ def test_rounds_config_errors():
             check(**kw)
 
 
-def _token_span_pairs(tok, n: int = 6):
-    from stepdpo.batching import encode_pair
-    from stepdpo.data import StepPair
-
-    pairs = []
-    for i in range(n):
-        a, b = 10 + i, 1 + i % 4
-        wrong_operand = i % 2 == 0  # "13 - 7 = 6" for "13 - 4 = 9"; else a wrong result "13 - 4 = 8"
-        rej = f"{a} - {b + 2} = {a - b - 2}" if wrong_operand else f"{a} - {b} = {a - b + 1}"
-        pairs.append(StepPair(id=str(i), question=f"Start with {a}, subtract {b}, subtract 1. What is the result?",
-                              answer=str(a - b - 1), prefix=[] if i % 3 else [f"{a} - 0 = {a}"],
-                              chosen=[f"{a} - {b} = {a - b}", f"{a - b} - 1 = {a - b - 1}", f"The answer is {a - b - 1}"],
-                              rejected=[rej, "x - 1 = y", "The answer is y"],
-                              chosen_scores=[1.0, 1.0, 1.0], rejected_scores=[0.0, 1.0, 1.0]))
-    return [encode_pair(p, tok, weighting="first_error", weighting_kwargs={"error_span": "token"}) for p in pairs]
-
-
 def test_rejected_read_off_the_chosen_row_is_exact():
     """first_error + error_span=token: the rejected side's one weighted token has the chosen side's
     context, so collate reads it off the chosen row (the model runs on B rows, not 2B) and the
     log-probs, loss, gradients and trained weights are those of separate rejected rows."""
     torch.manual_seed(0)
     model, tok = tiny_llama(**TINY)
-    ex = _token_span_pairs(tok)
+    ex = token_span_pairs(tok)
     assert all(e.rejected_on_chosen_row for e in ex)
     B = len(ex)
     shared, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, share_rows=False)
@@ -443,7 +387,7 @@ def test_rejected_read_off_the_chosen_row_is_exact():
     assert torch.equal(w_s[:B], w_f[:B, :Ts]) and not w_f[:B, Ts:].any()
     assert w_s[B:].sum() == w_f[B:].sum() == B  # one token per side
 
-    policy = TokenLogps(model)
+    policy = ModelLogps(model)
     calls = []
     hook = model.model.register_forward_hook(lambda m, a, kw_out: calls.append(kw_out.last_hidden_state.shape[0]))
     lp_s, lp_f = policy(shared.input_ids, shared.attention_mask, shared.labels, shared.row_src), \
@@ -484,7 +428,7 @@ def test_rejected_read_off_the_chosen_row_is_exact():
 
 def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
     tok = tiny_llama(**TINY)[1]
-    ex = _token_span_pairs(tok, 2)
+    ex = token_span_pairs(tok, 2)
     from dataclasses import replace
 
     step = replace(ex[0], rejected_w=[1.0] * len(ex[0].rejected_w))  # plain DPO weights: every token counts

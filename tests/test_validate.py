@@ -185,7 +185,7 @@ def test_length_policies(tok, truncation):
         assert p.meta == {"where": "data/pairs.jsonl:1"}  # the input is not modified
         ex = encode_pair(kept[0], tok, max_length=limit)
         assert len(ex) == limit  # batching drops exactly the counted prompt tokens
-        with pytest.raises(ValueError, match="the responses alone are 26 tokens"):
+        with pytest.raises(ValueError, match="the responses are 26 tokens and .*the prompt without its question"):
             validate_pairs([p], tokenizer=tok, max_length=20, truncation="truncate_left")
 
 

@@ -117,16 +117,45 @@ def test_error_span_token_edge_cases():
     ({"error_span": "token", "weighting": "uniform"}, "only trainer.weighting=first_error"),
 ])
 def test_error_span_validated(kwargs, expect):
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_config
+    from stepdpo.config import validate_trainer
 
-    from conftest import ROOT
-    from stepdpo.config import register_configs, validate_trainer
-
-    register_configs()
     overrides = [f"trainer.weighting_kwargs.error_span={kwargs['error_span']}"]
     if "weighting" in kwargs:
         overrides.append(f"trainer.weighting={kwargs['weighting']}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["trainer=stepdpo", *overrides])
+    cfg = compose_config("trainer=stepdpo", *overrides)
     with pytest.raises(ValueError, match=expect):
         validate_trainer(cfg.trainer, "trainer")
+
+
+def test_unscored_sides_read_as_the_preference_and_a_wrong_count_is_refused():
+    """token_weights fills an unscored side explicitly (chosen 1.0, rejected 0.0: the error on the rejected
+    side's first step) and refuses a score list that does not match the steps (a bug upstream)."""
+    from stepdpo.weights import pair_scores, token_weights
+
+    tok = char_tokenizer()
+    kw = dict(id="u", question="q", answer="5", prefix=[], chosen=["2 + 3 = 5", "The answer is 5"],
+              rejected=["2 + 3 = 6", "The answer is 6"])
+    unscored = StepPair(**kw)
+    scored = StepPair(**kw, chosen_scores=[1.0, 1.0], rejected_scores=[0.0, 0.0])
+    assert pair_scores(unscored) == ([1.0, 1.0], [0.0, 0.0])
+    for scheme in ("uniform", "first_error", "score"):
+        assert encode_pair(unscored, tok, weighting=scheme) == encode_pair(scored, tok, weighting=scheme)
+    offs = tuple([(i, i + 1) for i in range(len(response_text(s)))] + [(len(response_text(s)),) * 2]
+                 for s in (kw["chosen"], kw["rejected"]))
+    w = token_weights(unscored, offs, "first_error")
+    assert w.rejected[:9] == [1.0] * 9 and set(w.rejected[10:]) == {0.0}  # the first rejected step, as in Step-DPO
+    with pytest.raises(ValueError, match=r"pair u: 1 rejected_scores for 2 rejected steps"):
+        token_weights(StepPair(**kw, rejected_scores=[0.0]), offs, "uniform")
+    with pytest.raises(ValueError, match="only weighting=first_error"):
+        token_weights(scored, offs, "uniform", error_span="token")
+
+
+def test_one_is_wrong_rule_for_weights_and_scorers():
+    from stepdpo.rewards.base import ScoreResult
+    from stepdpo.weights import first_wrong, is_wrong
+
+    assert is_wrong(0.49) and not is_wrong(0.5)
+    assert first_wrong([0.9, 0.5, 0.2, 0.0]) == 2
+    assert ScoreResult([0.9, 0.5, 0.2]).first_error == 2 and ScoreResult(None).first_error is None
+    assert first_error([1, 1, 1], [0.9, 0.5, 0.2]) == ([0.0, 0.0, 1.0], [0.0, 0.0, 1.0])

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..data import Problem, StepPair
+from ..validate import ON_INVALID, TRUNCATION  # the dataset.on_invalid / dataset.truncation choices
 
 log = logging.getLogger(__name__)
 
-ON_INVALID = ("error", "skip")
-TRUNCATION = ("error", "drop", "truncate_left")  # used when run.py validates the pairs (stepdpo.validate)
 N_EXAMPLES = 5  # bad-row messages kept per report
 
 
@@ -256,43 +255,6 @@ def dedupe_problems(problems: Iterable[Problem]) -> list[Problem]:
 
 def problem_from(d: dict) -> Problem:
     return Problem(id=d["id"], question=d["question"], answer=d["answer"], steps=d["steps"], meta=d.get("meta", {}))
-
-
-def eval_problems_from(path: str, *, n: int | None, seed: int, on_invalid: str, key: str = "dataset.eval_path",
-                       single_line: bool = True) -> list[Problem]:
-    """Held-out problems from a GSM8K-, MATH- or PRM800K-layout JSONL, told apart by its first row.
-
-    This lets pair datasets (PRM800K, Step-DPO, your pair file) report accuracy on a standard
-    test set, e.g. `dataset.eval_path=../shared/data/math500/test.jsonl`.
-    """
-    p = resolve_path(path, key)
-    if p.is_dir():
-        p = pick_file(p, ("test.jsonl",), key)
-    first = next((row for _, row in _first_rows(p)), None)
-    if first is None:
-        raise ValueError(f"{p}: no rows; {key} must be a JSONL file of problems")
-    if isinstance(first.get("question"), dict):
-        from .prm800k import read_problems as read
-    elif "problem" in first:
-        from .math import read_problems as read
-    elif "question" in first and "answer" in first:
-        from .gsm8k import read_problems as read
-    else:
-        raise ValueError(f"{p}:1: can't tell the layout from keys {sorted(first)}; {key} needs GSM8K "
-                         "(question, answer with '#### x'), MATH (problem, solution, answer) or PRM800K rows")
-    invalid = InvalidRows(on_invalid, str(p))
-    probs = read(p, invalid, split="eval", single_line=single_line)
-    invalid.log()
-    return subsample(probs, n, seed, "eval")
-
-
-def _first_rows(path: Path, k: int = 1):
-    from ..data import read_jsonl
-
-    for i, item in enumerate(read_jsonl(path)):
-        if i >= k:
-            return
-        yield item
 
 
 def split_files(path: str | None, eval_path: str | None, eval_fraction: float | None, *, train_names: Sequence[str],

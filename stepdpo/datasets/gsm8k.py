@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import DatasetBundle, Problem, check_field
-from ..steps import annotations, segment, strip_annotation_marks, strip_thousands
+from ..calculator import annotations, strip_annotation_marks, strip_thousands
+from ..steps import segment
 from .common import (InvalidRows, check_count, check_policies, convert_rows, problem_from, read_converted,
                      read_train_eval, row_number, subsample)
 

@@ -9,8 +9,16 @@
      "answer": "5",                                    optional: final answer (needed for evaluation)
      "id": "p1", "meta": {...}}                        optional
 
-Pairs without scores are scored by the `reward` option (reward=prm800k keeps file scores and
-drops unscored pairs). Every bad row is reported as file:line: field ... and how to fix it.
+Scores: pairs without scores are scored by the `reward` option. A file whose rows carry scores is
+trained on them with reward=prm800k (which keeps file scores and drops unscored pairs); with any
+other reward the run stops before loading a model and says so (`pairs.check_own_scores`), unless
+`rescore=true` (the file's scores are dropped and the reward scores every pair). We stop rather
+than pick: silently replacing a user's labels and silently ignoring the chosen reward are both
+wrong for someone, and the one-line fix costs seconds.
+
+A key outside the layout above (e.g. `chosen_step_scores`) is an error naming file:line, the keys
+and the closest known field, unless `extra_fields=ignore`. Every bad row is reported as
+file:line: field ... and how to fix it; an empty file, as the file and what a row looks like.
 Problems (for SFT and held-out accuracy) are the distinct prompts; their steps are prefix +
 chosen, their answer the `answer` field. Held-out problems are those of a seeded
 `eval_fraction` of prompts (only prompts with an answer), or the problems of `eval_path`.
@@ -18,17 +26,37 @@ chosen, their answer the `answer` field. Held-out problems are those of a seeded
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 from pathlib import Path
 
 from ..data import DatasetBundle, Problem, StepPair, check_field, check_scores
 from ..steps import MODES, clean_steps, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, subsample)
+from .eval_file import train_and_eval
 
 log = logging.getLogger(__name__)
+
+FIELDS = ("prompt", "question", "prefix", "chosen", "rejected", "chosen_scores", "rejected_scores", "answer", "id",
+          "meta")
+EXTRA_FIELDS = ("error", "ignore")  # dataset.extra_fields: what a row key outside FIELDS does
+
+
+def check_keys(row: dict, where: str) -> None:
+    """Refuse keys outside FIELDS, each with the closest known field (a misspelt score column would
+    otherwise be dropped without a word)."""
+    unknown = [k for k in row if k not in FIELDS]
+    if not unknown:
+        return
+    said = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.6)
+        said.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ValueError(f"{where}: unknown field{'s' if len(said) > 1 else ''} {', '.join(said)}; rename "
+                     f"{'them' if len(said) > 1 else 'it'}, move extra data into 'meta', or set "
+                     "dataset.extra_fields=ignore")
 
 
 def _steps(row: dict, key: str, where: str, *, mode: str, pattern: str | None, single_line: bool,
@@ -47,8 +75,10 @@ def _steps(row: dict, key: str, where: str, *, mode: str, pattern: str | None, s
 
 
 def convert(row: dict, where: str, *, step_mode: str = "lines", step_pattern: str | None = None,
-            single_line: bool = True) -> dict:
+            single_line: bool = True, extra_fields: str = "error", rescore: bool = False) -> dict:
     """One pair row -> {pair, problem}; ValueError naming where, the field and the fix."""
+    if extra_fields == "error":
+        check_keys(row, where)
     key = "prompt" if "prompt" in row or "question" not in row else "question"
     prompt = check_field(row, key, str, where).strip()
     kw = {"mode": step_mode, "pattern": step_pattern, "single_line": single_line}
@@ -62,6 +92,8 @@ def convert(row: dict, where: str, *, step_mode: str = "lines", step_pattern: st
         raise ValueError(f"{where}: field 'chosen' equals field 'rejected'; a pair needs two different continuations")
     cs = check_scores(row.get("chosen_scores"), len(chosen), where, "chosen_scores")
     rs = check_scores(row.get("rejected_scores"), len(rejected), where, "rejected_scores")
+    if rescore:  # dataset.rescore=true: the reward option scores every pair
+        cs = rs = None
     answer = row.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise ValueError(f"{where}: field 'answer' must be a string, got {type(answer).__name__}")
@@ -82,18 +114,31 @@ def convert(row: dict, where: str, *, step_mode: str = "lines", step_pattern: st
     return {"pair": pair, "problem": problem}
 
 
+def check_not_empty(path: Path) -> None:
+    """A file with no row fails here, naming it (the `datasets` text reader would raise a bare
+    DatasetGenerationError)."""
+    with open(path, encoding="utf-8") as f:
+        if any(line.strip() for line in f):
+            return
+    raise ValueError(f"{path}: the pairs file is empty; write one JSON object per line, e.g. "
+                     '{"prompt": "What is 2 + 3?", "chosen": ["2 + 3 = 5"], "rejected": ["2 + 3 = 6"]} '
+                     "(layout: stepdpo/datasets/pairs_file.py)")
+
+
 def read_problems(path: Path, invalid: InvalidRows, *, split: str = "eval", single_line: bool = True,
                   **_) -> list[Problem]:
-    rows = read_converted(path, convert, invalid, single_line=single_line)
+    rows = read_converted(path, convert, invalid, single_line=single_line, extra_fields="ignore")
     return dedupe_problems(problem_from(d["problem"]) for _, d in rows)
 
 
 def load(*, path: str = "???", eval_path: str | None = None, eval_fraction: float | None = 0.1,
          n_train: int | None = None, n_eval: int | None = None, seed: int = 0, on_invalid: str = "error",
          truncation: str = "error", step_mode: str = "lines", step_pattern: str | None = None, single_line: bool = True,
-         max_pairs: int | None = None, answer_format: str = "plain") -> DatasetBundle:
+         max_pairs: int | None = None, answer_format: str = "plain", extra_fields: str = "error",
+         rescore: bool = False) -> DatasetBundle:
     """Pairs from a JSONL file (see the module docstring for the row layout)."""
     check_policies(on_invalid, truncation)
+    check_choice(extra_fields, EXTRA_FIELDS, "dataset.extra_fields")
     for key, n in (("n_train", n_train), ("n_eval", n_eval), ("max_pairs", max_pairs)):
         check_count(n, f"dataset.{key}")
     check_fraction(eval_fraction, "dataset.eval_fraction")
@@ -103,15 +148,14 @@ def load(*, path: str = "???", eval_path: str | None = None, eval_fraction: floa
         raise ValueError("dataset.eval_path and dataset.eval_fraction both set: keep one")
     p = resolve_path(path, "dataset.path")
     invalid = InvalidRows(on_invalid, str(p))
+    check_not_empty(p)
     rows = [d for _, d in read_converted(p, convert, invalid, step_mode=step_mode, step_pattern=step_pattern,
-                                         single_line=single_line)]
+                                         single_line=single_line, extra_fields=extra_fields, rescore=bool(rescore))]
     invalid.log()
     problems = dedupe_problems(problem_from(r["problem"]) for r in rows)
     pairs = [StepPair.from_dict(r["pair"]) for r in rows]
     if eval_path is not None:
-        ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
-        held = {q.question for q in ev}
-        train = [q for q in problems if q.question not in held]
+        train, ev = train_and_eval(problems, eval_path, seed=seed, on_invalid=on_invalid, single_line=single_line)
     else:
         answered = [q for q in problems if q.answer]
         _, ev = holdout(answered, eval_fraction or 0.0, seed)

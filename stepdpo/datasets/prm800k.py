@@ -37,9 +37,8 @@ from typing import Any
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import MODES, clean_step, segment
-from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     row_stem, subsample)
+from .common import (InvalidRows, check_choice, check_count, check_fraction, check_policies, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, row_stem, subsample)
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +341,10 @@ def load(*, path: str | list[str] = "???", eval_path: str | None = "../shared/da
         pairs = _dedupe(pairs, counts)
 
     if eval_path is not None:
-        ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
-        held = {p.question for p in ev}
-        counts["dropped_eval_overlap_problems"] = sum(p.question in held for p in problems)
-        train = [p for p in problems if p.question not in held]
+        from .eval_file import train_and_eval  # late: eval_file imports this module
+
+        train, ev = train_and_eval(problems, eval_path, seed=seed, on_invalid=on_invalid, single_line=single_line)
+        counts["dropped_eval_overlap_problems"] = len(problems) - len(train)
     else:
         train, ev = holdout(problems, eval_fraction or 0.0, seed)
     train = subsample(train, n_train, seed, "train")

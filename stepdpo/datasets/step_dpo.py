@@ -29,9 +29,9 @@ from pathlib import Path
 from ..answers import last_boxed
 from ..data import DatasetBundle, Problem, StepPair, check_field
 from ..steps import STEP_MARKER, clean_steps, segment
-from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems,
-                     eval_problems_from, holdout, pairs_for, problem_from, read_converted, resolve_path, row_number,
-                     subsample)
+from .common import (InvalidRows, check_count, check_fraction, check_policies, convert_rows, dedupe_problems, holdout,
+                     pairs_for, problem_from, read_converted, resolve_path, row_number, subsample)
+from .eval_file import train_and_eval
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def load(*, path: str | None = "???", hub_id: str = HUB_ID, eval_path: str | Non
     problems = dedupe_problems(problem_from(r["problem"]) for r in rows)
     pairs = [StepPair.from_dict(r["pair"]) for r in rows]
     if eval_path is not None:
-        ev = eval_problems_from(eval_path, n=None, seed=seed, on_invalid=on_invalid, single_line=single_line)
-        held = {p.question for p in ev}
-        train = [p for p in problems if p.question not in held]
+        train, ev = train_and_eval(problems, eval_path, seed=seed, on_invalid=on_invalid, single_line=single_line)
         if len(train) < len(problems):
             log.warning("step_dpo: dropped %d training problems that are in the eval set", len(problems) - len(train))
     else:

@@ -3,13 +3,15 @@
 A scorer takes a batch of `ScoreRequest`s (question, the steps of one solution, the reference
 answer) and returns one `ScoreResult` per request: a score in [0, 1] for every step, or
 `scores=None` with an `error` when it could not score (that pair is then excluded and counted,
-never silently scored).
+never silently scored). A step is wrong when its score is < 0.5 (`stepdpo.weights.is_wrong`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
+
+from ..weights import first_wrong
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,15 @@ class ScoreRequest:
 @dataclass
 class ScoreResult:
     scores: list[float] | None  # one per step, in [0, 1]; None when scoring failed
-    first_error: int | None = None  # index of the first wrong step, None if all correct/unknown
     provenance: str = ""  # e.g. "rule:arith", "openai:gpt-4o-mini", "prm800k"
     error: str | None = None  # why scores is None
     usage: dict[str, int] = field(default_factory=dict)  # token usage, for cost accounting
     prompt_value: float | None = None  # value scorers (reward=rollout): V_0, the prompt's value before any step
+
+    @property
+    def first_error(self) -> int | None:
+        """Index of the first wrong step (`weights.first_wrong`); None if all correct or scoring failed."""
+        return None if self.scores is None else first_wrong(self.scores)
 
 
 @runtime_checkable
@@ -39,12 +45,6 @@ class StepScorer(Protocol):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...
 
-
-def first_error_of(scores: Sequence[float], threshold: float = 0.5) -> int | None:
-    for i, s in enumerate(scores):
-        if s < threshold:
-            return i
-    return None
 
 
 def value_before(result: ScoreResult, n: int) -> dict[str, float]:

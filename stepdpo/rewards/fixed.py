@@ -21,7 +21,7 @@ class ConstantScorer:
         self.value = value
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        return [ScoreResult([self.value] * len(r.steps), None, f"constant:{self.value}") for r in requests]
+        return [ScoreResult([self.value] * len(r.steps), f"constant:{self.value}") for r in requests]
 
 
 class LabelScorer:

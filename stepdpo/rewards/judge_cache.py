@@ -79,7 +79,7 @@ class JudgeCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cache_path {self.path}: can't create its directory ({e}); "
-                                 "set reward.cache_path or STEPDPO_CACHE_DIR to a writable place") from None
+                                 "set reward.engine.cache_path or STEPDPO_CACHE_DIR to a writable place") from None
             target = str(self.path)
         try:
             conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
@@ -90,7 +90,7 @@ class JudgeCache:
             self._retry_locked(lambda: conn.executescript(_SCHEMA))
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cache_path {self.path}: not a usable SQLite database ({e}); "
-                             "point reward.cache_path somewhere else or delete the file") from None
+                             "point reward.engine.cache_path somewhere else or delete the file") from None
         self._conn, self._pid = conn, os.getpid()
         return conn
 

@@ -1,6 +1,6 @@
 """The one async request engine behind every LLM call in stepdpo (the judge and LLM-written pairs).
 
-    engine = LLMEngine(base_url=..., model="gpt-4o-mini", concurrency=16, cache_path="judge.sqlite")
+    engine = LLMEngine(EngineConfig(base_url=..., model="gpt-4o-mini", concurrency=16, cache_path="judge.sqlite"))
     outcomes = engine.run([LLMJob(key, label, messages, parse, response_format), ...])
 
 What it does for each job, so that callers only write a prompt and a parser:
@@ -28,6 +28,7 @@ only inside the client: it is not an attribute, not in `repr`, not in `summary()
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -190,7 +191,7 @@ def price_for(model: str, prices: dict[str, dict[str, float]]) -> dict[str, floa
     return prices[best] if best else None
 
 
-def check_prices(prices: Any, where: str = "reward.prices") -> dict[str, dict[str, float]]:
+def check_prices(prices: Any, where: str = "reward.engine.prices") -> dict[str, dict[str, float]]:
     if not isinstance(prices, dict):
         raise TypeError(f"{where}: expected a mapping model -> {{input: usd_per_1M, output: usd_per_1M}}, "
                         f"got {type(prices).__name__}")
@@ -258,72 +259,117 @@ class _Failure(Exception):
         self.reason, self.snippet = reason, snippet
 
 
+DEFAULT_CACHE = "~/.cache/stepdpo/judge.sqlite"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one LLM endpoint: the `engine:` sub-config of reward=openai and pairs=llm
+    (conf/engine/openai.yaml documents every key; `reward.engine.base_url=...` overrides one)."""
+
+    model: str = "gpt-4o-mini"  # model name as the endpoint knows it
+    base_url: str | None = None  # None = api.openai.com; any OpenAI-compatible /v1 URL
+    api_key_env: str = "OPENAI_API_KEY"  # env var holding the key (also read from ./.env)
+    temperature: float | None = 0.0  # None = the server's default
+    max_tokens: int | None = None  # cap on the answer length; None = server default
+    concurrency: int = 16  # requests in flight at once
+    timeout: float = 60.0  # seconds per request
+    max_retries: int = 6  # retries on 429, 408/409, 5xx, timeouts, connection errors
+    parse_retries: int = 2  # re-asks when `job.parse` rejects the answer
+    backoff_base: float = 1.0  # seconds; the n-th retry waits ~backoff_base * 2^n
+    backoff_max: float = 60.0  # seconds; cap on one wait
+    cache_path: str | os.PathLike | None = DEFAULT_CACHE  # SQLite cache; None = in memory only
+    mode: str = "online"  # online | batch (OpenAI Batch API)
+    poll_interval: float = 30.0  # batch mode: seconds between status checks
+    batch_max_wait: float | None = None  # batch mode: give up waiting after this many seconds; None = until done
+    batch_discount: float = 0.5  # batch mode: price multiplier for the cost estimate
+    prices: dict | None = None  # USD per 1M tokens {model: {input, output}}, merged over DEFAULT_PRICES
+    progress: bool = True  # tqdm bar on a terminal
+
+    @classmethod
+    def of(cls, cfg: "EngineConfig | dict | None", where: str, base: "EngineConfig | None" = None) -> "EngineConfig":
+        """An EngineConfig from itself, a dict of settings over `base` (the YAML sub-config), or None (`base`)."""
+        base = base or cls()
+        if cfg is None or isinstance(cfg, EngineConfig):
+            return cfg or base
+        if not isinstance(cfg, dict):
+            raise TypeError(f"{where}: must be a mapping of engine settings, got {type(cfg).__name__}")
+        unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown engine setting; allowed: "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}")
+        return dataclasses.replace(base, **cfg)
+
+    def check(self, where: str) -> None:
+        """ValueError naming `where`.<key> for a bad setting."""
+        w = where
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"{w}.model: must be a model name, got {self.model!r}")
+        if self.base_url is not None and not str(self.base_url).startswith(("http://", "https://")):
+            raise ValueError(f"{w}.base_url: must start with http:// or https://, got {self.base_url!r}")
+        if self.mode not in ("online", "batch"):
+            raise ValueError(f"{w}.mode: {self.mode!r} is not one of ('online', 'batch')")
+        for name, lo in (("concurrency", 1), ("max_retries", 0), ("parse_retries", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{w}.{name}: must be an integer >= {lo}, got {v!r}")
+        for name in ("timeout", "poll_interval", "backoff_max"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"{w}.{name}: must be a number of seconds > 0, got {v!r}")
+        if not isinstance(self.backoff_base, (int, float)) or self.backoff_base < 0:
+            raise ValueError(f"{w}.backoff_base: must be >= 0 seconds, got {self.backoff_base!r}")
+        d = self.batch_discount
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ValueError(f"{w}.batch_discount: must be in [0, 1] (0.5 = half price), got {d!r}")
+        m = self.batch_max_wait
+        if m is not None and (not isinstance(m, (int, float)) or m <= 0):
+            raise ValueError(f"{w}.batch_max_wait: must be seconds > 0 or null (wait until done), got {m!r}")
+        t = self.max_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"{w}.max_tokens: must be a positive integer or null, got {t!r}")
+        t = self.temperature
+        if t is not None and (not isinstance(t, (int, float)) or t < 0):
+            raise ValueError(f"{w}.temperature: must be a number >= 0 or null (server default), got {t!r}")
+        if not isinstance(self.api_key_env, str) or not self.api_key_env:
+            raise ValueError(f"{w}.api_key_env: must name an environment variable, got {self.api_key_env!r}")
+
+
 class LLMEngine:
     """Cached, concurrent, retrying chat-completions calls to any OpenAI-compatible endpoint."""
 
-    def __init__(self, *, base_url: str | None, model: str, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 16, timeout: float = 60.0, max_retries: int = 6, parse_retries: int = 2,
-                 backoff_base: float = 1.0, backoff_max: float = 60.0, temperature: float | None = 0.0,
-                 max_tokens: int | None = None, cache_path: str | os.PathLike | None = None,
-                 mode: str = "online", poll_interval: float = 30.0, batch_max_wait: float | None = None,
-                 batch_discount: float = 0.5, prices: dict | None = None, progress: bool = True,
-                 desc: str = "llm", where: str = "reward", model_key: str = "model"):
+    def __init__(self, config: EngineConfig | dict | None = None, *, desc: str = "llm", where: str = "reward.engine"):
         import openai  # late import: only the LLM-backed options need the client
 
         self._openai = openai
-        w = where
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"{w}.{model_key}: must be a model name, got {model!r}")
-        if base_url is not None and not str(base_url).startswith(("http://", "https://")):
-            raise ValueError(f"{w}.base_url: must start with http:// or https://, got {base_url!r}")
-        if mode not in ("online", "batch"):
-            raise ValueError(f"{w}.mode: {mode!r} is not one of ('online', 'batch')")
-        for name, v, lo in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
-                            ("parse_retries", parse_retries, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{w}.{name}: must be an integer >= {lo}, got {v!r}")
-        for name, v in (("timeout", timeout), ("poll_interval", poll_interval), ("backoff_max", backoff_max)):
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"{w}.{name}: must be a number of seconds > 0, got {v!r}")
-        if not isinstance(backoff_base, (int, float)) or backoff_base < 0:
-            raise ValueError(f"{w}.backoff_base: must be >= 0 seconds, got {backoff_base!r}")
-        if isinstance(batch_discount, bool) or not isinstance(batch_discount, (int, float)) \
-                or not 0.0 <= batch_discount <= 1.0:
-            raise ValueError(f"{w}.batch_discount: must be in [0, 1] (0.5 = half price), got {batch_discount!r}")
-        if batch_max_wait is not None and (not isinstance(batch_max_wait, (int, float)) or batch_max_wait <= 0):
-            raise ValueError(f"{w}.batch_max_wait: must be seconds > 0 or null (wait until done), got {batch_max_wait!r}")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
-            raise ValueError(f"{w}.max_tokens: must be a positive integer or null, got {max_tokens!r}")
-        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
-            raise ValueError(f"{w}.temperature: must be a number >= 0 or null (server default), got {temperature!r}")
-        if not isinstance(api_key_env, str) or not api_key_env:
-            raise ValueError(f"{w}.api_key_env: must name an environment variable, got {api_key_env!r}")
-        self.base_url = base_url
-        self.model = model
-        self.api_key_env = api_key_env
-        self.concurrency = concurrency
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.parse_retries = parse_retries
-        self.backoff_base = float(backoff_base)
-        self.backoff_max = float(backoff_max)
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.mode = mode
-        self.poll_interval = float(poll_interval)
-        self.batch_max_wait = batch_max_wait
-        self.batch_discount = float(batch_discount)
-        self.prices = {**DEFAULT_PRICES, **check_prices(prices or {}, f"{w}.prices")}
-        self.progress = progress
+        c = EngineConfig.of(config, where)
+        c.check(where)
+        self.config = c
+        self.base_url = c.base_url
+        self.model = c.model
+        self.api_key_env = c.api_key_env
+        self.concurrency = c.concurrency
+        self.timeout = float(c.timeout)
+        self.max_retries = c.max_retries
+        self.parse_retries = c.parse_retries
+        self.backoff_base = float(c.backoff_base)
+        self.backoff_max = float(c.backoff_max)
+        self.temperature = c.temperature
+        self.max_tokens = c.max_tokens
+        self.mode = c.mode
+        self.poll_interval = float(c.poll_interval)
+        self.batch_max_wait = c.batch_max_wait
+        self.batch_discount = float(c.batch_discount)
+        self.prices = {**DEFAULT_PRICES, **check_prices(c.prices or {}, f"{where}.prices")}
+        self.progress = c.progress
         self.desc = desc
-        self.cache = JudgeCache(cache_path)
+        self.cache = JudgeCache(c.cache_path)
         self.stats = _Stats()
-        self._key_source = resolve_api_key(api_key_env)[1]  # where, never the key itself
+        self._key_source = resolve_api_key(c.api_key_env)[1]  # where, never the key itself
         self._rng = random.Random()
-        if base_url is None and self._key_source == "placeholder":
+        if c.base_url is None and self._key_source == "placeholder":
             log.warning("%s: no API key in $%s or ./.env; api.openai.com will refuse requests (set %s.base_url "
-                        "for a local server)", desc, api_key_env, w)
+                        "for a local server)", desc, c.api_key_env, where)
 
     def __repr__(self) -> str:
         return (f"LLMEngine(model={self.model!r}, base_url={self.base_url!r}, mode={self.mode!r}, "

@@ -1,7 +1,7 @@
 """`reward=openai`: an LLM judge grades every step of a solution, through any OpenAI-compatible API
 (OpenAI, vLLM, Ollama, llama.cpp server...).
 
-    judge = OpenAIJudge(base_url="http://localhost:8000/v1", model="Qwen/Qwen2.5-7B-Instruct")
+    judge = OpenAIJudge(engine={"base_url": "http://localhost:8000/v1", "model": "Qwen/Qwen2.5-7B-Instruct"})
     results = judge.score(requests)        # one ScoreResult per request, in order
     judge.summary()                        # requests, cache hits, failures by reason, tokens, cost
 
@@ -22,11 +22,11 @@ prompt and bump PROMPT_VERSION, and old answers are no longer used.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 from .base import ScoreRequest, ScoreResult
-from .llm_engine import DEFAULT_PRICES, LLMEngine, LLMJob, ParseError, cache_key, extract_json
+from ..weights import is_wrong
+from .llm_engine import DEFAULT_PRICES, EngineConfig, LLMEngine, LLMJob, ParseError, cache_key, extract_json
 
 PROMPT_VERSION = "judge-v1"
 
@@ -85,7 +85,6 @@ JSON_SCHEMA = {
 
 _TEMPLATE_ID = cache_key(SYSTEM_PROMPT, SYSTEM_PROMPT_PLAIN, USER_TEMPLATE, REFERENCE_TEMPLATE, STEP_TEMPLATE,
                          JSON_SCHEMA)
-DEFAULT_CACHE = "~/.cache/stepdpo/judge.sqlite"
 _TOL = 1e-6  # scores this far outside [0, 1] are clipped, further is invalid
 
 
@@ -138,7 +137,7 @@ def parse_judgement(text: str, n_steps: int) -> dict[str, Any]:
             raise ParseError("bad_score", f"step {i}: score {s!r} is not a number in [0, 1]")
         s = min(1.0, max(0.0, float(s)))
         scores.append(s)
-        verdicts.append(verdict or ("correct" if s >= 0.5 else "incorrect"))
+        verdicts.append(verdict or ("incorrect" if is_wrong(s) else "correct"))
     fw = obj.get("first_wrong_step")
     if fw is None:
         first = next((i for i, v in enumerate(verdicts) if v == "incorrect"), None)
@@ -163,21 +162,10 @@ class OpenAIJudge:
 
     name = "openai"
 
-    def __init__(self, *, model: str = "gpt-4o-mini", base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", structured: bool = True, include_answer: bool = True,
-                 temperature: float | None = 0.0, max_tokens: int | None = None, concurrency: int = 16,
-                 timeout: float = 60.0, max_retries: int = 6, parse_retries: int = 2, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, cache_path: str | os.PathLike | None = DEFAULT_CACHE,
-                 mode: str = "online", poll_interval: float = 30.0, batch_max_wait: float | None = None,
-                 batch_discount: float = 0.5, prices: dict | None = None, progress: bool = True,
-                 dry_run: bool = False):
-        self.engine = LLMEngine(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
-                                timeout=timeout, max_retries=max_retries, parse_retries=parse_retries,
-                                backoff_base=backoff_base, backoff_max=backoff_max, temperature=temperature,
-                                max_tokens=max_tokens, cache_path=cache_path, mode=mode,
-                                poll_interval=poll_interval, batch_max_wait=batch_max_wait,
-                                batch_discount=batch_discount, prices=prices, progress=progress, desc="judge")
-        self.model = model
+    def __init__(self, *, engine: EngineConfig | dict | None = None, structured: bool = True,
+                 include_answer: bool = True, dry_run: bool = False):
+        self.engine = LLMEngine(engine, desc="judge", where="reward.engine")
+        model = self.model = self.engine.model
         self.structured = bool(structured)
         self.include_answer = bool(include_answer)
         self.dry_run = bool(dry_run)
@@ -222,13 +210,13 @@ class OpenAIJudge:
         out = []
         for r in requests:
             if not r.steps:
-                out.append(ScoreResult([], None, self.provenance))
+                out.append(ScoreResult([], self.provenance))
                 continue
             o = next(outcomes)
             if o.value is None:
-                out.append(ScoreResult(None, None, self.provenance, error=o.error, usage=o.usage))
+                out.append(ScoreResult(None, self.provenance, error=o.error, usage=o.usage))
             else:
-                out.append(ScoreResult(list(o.value["scores"]), o.value["first_error"], self.provenance,
+                out.append(ScoreResult(list(o.value["scores"]), self.provenance,
                                        usage=o.usage))
         return out
 
@@ -269,7 +257,7 @@ class OpenAIJudge:
             "est_completion_tokens": c_tok,
             "est_cost_usd": None if cost is None else round(cost, 4),
             "priced": cost is not None,
-            "note": "tokens estimated as characters/4; cost from reward.prices (USD per 1M tokens)"
+            "note": "tokens estimated as characters/4; cost from reward.engine.prices (USD per 1M tokens)"
                     + ("; batch discount applied" if self.engine.mode == "batch" else ""),
         }
 

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Any, Sequence
 
-from .base import ScoreRequest, ScoreResult, first_error_of
+from .base import ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,12 @@ class PRMScorer:
             if not isinstance(r, ScoreRequest):
                 raise TypeError(f"prm_model: requests[{i}] must be a ScoreRequest, got {type(r).__name__}")
             if not r.steps:
-                results[i] = ScoreResult([], None, self.provenance)
+                results[i] = ScoreResult([], self.provenance)
                 continue
             enc = self._encode(r)
             if isinstance(enc, str):
                 label = dict(r.meta).get("problem_id") or f"request {i}"
-                results[i] = ScoreResult(None, None, self.provenance, error=f"{label}: {enc}")
+                results[i] = ScoreResult(None, self.provenance, error=f"{label}: {enc}")
                 continue
             todo.append((i, *enc))
         todo.sort(key=lambda t: -len(t[1]))  # similar lengths per batch: less padding
@@ -190,6 +190,6 @@ class PRMScorer:
                 for i, _, pos in chunk:
                     scores = [float(min(1.0, max(0.0, s))) for s in p_pos[k:k + len(pos)]]
                     k += len(pos)
-                    results[i] = ScoreResult(scores, first_error_of(scores), self.provenance)
+                    results[i] = ScoreResult(scores, self.provenance)
         assert all(r is not None for r in results)  # every request got a result above
         return results  # type: ignore[return-value]

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .base import ScoreRequest, ScoreResult, first_error_of
+from .base import ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
 ESTIMATES = ("soft", "hard")
@@ -156,19 +156,19 @@ class RolloutScorer:
                 out.append(ScoreResult(None, error="reward=rollout needs the reference answer; this problem has none"))
                 continue
             if not r.steps:
-                out.append(ScoreResult([], None, "rollout"))
+                out.append(ScoreResult([], "rollout"))
                 continue
             n = len(r.steps)
             vals = [self._value(hits[key_of[(r_i, i)]]) for i in range(n)]  # V_0..V_{n-1}
             scores = vals[1:] + [1.0 if reaches(r.steps, r.answer, r.meta_dict()) else 0.0]  # V_1..V_n
-            out.append(ScoreResult(scores, first_error_of(scores), f"rollout:{self.estimate}@{self.k}",
+            out.append(ScoreResult(scores, f"rollout:{self.estimate}@{self.k}",
                                    prompt_value=vals[0]))
         return out
 
     def _sample(self, keys: list[str], todo: dict) -> dict[str, int]:
         """Draw k continuations of each prefix in one generate call; store and return the hit counts."""
-        from ..evaluate import split_steps
         from ..generation import generate
+        from ..steps import split_steps
 
         fn = self.generate_fn or generate
         t = time.perf_counter()
@@ -183,7 +183,9 @@ class RolloutScorer:
             _, r, i = todo[key]
             if len(conts) != self.k:
                 raise RuntimeError(f"rollout: asked for {self.k} continuations, got {len(conts)}")
-            h = sum(reaches(list(r.steps[:i]) + split_steps(c.text), r.answer, r.meta_dict()) for c in conts)
+            # a continuation cut off at max_new_tokens is a miss: its text is never read for an answer
+            h = sum(c.finish_reason != "length" and reaches(list(r.steps[:i]) + split_steps(c.text), r.answer,
+                                                            r.meta_dict()) for c in conts)
             self.cache.put(key, h, model="rollout")
             res[key] = h
         self.stats.generated_prefixes += len(keys)

@@ -4,7 +4,7 @@
 - countdown problems (meta kind "countdown"): each line valid arithmetic on available numbers, the
   answer line the target (`stepdpo.countdown.check_steps`; a valid line that dooms the target scores 1).
 - GSM8K-style steps with `<<a=b>>` calculator annotations: a step scores 1 when all of its
-  annotations recompute, 0 otherwise (`stepdpo.perturb.score_gsm8k_steps`).
+  annotations recompute, 0 otherwise (`score_gsm8k_steps`).
 - the final step, whatever the dataset: its extracted answer must match the reference answer
   under math-verify; if it does not, the final step scores 0. Steps the rules cannot judge get
   `unknown_score`.
@@ -15,7 +15,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..answers import answers_match, extract_answer
-from .base import ScoreRequest, ScoreResult, first_error_of
+from ..calculator import annotations, check_annotation
+from .base import ScoreRequest, ScoreResult
+
+
+def score_gsm8k_steps(steps: Sequence[str]) -> list[float]:
+    """1.0 for a step whose "<<a=b>>" annotations all recompute (or that has none), else 0.0."""
+    return [1.0 if all(check_annotation(e, c) for e, c in annotations(s)) else 0.0 for s in steps]
 
 
 class RuleScorer:
@@ -34,24 +40,21 @@ class RuleScorer:
             from ..arith import check_steps
 
             scores = check_steps(meta, steps)
-            return ScoreResult(scores, first_error_of(scores), "rule:arith")
+            return ScoreResult(scores, "rule:arith")
         if meta.get("kind") == "countdown":
             from ..countdown import check_steps as check_countdown
 
-            scores = check_countdown(meta, steps)
-            return ScoreResult(scores, first_error_of(scores), "rule:countdown")
+            return ScoreResult(check_countdown(meta, steps), "rule:countdown")
         scores = [self.unknown_score] * len(steps)
         prov = "rule:answer"
         if self.check_annotations and any("<<" in s for s in steps):
-            from ..perturb import score_gsm8k_steps
-
             scores = [min(a, b) for a, b in zip(scores, score_gsm8k_steps(steps))]
             prov = "rule:gsm8k"
         if steps and req.answer:
             pred = extract_answer(steps[-1]) or extract_answer("\n".join(steps))
             if not answers_match(pred, req.answer):
                 scores[-1] = 0.0
-        return ScoreResult(scores, first_error_of(scores), prov)
+        return ScoreResult(scores, prov)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         return [self.score_one(r) for r in requests]

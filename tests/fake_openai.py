@@ -32,7 +32,7 @@ Faults, one per chat request, taken in arrival order from `inject(...)` or chose
     "html"          200 with an HTML page (a proxy error page)
     "garbled"       200, Content-Type JSON, a truncated body
 
-`python -m stepdpo.testing.fake_openai --latency 0.1` serves from a separate process and prints
+`python tests/fake_openai.py --latency 0.1` serves from a separate process and prints
 one JSON line with its base_url (the benchmark uses this so the server doesn't share a GIL with
 the client).
 """

@@ -1,0 +1,171 @@
+"""Inference engines for GPU users: `generation=vllm` and `generation=openai_server` (docs/inference.md).
+
+Both serve the policy as its base model plus its current LoRA adapter: before each `generate()` call
+the adapter is saved to `adapter_dir/v<N>` (a new version each call, so no engine serves a stale one)
+and passed to the engine by path. Prompts go as token ids (`data.prompt_ids`, exactly as in training),
+the EOS ids are the model's list (`generation.eos_ids`), and the answers come back as the same
+`generation.Completion` objects the local loop returns. `generation=hf` (the default) runs the local loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .data import prompt_ids
+from .generation import Completion, eos_ids, ids_before
+
+
+class AdapterVersions:
+    """Saves the policy's LoRA adapter as `root/v1`, `root/v2`, ... (each written to a temp dir, then renamed)."""
+
+    def __init__(self, root: str | None, where: str):
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="stepdpo-adapters-"))
+        self.where, self.version = where, 0
+
+    def save(self, model) -> tuple[str, int, Path]:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise ValueError(f"{self.where}: the engine serves the base model plus the policy's LoRA adapter, and this "
+                             "policy has none (lora=none trains every weight); use lora=lora|qlora or generation=hf")
+        self.version += 1
+        name, path = f"stepdpo-v{self.version}", self.root / f"v{self.version}"
+        tmp = self.root / f".v{self.version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))  # peft: the adapter weights and adapter_config.json only
+        tmp.rename(path)
+        return name, self.version, path
+
+
+def base_model_of(model, base_model: str | None, where: str) -> str:
+    """The base model directory or hub name the engine loads: `base_model`, else the adapter's base."""
+    if base_model:
+        return base_model
+    cfg = next(iter(getattr(model, "peft_config", {}).values()), None)
+    name = getattr(cfg, "base_model_name_or_path", None)
+    if not name:
+        raise ValueError(f"{where}.base_model: can't tell which base model the adapter belongs to; set it to the "
+                         "base model's directory (the run's base_model/ after an SFT warm-up) or hub name")
+    return name
+
+
+def completion_from(tokenizer, text: str, ids: Sequence[int] | None, finish_reason: str, eos: set[int],
+                    stop: Sequence[str]) -> Completion:
+    """An engine's answer as a Completion: the EOS id dropped from the ids; ids re-encoded from the text
+    when the engine does not return them; after a stop string, the ids whose text precedes it."""
+    if ids is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = list(ids)
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    if stop and finish_reason == "stop":
+        ids = ids_before(tokenizer, ids, text)
+    return Completion(text, tuple(ids), "length" if finish_reason == "length" else "stop")
+
+
+class VLLMBackend:
+    """generation=vllm: vLLM's offline `LLM` with LoRA enabled, one engine per process (built on first use)."""
+
+    def __init__(self, *, base_model: str | None = None, adapter_dir: str | None = None, max_lora_rank: int = 64,
+                 gpu_memory_utilization: float = 0.85, dtype: str = "auto", max_model_len: int | None = None,
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ImportError("generation=vllm needs vLLM on a CUDA machine: pip install vllm "
+                              "(or use generation=hf, or generation=openai_server with a running server)") from None
+        self.base_model = base_model
+        self.adapters = AdapterVersions(adapter_dir, "generation")
+        self.engine_kwargs = dict(enable_lora=True, max_lora_rank=max_lora_rank, dtype=dtype,
+                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                  enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
+        self.llm = None
+
+    def generate(self, model, tokenizer, prompts, *, max_new_tokens, batch_size, do_sample=False, temperature=1.0,
+                 top_p=1.0, num_return_sequences=1, seed=0, stop=None) -> list[list[Completion]]:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        if self.llm is None:
+            self.llm = LLM(model=base_model_of(model, self.base_model, "generation"), seed=seed, **self.engine_kwargs)
+        name, version, path = self.adapters.save(model)
+        eos, stop = eos_ids(model, tokenizer), [s for s in (stop or []) if s]
+        params = [SamplingParams(n=num_return_sequences, temperature=temperature if do_sample else 0.0,
+                                 top_p=top_p if do_sample else 1.0, max_tokens=max_new_tokens, stop=stop or None,
+                                 stop_token_ids=eos, seed=seed + i)  # one seed per prompt: independent streams
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params,
+                                 lora_request=LoRARequest(name, version, str(path)), use_tqdm=False)
+        return [[completion_from(tokenizer, c.text, c.token_ids, c.finish_reason, set(eos), stop) for c in o.outputs]
+                for o in outs]
+
+
+class ServerBackend:
+    """generation=openai_server: any OpenAI-compatible server that loads LoRA adapters at runtime
+    (`POST /v1/load_lora_adapter`; vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, SGLang). Requests go
+    through `rewards.llm_engine.LLMEngine`'s client and retry policy (429/5xx/timeouts with backoff and
+    Retry-After), `concurrency` at a time, never cached: samples must be fresh."""
+
+    def __init__(self, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", adapter_dir: str | None = None,
+                 concurrency: int = 64, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 1.0):
+        from .rewards.llm_engine import EngineConfig, LLMEngine
+
+        # the engine's model name is the adapter's, set per call; cache_path=None: nothing is cached
+        self.engine = LLMEngine(EngineConfig(base_url=base_url, model="stepdpo-adapter", api_key_env=api_key_env,
+                                             concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                                             backoff_base=backoff_base, cache_path=None, progress=False),
+                                desc="generation", where="generation")
+        self.adapters = AdapterVersions(adapter_dir, "generation")
+        self.loaded: str | None = None
+
+    def generate(self, model, tokenizer, prompts, *, max_new_tokens, batch_size, do_sample=False, temperature=1.0,
+                 top_p=1.0, num_return_sequences=1, seed=0, stop=None) -> list[list[Completion]]:
+        from .rewards.llm_engine import run_sync
+
+        name, _, path = self.adapters.save(model)
+        eos, stop = eos_ids(model, tokenizer), [s for s in (stop or []) if s]
+        bodies = [{"model": name, "prompt": prompt_ids(tokenizer, p), "n": num_return_sequences,
+                   "max_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0,
+                   "top_p": top_p if do_sample else 1.0, "seed": seed + i, "logprobs": None,
+                   "stop": stop or None, "stop_token_ids": eos, "return_token_ids": True}
+                  for i, p in enumerate(prompts)]
+        try:
+            resps = run_sync(lambda: self._run(name, str(path), bodies))
+        except Exception as e:  # the engine's final failure after its retries: name the server and the reason
+            if type(e).__name__ != "_Failure":
+                raise
+            raise RuntimeError(f"generation: {self.engine.base_url} failed after {self.engine.max_retries} retries: "
+                               f"{e.reason}: {e.snippet}") from None
+        out = []
+        for body, resp in zip(bodies, resps):
+            choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != num_return_sequences:
+                raise ValueError(f"generation: {self.engine.base_url} returned {len(choices)} choices for n="
+                                 f"{num_return_sequences}: {str(resp)[:200]}")
+            out.append([completion_from(tokenizer, c.get("text") or "", c.get("token_ids"), c.get("finish_reason"),
+                                        set(eos), stop) for c in choices])
+        return out
+
+    async def _run(self, name: str, path: str, bodies: list[dict]) -> list[dict]:
+        eng = self.engine
+        async with eng._client() as client:  # the engine's client: its key handling, timeout, no SDK retries
+            post = lambda route, body, cast=dict: eng._retrying(  # noqa: E731  (the engine's backoff policy)
+                lambda: client.post(route, body=body, cast_to=cast))
+            await post("/load_lora_adapter", {"lora_name": name, "lora_path": path}, str)
+            if self.loaded:  # the previous version is no longer needed; a server that can't unload is no error
+                try:
+                    await post("/unload_lora_adapter", {"lora_name": self.loaded}, str)
+                except Exception:
+                    pass
+            self.loaded = name
+            gate = asyncio.Semaphore(eng.concurrency)
+
+            async def one(body):
+                async with gate:
+                    return await post("/completions", body)
+
+            return await asyncio.gather(*(one(b) for b in bodies))

@@ -1,1 +1,0 @@
-"""Test helpers that ship with the package (importable from tests and scripts): a fake OpenAI server."""

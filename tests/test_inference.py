@@ -1,0 +1,191 @@
+"""generation=openai_server and generation=vllm (stepdpo.inference).
+
+The server path runs through the real `openai` client against a small OpenAI-compatible server
+started here on 127.0.0.1 that loads LoRA adapters by path (as vLLM's /v1/load_lora_adapter does),
+records every request and can fail. vLLM cannot run on this machine: its backend must say so clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdpo import generation
+from stepdpo.data import Problem, format_prompt, prompt_ids
+from stepdpo.generation import Completion, eos_ids
+from stepdpo.inference import ServerBackend, VLLMBackend
+from stepdpo.model import tiny_llama
+
+
+class FakeLoraServer:
+    """/v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/completions. A completion is made up from the
+    prompt: choice i is "<i> 7\\n#### 7\\n\\nQuestion: next" cut at max_tokens characters (the char
+    tokenizer: one token per character) or before a stop string, with the token ids of what was
+    generated (EOS appended when it "ended"). `faults`: HTTP statuses answered to the next completions."""
+
+    def __init__(self, tok, eos: int, token_ids: bool = True):
+        self.tok, self.eos, self.token_ids = tok, eos, token_ids
+        self.loads, self.unloads, self.completions, self.faults = [], [], [], []
+        self.adapters: dict[str, dict] = {}  # name -> the adapter files' content when it was loaded
+
+    def __enter__(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, body, ctype="application/json"):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/v1/load_lora_adapter":
+                    fake.loads.append(body)
+                    path = Path(body["lora_path"])
+                    fake.adapters[body["lora_name"]] = {
+                        "config": json.loads((path / "adapter_config.json").read_text()),
+                        "weights": (path / "adapter_model.safetensors").read_bytes()}
+                    return self._send(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.", "text/plain")
+                if self.path == "/v1/unload_lora_adapter":
+                    fake.unloads.append(body)
+                    return self._send(200, "Success", "text/plain")
+                if self.path != "/v1/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                fake.completions.append(body)
+                if fake.faults:
+                    return self._send(fake.faults.pop(0), {"error": {"message": "injected fault"}})
+                if body["model"] not in fake.adapters:
+                    return self._send(404, {"error": {"message": f"model {body['model']} not loaded"}})
+                return self._send(200, {"object": "text_completion", "choices": [fake.choice(body, i)
+                                                                                  for i in range(body["n"])]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def choice(self, body, i):
+        full = f"{i} {len(body['prompt'])}\n#### 7\n\nQuestion: next"
+        text, reason = full[:body["max_tokens"]], "length" if body["max_tokens"] < len(full) else "stop"
+        cuts = [text.find(s) for s in body.get("stop") or [] if s in text]
+        if cuts:  # like vLLM: the text stops before the stop string; the ids cover what was generated
+            ids, text, reason = self.tok(text[:min(cuts) + 3], add_special_tokens=False)["input_ids"], text[:min(cuts)], "stop"
+        else:
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + ([self.eos] if reason == "stop" else [])
+        out = {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+        if self.token_ids:
+            out["token_ids"] = ids
+        return out
+
+
+@pytest.fixture
+def policy():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("#")]  # a second EOS id
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)), tok
+
+
+PROMPTS = ["Question: 3 + 4?\nAnswer:\n", "Question: a longer one, 10 - 3?\nAnswer:\n"]
+
+
+def test_server_loads_the_adapter_and_samples_with_the_requested_parameters(policy):
+    from safetensors.torch import load
+
+    model, tok = policy
+    with FakeLoraServer(tok, tok.eos_token_id) as fake:
+        backend = ServerBackend(base_url=fake.base_url, backoff_base=0.0)
+        outs = backend.generate(model, tok, PROMPTS, max_new_tokens=64, batch_size=8, do_sample=True,
+                                temperature=0.7, top_p=0.9, num_return_sequences=3, seed=11, stop=["\n\nQuestion:"])
+        (load_body,) = fake.loads
+        name = load_body["lora_name"]
+        # the adapter the server loaded is the policy's current one, weights and all
+        saved = load(fake.adapters[name]["weights"])
+        live = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        assert len(saved) == len(live) > 0
+        for k, v in saved.items():
+            match = [lk for lk in live if lk.replace(".default", "") == k]
+            assert len(match) == 1 and torch.equal(v, live[match[0]]), k
+        assert fake.adapters[name]["config"]["r"] == 4
+        assert len(fake.completions) == 2  # one request per prompt, n samples each
+        for i, (p, body) in enumerate(zip(PROMPTS, sorted(fake.completions, key=lambda b: len(b["prompt"])))):
+            assert body["model"] == name and body["n"] == 3 and body["max_tokens"] == 64
+            assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["stop"] == ["\n\nQuestion:"]
+            assert body["logprobs"] is None and body["stop_token_ids"] == eos_ids(model, tok)
+            assert body["prompt"] == prompt_ids(tok, p)  # token ids, exactly as in training (one BOS)
+        assert sorted(b["seed"] for b in fake.completions) == [11, 12]  # a seed per prompt, not one stream for all
+        for p, o in zip(PROMPTS, outs):
+            n = len(prompt_ids(tok, p))
+            assert o == [Completion(f"{i} {n}\n#### 7", tuple(tok(f"{i} {n}\n#### 7", add_special_tokens=False)["input_ids"]),
+                                    "stop") for i in range(3)]
+
+        # greedy, a length limit, and the server's 500 then success; a new adapter version replaces the old
+        fake.faults.append(500)
+        with torch.no_grad():
+            next(p for n_, p in model.named_parameters() if "lora_B" in n_).add_(1.0)  # the policy trained on
+        outs = backend.generate(model, tok, PROMPTS, max_new_tokens=4, batch_size=8)
+        assert [b["lora_name"] for b in fake.loads] == ["stepdpo-v1", "stepdpo-v2"] and fake.unloads == [{"lora_name": "stepdpo-v1"}]
+        assert fake.adapters["stepdpo-v1"]["weights"] != fake.adapters["stepdpo-v2"]["weights"]
+        assert len(fake.completions) == 5 and backend.engine.stats.retries == 1
+        assert all(b["temperature"] == 0.0 and b["n"] == 1 and b["model"] == "stepdpo-v2" for b in fake.completions[2:])
+        assert [[c.finish_reason for c in o] for o in outs] == [["length"], ["length"]]
+        assert [len(o[0].token_ids) for o in outs] == [4, 4] and outs[0][0].text == "0 " + str(len(prompt_ids(tok, PROMPTS[0])))[:2]
+
+
+def test_server_without_token_ids_and_a_final_failure(policy):
+    model, tok = policy
+    with FakeLoraServer(tok, tok.eos_token_id, token_ids=False) as fake:
+        backend = ServerBackend(base_url=fake.base_url, backoff_base=0.0, max_retries=1)
+        ((c,),) = backend.generate(model, tok, PROMPTS[:1], max_new_tokens=64, batch_size=8)
+        assert c.text.endswith("#### 7\n\nQuestion: next") and c.finish_reason == "stop"
+        assert tok.decode(list(c.token_ids)) == c.text  # re-encoded from the text when the server sends no ids
+        fake.faults += [503, 503]
+        with pytest.raises(RuntimeError, match=r"127\.0\.0\.1.*failed after 1 retries: http_503"):
+            backend.generate(model, tok, PROMPTS[:1], max_new_tokens=64, batch_size=8)
+
+
+def test_set_backend_routes_eval_through_the_server(policy):
+    from stepdpo.evaluate import math_accuracy
+
+    model, tok = policy
+    probs = [Problem(id="a", question="3 + 4?", answer="7", steps=[]), Problem(id="b", question="10 - 2?", answer="8", steps=[])]
+    with FakeLoraServer(tok, tok.eos_token_id) as fake:
+        generation.set_backend(ServerBackend(base_url=fake.base_url, backoff_base=0.0))
+        try:
+            metrics, records = math_accuracy(model, tok, probs, max_new_tokens=64, batch_size=8)
+        finally:
+            generation.set_backend(None)
+        assert len(fake.completions) == 2 and {tuple(b["prompt"]) for b in fake.completions} == \
+            {tuple(prompt_ids(tok, format_prompt(p.question, tok))) for p in probs}
+    assert metrics["acc"] == 0.5 and [r["pred"] for r in records] == ["7", "7"]
+    # back on the local loop: no server involved
+    assert len(generation.generate(model, tok, PROMPTS[:1], max_new_tokens=3, batch_size=1)[0][0].token_ids) <= 3
+
+
+def test_engines_refuse_what_they_cannot_serve(policy):
+    model, tok = policy
+    with pytest.raises(ValueError, match="lora=none trains every weight"):
+        ServerBackend(base_url="http://127.0.0.1:9/v1").generate(tiny_llama(hidden_size=32, num_hidden_layers=1)[0],
+                                                                  tok, PROMPTS, max_new_tokens=4, batch_size=2)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install vllm"):
+            VLLMBackend()
