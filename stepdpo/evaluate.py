@@ -70,7 +70,8 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     for p, (c,) in zip(problems, outs):
         pred = answer_of(c)
         records.append({"id": p.id, "question": p.question, "output": c.text, "pred": pred, "gold": p.answer,
-                        "correct": solved(c.text, p.answer, p.meta), "steps": split_steps(c.text), "meta": p.meta,
+                        "correct": pred is not None and solved(c.text, p.answer, p.meta), "steps": split_steps(c.text),
+                        "meta": p.meta,
                         "finish_reason": c.finish_reason})
     n = max(1, len(records))
     metrics = {"acc": sum(r["correct"] for r in records) / n, "n": len(records),

@@ -33,8 +33,9 @@ from .pairs import request_for
 
 
 def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
-    """How many leading steps a and b have in common."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """How many leading steps a and b have in common (compared without their line breaks: sampled steps keep
+    theirs, `steps.split_steps`, gold steps have none)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x.strip() != y.strip()), min(len(a), len(b)))
 
 
 def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,

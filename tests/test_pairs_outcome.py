@@ -22,10 +22,10 @@ def test_outcome_pairs_keep_doomed_samples_and_cut_at_the_shared_prefix(monkeypa
     monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=5, max_pairs_per_problem=3)
     assert report["correct"] == 1 and report["pairs_outcome"] == 3 and report["samples"] == 5
-    slip, doom, cheat = pairs
-    assert slip.prefix == RIGHT[:1] and slip.chosen == RIGHT[1:] and slip.rejected == SLIP[1:]
-    assert doom.prefix == [] and doom.chosen == RIGHT and doom.rejected == DOOM  # the duplicate DOOM: once
-    assert cheat.prefix == [] and cheat.rejected == CHEAT and cheat.meta["chosen_from"] == "sample"
+    slip, doom, cheat = ([[x.strip() for x in side] for side in (q.prefix, q.chosen, q.rejected)] for q in pairs)
+    assert slip == [RIGHT[:1], RIGHT[1:], SLIP[1:]]  # sampled steps keep their line breaks (steps.split_steps)
+    assert doom == [[], RIGHT, DOOM]  # the duplicate DOOM: once
+    assert cheat == [[], RIGHT, CHEAT] and pairs[2].meta["chosen_from"] == "sample"
     assert all(q.chosen_scores is None for q in pairs)  # unscored: the reward group scores them
     scored, _ = score_pairs(pairs, RuleScorer())
     # rule sees the slip and the cheat at their bad line, but only the answer line of the doomed sample
@@ -38,6 +38,6 @@ def test_gold_is_the_chosen_side_when_no_sample_is_right(monkeypatch):
     doom = Completion("\n".join(DOOM), (), "stop")
     monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [[doom]])
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1)
-    assert len(pairs) == 1 and pairs[0].chosen == RIGHT and pairs[0].meta["chosen_from"] == "gold"
+    assert len(pairs) == 1 and pairs[0].chosen == RIGHT and pairs[0].meta["chosen_from"] == "gold"  # gold as is
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, use_gold=False)
     assert pairs == [] and report["no_chosen"] == 1
