@@ -26,7 +26,7 @@ class TrainerConfig:
 
     loss: str = "dpo"  # sft | dpo
     sft_data: str = "gold"  # loss=sft in the main stage: gold (training solutions) | chosen (the pairs' chosen sides)
-    weighting: str = "uniform"  # uniform | first_error | score | module:function
+    weighting: str = "uniform"  # uniform | first_error | score | advantage | module:function
     weighting_kwargs: dict = field(default_factory=dict)
     loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo
     beta: float = 0.1

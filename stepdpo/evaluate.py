@@ -13,6 +13,7 @@ from typing import Sequence
 
 from . import progress
 from .answers import answers_match, extract_answer
+from .outcome import solved
 from .data import Problem, format_prompt
 from .generation import generate
 from .steps import split_steps  # noqa: F401  (sampled text -> exact steps; re-exported)
@@ -72,7 +73,8 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     for p, (c,) in zip(problems, outs):
         pred = answer_of(c)
         records.append({"id": p.id, "question": p.question, "output": c.text, "pred": pred, "gold": p.answer,
-                        "correct": answers_match(pred, p.answer), "steps": split_steps(c.text), "meta": p.meta,
+                        "correct": pred is not None and solved(c.text, p.answer, p.meta), "steps": split_steps(c.text),
+                        "meta": p.meta,
                         "finish_reason": c.finish_reason})
     n = max(1, len(records))
     metrics = {"acc": sum(r["correct"] for r in records) / n, "n": len(records),

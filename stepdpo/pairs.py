@@ -32,7 +32,7 @@ from .answers import answers_match, extract_answer
 from .data import Problem, StepPair, format_prompt, prompt_text, response_text
 from .generation import generate
 from .steps import split_steps
-from .rewards.base import ScoreRequest, ScoreResult, StepScorer
+from .rewards.base import ScoreRequest, ScoreResult, StepScorer, value_before
 from .weights import is_wrong
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
             pairs.append(StepPair(id=f"{p.id}-s{made}", question=p.question, answer=p.answer, prefix=prefix,
                                   chosen=chosen, rejected=st[fe:], chosen_scores=cs, rejected_scores=r.scores[fe:],
                                   source="on_policy", meta={"problem_id": p.id, "scored_by": scorer.name,
-                                                            "provenance": r.provenance}))
+                                                            "provenance": r.provenance, **value_before(r, fe)}))
             made += 1
         report["pairs_on_policy"] += made
     if orphans:
@@ -251,7 +251,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
         pairs.append(StepPair(id=f"{p.id}-r{len(pairs)}", question=p.question, answer=p.answer, prefix=st[:fe],
                               chosen=chosen, rejected=st[fe:], chosen_scores=cs, rejected_scores=r.scores[fe:],
                               source="on_policy_resampled", meta={"problem_id": p.id, "scored_by": scorer.name,
-                                                                  "provenance": r.provenance}))
+                                                                  "provenance": r.provenance, **value_before(r, fe)}))
     report["pairs_resampled"] += len(pairs)
     return pairs
 
@@ -285,7 +285,7 @@ def score_pairs(pairs: Sequence[StepPair], scorer: StepScorer) -> tuple[list[Ste
             continue
         n = len(p.prefix)
         p.chosen_scores, p.rejected_scores = rc.scores[n:], rr.scores[n:]
-        p.meta = {**p.meta, "scored_by": scorer.name, "provenance": rc.provenance}
+        p.meta = {**p.meta, "scored_by": scorer.name, "provenance": rc.provenance, **value_before(rc, n)}
         report["scored"] += 1
     return [p for p in pairs if p.id not in failed], dict(report)
 

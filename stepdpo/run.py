@@ -251,6 +251,8 @@ def attach_adapter(s: Run, model, tok, base_path: str):
     if getattr(s.engine, "base_model", "") is None:  # vllm: serve the adapter on the base it was trained on
         s.engine.base_model = base_path
     generation.set_backend(s.engine)  # eval and on-policy sampling decode there from now on
+    if hasattr(s.scorer, "bind"):  # reward=rollout samples step values from the policy being trained
+        s.scorer.bind(policy, tok)
     return policy, ref, tok
 
 

@@ -33,6 +33,15 @@ scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
   steps pushed down, in proportion to the scorer's confidence). Each response's weights are then
   normalised to mean 1 over its tokens, so beta keeps the meaning it has in DPO.
 
+- `advantage` (credit assignment from step values, e.g. `reward=rollout`: scores are V_i, the chance
+  of reaching the answer after step i). With v = the value of the shared prefix (`value_before`:
+  the pair's `meta["value_before"]`; 1 when the scorer gave none, i.e. a prefix judged correct),
+  advantages are A^c_i = c_i - c_{i-1} and A^r_j = r_j - r_{j-1}, with c_0 = r_0 = v. The rejected
+  side's critical step j* = argmin_j A^r_j (the largest drop, the first on ties) weighs
+  max(0, -A^r_{j*}), its other steps 0 (`all_drops=true`: every step weighs its drop, max(0, -A^r_j));
+  chosen step i weighs its gain max(0, A^c_i). Weights stay in [0, 1] and are not normalised, so a
+  drop of 1 weighs as first_error's wrong step does, and a doubtful drop (0.75 -> 0.5) half as much.
+
 A user-defined scheme is any function `fn(chosen_scores, rejected_scores, **kwargs) ->
 (chosen_step_weights, rejected_step_weights)`, named as `trainer.weighting=my_pkg.module:fn`.
 
@@ -89,8 +98,30 @@ def score(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeight
     return [float(s) for s in chosen], [1.0 - float(s) for s in rejected]
 
 
-SCHEMES: dict[str, Callable[..., StepWeights]] = {"uniform": uniform, "first_error": first_error, "score": score}
+def advantage(chosen: Sequence[float], rejected: Sequence[float], *, value_before: float | None = None,
+              all_drops: bool = False, **_) -> StepWeights:
+    """Step weights from step advantages (formula in the module docstring): the rejected side's
+    critical step (largest drop) by the size of its drop, the chosen side's steps by their gains."""
+    v = 1.0 if value_before is None else float(value_before)
+
+    def adv(values: Sequence[float]) -> list[float]:
+        return [float(x) - float(p) for x, p in zip(values, [v] + list(values[:-1]))]
+
+    ac, ar = adv(chosen), adv(rejected)
+    cw = [max(0.0, a) for a in ac]
+    if all_drops:
+        return cw, [max(0.0, -a) for a in ar]
+    rw = [0.0] * len(ar)
+    if ar:
+        j = min(range(len(ar)), key=lambda i: (ar[i], i))
+        rw[j] = max(0.0, -ar[j])
+    return cw, rw
+
+
+SCHEMES: dict[str, Callable[..., StepWeights]] = {"uniform": uniform, "first_error": first_error, "score": score,
+                                                  "advantage": advantage}
 NORMALISE = {"score"}  # schemes whose token weights are normalised to mean 1 per response
+VALUE_SCHEMES = {"advantage"}  # schemes that read the pair's meta["value_before"] (token_weights passes it)
 
 
 def get_scheme(name: str) -> Callable[..., StepWeights]:
@@ -213,6 +244,8 @@ def token_weights(pair: StepPair, offsets: tuple[Sequence[tuple[int, int]], Sequ
     if error_span != "step" and scheme != "first_error":
         raise ValueError(f"error_span={error_span}: only weighting=first_error localises the error, got {scheme}")
     cs, rs = pair_scores(pair)
+    if scheme in VALUE_SCHEMES:  # the value of the shared prefix (reward=rollout), for advantages
+        kwargs["value_before"] = pair.meta.get("value_before")
     cw, rw = get_scheme(scheme)(cs, rs, **kwargs)  # per-step weights
     cf, rf = first_error(cs, rs)  # per-step focus
     c_off, r_off = offsets

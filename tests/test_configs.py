@@ -169,11 +169,14 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_arm_composes_validates_and_has_equal_compute(experiment):
     # each arm of a saved sweep (the trainer options its sweeper lists), with the overlay applied
-    arms = str(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.trainer).split(",")
+    # (or the conf/arm overlays it lists, +arm=..., when an arm sets trainer and reward together)
+    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    key = "trainer" if "trainer" in params else "+arm"
+    arms = str(params[key]).split(",")
     assert len(arms) > 1
     cfgs = {}
     for arm in arms:
-        cfgs[arm] = compose_config(f"experiment={experiment}", f"trainer={arm}")
+        cfgs[arm] = compose_config(f"experiment={experiment}", f"{key}={arm}")
         validate_targets(cfgs[arm])
 
     def compute(t):  # optimizer steps x policy sequences per step (a DPO pair is 2 sequences, 1 when its

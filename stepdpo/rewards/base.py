@@ -31,6 +31,7 @@ class ScoreResult:
     provenance: str = ""  # e.g. "rule:arith", "openai:gpt-4o-mini", "prm800k"
     error: str | None = None  # why scores is None
     usage: dict[str, int] = field(default_factory=dict)  # token usage, for cost accounting
+    prompt_value: float | None = None  # value scorers (reward=rollout): V_0, the prompt's value before any step
 
     @property
     def first_error(self) -> int | None:
@@ -44,3 +45,12 @@ class StepScorer(Protocol):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...
 
+
+
+def value_before(result: ScoreResult, n: int) -> dict[str, float]:
+    """{"value_before": V_n} for a pair whose shared prefix is the first n steps of `result`'s solution
+    (scores[n-1], or the prompt's value for n == 0), from value scorers (those that give prompt_value);
+    {} from other scorers. Pairs keep it in meta for trainer.weighting=advantage."""
+    if result.prompt_value is None or result.scores is None:
+        return {}
+    return {"value_before": float(result.scores[n - 1] if n else result.prompt_value)}

@@ -1,6 +1,8 @@
 """`reward=rule`: rule-based step checks, no model and no network.
 
 - arith problems (meta kind "arith"): every step checked exactly (`stepdpo.arith.check_steps`).
+- countdown problems (meta kind "countdown"): each line valid arithmetic on available numbers, the
+  answer line the target (`stepdpo.countdown.check_steps`; a valid line that dooms the target scores 1).
 - GSM8K-style steps with `<<a=b>>` calculator annotations: a step scores 1 when all of its
   annotations recompute, 0 otherwise (`score_gsm8k_steps`).
 - the final step, whatever the dataset: its extracted answer must match the reference answer
@@ -39,6 +41,10 @@ class RuleScorer:
 
             scores = check_steps(meta, steps)
             return ScoreResult(scores, "rule:arith")
+        if meta.get("kind") == "countdown":
+            from ..countdown import check_steps as check_countdown
+
+            return ScoreResult(check_countdown(meta, steps), "rule:countdown")
         scores = [self.unknown_score] * len(steps)
         prov = "rule:answer"
         if self.check_annotations and any("<<" in s for s in steps):

@@ -1,0 +1,64 @@
+"""What goes wrong in countdown solutions: an invalid line while the target was still reachable (reward=rule
+flags the critical line) vs a valid line that doomed the target first (rule flags a later line or only the
+answer; only Monte-Carlo values can find the critical line). Prints ONE JSON line per file.
+
+    python scripts/countdown_errors.py RUN_DIR/pairs.jsonl            (the rejected sides of a run's pairs)
+    python scripts/countdown_errors.py RUN_DIR/samples_before.jsonl   (saved eval generations)
+
+Credit assignment can only beat the rule checker on the doomed share: measure it before a sweep.
+With pairs scored by reward=rollout it also reports how often the rollout's critical step (largest
+value drop) is the first invalid or first dooming line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from stepdpo.countdown import ANSWER_RE, check_steps, doomed_steps
+
+
+def classify(meta: dict, steps: list[str]) -> tuple[str, int | None]:
+    """("correct" | "invalid" | "doomed" | "other", the critical line): "doomed" when a valid line made the
+    target unreachable before any invalid line (reward=rule flags a later line, or only the answer line);
+    "invalid" when the first invalid line comes while the target is still reachable."""
+    scores = check_steps(meta, steps)
+    ops = steps[:-1] if steps and ANSWER_RE.match(steps[-1]) else steps
+    bad = next((i for i, s in enumerate(scores[:len(ops)]) if s < 1), None)
+    doom = next((i for i, d in enumerate(doomed_steps(meta, ops)) if d), None)  # None after an invalid line
+    if doom is not None:
+        return "doomed", doom
+    if bad is not None:
+        return "invalid", bad
+    return ("correct", None) if scores and all(s == 1 for s in scores) else ("other", None)
+
+
+def main(path: str) -> dict:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    c: Counter = Counter()
+    for r in rows:
+        if "rejected" in r:  # a pair: classify its rejected solution
+            steps, meta = r["prefix"] + r["rejected"], r["meta"]
+        else:  # an eval record
+            steps, meta = r["steps"], r["meta"]
+        if meta.get("kind") != "countdown":
+            continue
+        kind, at = classify(meta, steps)
+        c[kind] += 1
+        rs, v = r.get("rejected_scores"), r.get("meta", {}).get("value_before")
+        if kind in ("invalid", "doomed") and rs and v is not None:  # rollout-scored pair: where is the largest drop?
+            vals = [v] + list(rs)
+            drops = [vals[i] - vals[i + 1] for i in range(len(rs))]
+            crit = len(r["prefix"]) + max(range(len(drops)), key=lambda i: (drops[i], -i))
+            c[f"{kind}/rollout_critical_at_that_line"] += crit == at
+    return {"file": path, "n": sum(c[k] for k in ("correct", "invalid", "doomed", "other")), **dict(c)}
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:] or ["-h"]:
+        if p in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        print(json.dumps(main(p)))

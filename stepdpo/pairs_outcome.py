@@ -1,0 +1,95 @@
+"""`pairs=outcome`: on-policy pairs chosen by outcome alone, so every reward source sees the same pairs.
+
+The on-policy builder (`pairs=on_policy`) cuts a pair at the step its scorer flags first, so the
+scorer decides which pairs exist. To compare credit assignment (which *tokens* of a pair carry the
+loss) the pairs themselves must not depend on the scorer. Here:
+
+- sample k solutions per problem from the policy;
+- a sample is correct when it is right (`stepdpo.outcome.solved`) and `reward=rule` flags none of its lines
+  (`stepdpo.rewards.rule.RuleScorer`: exact for arith and countdown, <<a=b>> for GSM8K);
+- each distinct incorrect sample (at most `max_pairs_per_problem` per problem) is paired with the
+  correct sample, or the gold solution, that shares the longest run of leading steps with it;
+  prefix = those shared steps, chosen / rejected = the two rests.
+
+The pairs leave unscored, carrying their problem's meta (what the rule checker needs, e.g. countdown's
+numbers and target); the pipeline scores them with the `reward` group (`finish_pairs`), so
+reward=rule, reward=rollout (Monte-Carlo values) and reward=none all weight the very same pairs.
+On countdown a rejected sample whose lines are all valid arithmetic but whose target was doomed by
+one of them is kept (on_policy would drop it: rule flags only its answer line, and no correct
+solution shares the doomed lines before it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Sequence
+
+from .data import Problem, StepPair, format_prompt
+from .generation import generate
+from .steps import split_steps
+from .outcome import solved
+from .pairs import request_for
+
+
+def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading steps a and b have in common (compared without their line breaks: sampled steps keep
+    theirs, `steps.split_steps`, gold steps have none)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x.strip() != y.strip()), min(len(a), len(b)))
+
+
+def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,
+                        n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                        max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
+                        use_gold: bool = True, from_split: str = "train", **_) -> tuple[list[StepPair], dict]:
+    """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
+    solution sharing most leading steps. Returns (unscored pairs, report). `from_split` is read by run.py
+    (which problems arrive here), as for pairs=on_policy."""
+    from .rewards.rule import RuleScorer
+
+    if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
+        raise ValueError(f"pairs: need k >= 1, n_problems >= 0, max_pairs_per_problem >= 1; got {k}, {n_problems}, "
+                         f"{max_pairs_per_problem}")
+    rng = random.Random(seed)
+    probs = list(problems)
+    rng.shuffle(probs)
+    probs = probs[:n_problems]
+    samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True, temperature=temperature,
+                       top_p=top_p, num_return_sequences=k, seed=seed)
+    # a sample cut off at max_new_tokens is never graded into a pair side (counted, then dropped)
+    steps_of = [[split_steps(c.text) for c in outs if c.finish_reason != "length"] for outs in samples]
+    rule = RuleScorer(unknown_score=1.0)
+    graded = iter(rule.score([request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of)
+                              for st in sts]))
+    report: Counter = Counter(problems=len(probs), samples=len(probs) * k,
+                              samples_truncated=sum(c.finish_reason == "length" for outs in samples for c in outs))
+    pairs: list[StepPair] = []
+    for p, sts in zip(probs, steps_of):
+        lines_ok = [all(s >= 0.5 for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
+        ok = [v and bool(st) and solved("\n".join(st), p.answer, p.meta) for st, v in zip(sts, lines_ok)]
+        good = [(st, "sample") for st, o in zip(sts, ok) if o]
+        report["correct"] += len(good)
+        if use_gold and p.steps:
+            good.append((list(p.steps), "gold"))
+        seen: set[tuple[str, ...]] = set()
+        made = 0
+        for st, o in zip(sts, ok):
+            if o or not st or tuple(st) in seen or made >= max_pairs_per_problem:
+                continue
+            seen.add(tuple(st))
+            if not good:
+                report["no_chosen"] += 1
+                continue
+            best, src = max(good, key=lambda g: shared_steps(g[0], st))  # first of the longest shared runs
+            n = shared_steps(best, st)
+            if n >= len(st) or n >= len(best):  # one side would be empty
+                report["skipped_empty_side"] += 1
+                continue
+            pairs.append(StepPair(id=f"{p.id}-o{made}", question=p.question, answer=p.answer, prefix=st[:n],
+                                  chosen=best[n:], rejected=st[n:], source="outcome",
+                                  meta={**p.meta, "problem_id": p.id, "chosen_from": src}))
+            made += 1
+        report["pairs_outcome"] += made
+    report["pairs_prefix_steps"] = sum(len(q.prefix) for q in pairs)
+    return pairs, dict(report)

@@ -1,0 +1,43 @@
+"""pairs=outcome: pairs picked by outcome (answer + rule-valid lines) alone, cut at the longest shared prefix;
+a valid-but-doomed countdown sample is kept (rule flags only its answer line)."""
+
+import stepdpo.pairs_outcome as mod
+from stepdpo.data import Problem
+from stepdpo.generation import Completion
+from stepdpo.pairs import score_pairs
+from stepdpo.rewards.rule import RuleScorer
+
+META = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+
+RIGHT = ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"]
+SLIP = ["7 * 3 = 21", "21 + 25 = 47", "The answer is 47"]  # invalid second line
+DOOM = ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"]  # every line valid; the first dooms the target
+CHEAT = ["7 * 7 = 49", "49 - 3 = 46", "The answer is 46"]  # right answer, 7 used twice
+
+
+def test_outcome_pairs_keep_doomed_samples_and_cut_at_the_shared_prefix(monkeypatch):
+    p = Problem(id="c0", question="Make 46 from 3, 7, 25. Use each number once with + - *.", answer="46",
+                steps=list(RIGHT), meta=META)
+    outs = [Completion("\n".join(s), (), "stop") for s in (SLIP, RIGHT, DOOM, DOOM, CHEAT)]
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=5, max_pairs_per_problem=3)
+    assert report["correct"] == 1 and report["pairs_outcome"] == 3 and report["samples"] == 5
+    slip, doom, cheat = ([[x.strip() for x in side] for side in (q.prefix, q.chosen, q.rejected)] for q in pairs)
+    assert slip == [RIGHT[:1], RIGHT[1:], SLIP[1:]]  # sampled steps keep their line breaks (steps.split_steps)
+    assert doom == [[], RIGHT, DOOM]  # the duplicate DOOM: once
+    assert cheat == [[], RIGHT, CHEAT] and pairs[2].meta["chosen_from"] == "sample"
+    assert all(q.chosen_scores is None for q in pairs)  # unscored: the reward group scores them
+    scored, _ = score_pairs(pairs, RuleScorer())
+    # rule sees the slip and the cheat at their bad line, but only the answer line of the doomed sample
+    # (the cheat's answer line is wrong too: 25 was never used)
+    assert [q.rejected_scores for q in scored] == [[0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_gold_is_the_chosen_side_when_no_sample_is_right(monkeypatch):
+    p = Problem(id="c1", question="q", answer="46", steps=list(RIGHT), meta=META)
+    doom = Completion("\n".join(DOOM), (), "stop")
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [[doom]])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1)
+    assert len(pairs) == 1 and pairs[0].chosen == RIGHT and pairs[0].meta["chosen_from"] == "gold"  # gold as is
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, use_gold=False)
+    assert pairs == [] and report["no_chosen"] == 1

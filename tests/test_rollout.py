@@ -1,0 +1,189 @@
+"""reward=rollout (Monte-Carlo step values) and trainer.weighting=advantage, on hand-worked numbers.
+
+The "policy" is a stub generate function whose continuations are a fixed table per prompt, so every
+value is a count worked out by hand; one test runs the real generate path on a tiny random model to
+check the plumbing (sample counts, value grid), not accuracy.
+"""
+
+import pytest
+
+from stepdpo.batching import encode_pair
+from stepdpo.data import StepPair, prompt_text, response_text
+from stepdpo.generation import Completion
+from stepdpo.model import char_tokenizer, tiny_llama
+from stepdpo.pairs import request_for, score_pairs
+from stepdpo.rewards.base import ScoreResult, value_before
+from stepdpo.rewards.rollout import RolloutScorer, advantages, model_fingerprint
+from stepdpo.weights import advantage, get_scheme
+
+Q, ANSWER = "Make 5 from 2, 3.", "5"
+STEPS = ("2 * 3 = 6", "6 - 1 = 5", "The answer is 5")  # a wrong middle line that happens to reach 5
+RIGHT, WRONG = "The answer is 5", "The answer is 6"
+# continuations per prompt (k = 4): hits counted by hand
+TABLE = {
+    prompt_text(Q, []): [RIGHT, WRONG, RIGHT, "no answer"],  # V_0 = 2/4
+    prompt_text(Q, list(STEPS[:1])): [WRONG, RIGHT, WRONG, WRONG],  # V_1 = 1/4
+    prompt_text(Q, list(STEPS[:2])): [WRONG, WRONG, WRONG, WRONG],  # V_2 = 0/4
+    prompt_text(Q, ["2 + 3 = 5"]): [RIGHT, RIGHT, RIGHT, RIGHT],  # V = 4/4
+}
+
+
+class StubPolicy:
+    """generate_fn with known outcomes; records every call."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, model, tokenizer, prompts, *, num_return_sequences, do_sample, **kw):
+        assert do_sample and kw["temperature"] == 0.7
+        self.calls.append(list(prompts))
+        return [[Completion(t, (), "stop") for t in TABLE[p][:num_return_sequences]] for p in prompts]
+
+
+def scorer(tmp_path=None, **kw):
+    s = RolloutScorer(k=4, temperature=0.7, cache_path=str(tmp_path / "r.sqlite") if tmp_path else None,
+                      cache_key="stub", **kw)
+    stub = StubPolicy()
+    s.bind(None, None, generate_fn=stub)
+    return s, stub
+
+
+def req(steps):
+    return request_for(Q, steps, ANSWER, {})  # outcome = the final answer (countdown's stricter check: below)
+
+
+def test_soft_and_hard_values_and_advantages_by_hand():
+    s, stub = scorer()
+    (r,) = s.score([req(STEPS)])
+    # V_0 = 2/4, V_1 = 1/4, V_2 = 0/4, V_3 = 1 (the solution's own answer is right: exact, not sampled)
+    assert r.prompt_value == 0.5 and r.scores == [0.25, 0.0, 1.0]
+    assert advantages(r.scores, r.prompt_value) == [-0.25, -0.25, 1.0]
+    assert r.first_error == 0 and r.provenance == "rollout:soft@4"
+    assert len(stub.calls) == 1 and len(stub.calls[0]) == 3  # three prefixes (0, 1, 2 steps), one generate call
+    h, _ = scorer(estimate="hard")
+    (rh,) = h.score([req(STEPS)])
+    assert rh.prompt_value == 1.0 and rh.scores == [1.0, 0.0, 1.0]  # any hit counts
+    assert advantages(rh.scores, rh.prompt_value) == [0.0, -1.0, 1.0]
+    assert s.summary()["samples"] == 12 and s.summary()["generated_prefixes"] == 3
+
+
+def test_one_generate_call_for_all_prefixes_and_the_cache_serves_the_second_call(tmp_path):
+    s, stub = scorer(tmp_path, chunk=64)
+    other = ("2 + 3 = 5", "The answer is 5")
+    res = s.score([req(STEPS), req(other), req(STEPS)])  # shared prefixes (the prompt; STEPS twice) valued once
+    assert len(stub.calls) == 1 and sorted(stub.calls[0]) == sorted(TABLE)  # 4 distinct prefixes, 1 call
+    assert res[1].prompt_value == 0.5 and res[1].scores == [1.0, 1.0] and res[2].scores == res[0].scores
+    again = s.score([req(STEPS), req(other)])
+    assert len(stub.calls) == 1 and [r.scores for r in again] == [res[0].scores, res[1].scores]
+    assert s.summary()["cache_hits"] == 4 and s.summary()["samples"] == 16
+    # another job (a new scorer on the same cache file) draws nothing either
+    s2, stub2 = scorer(tmp_path)
+    assert [r.scores for r in s2.score([req(STEPS)])] == [res[0].scores] and stub2.calls == []
+    # a different k is a different estimate: not served from k=4's entries
+    s3 = RolloutScorer(k=2, temperature=0.7, cache_path=str(tmp_path / "r.sqlite"), cache_key="stub")
+    stub3 = StubPolicy()
+    s3.bind(None, None, generate_fn=stub3)
+    (r3,) = s3.score([req(STEPS)])
+    assert len(stub3.calls) == 1 and r3.prompt_value == 0.5 and r3.scores == [0.5, 0.0, 1.0]  # first 2 of each row
+
+
+def test_chunks_split_generation_and_no_answer_fails_the_request():
+    s, stub = scorer(chunk=2)
+    s.score([req(STEPS)])
+    assert [len(c) for c in stub.calls] == [2, 1]
+    (bad,) = s.score([request_for(Q, STEPS, "", {})])
+    assert bad.scores is None and "reference answer" in bad.error
+    with pytest.raises(ValueError, match="no policy"):
+        RolloutScorer().score([req(STEPS)])
+
+
+def test_fingerprint_follows_the_trainable_weights():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    a = model_fingerprint(model)
+    with torch.no_grad():
+        model[1].weight[0, 0] += 1e-3  # a trainable (adapter) weight moves: a new policy
+    b = model_fingerprint(model)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0  # the first element of a frozen tensor is in its sample
+    assert len({a, b, model_fingerprint(model)}) == 3
+
+
+def test_tiny_model_through_the_real_generate_path(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(hidden_size=32, intermediate_size=64)
+    s = RolloutScorer(k=3, max_new_tokens=8, batch_size=16, cache_path=str(tmp_path / "c.sqlite"))
+    s.bind(model, tok)
+    res = s.score([req(STEPS), req(("2 + 3 = 6", "The answer is 6"))])
+    assert s.summary()["samples"] == (3 + 1) * 3  # prefixes: prompt, 1 step, 2 steps (shared prompt), k=3
+    assert res[0].scores[-1] == 1.0 and res[1].scores[-1] == 0.0  # the final value is the outcome itself
+    assert all(v in (0, 1 / 3, 2 / 3, 1) for r in res for v in r.scores[:-1] + [r.prompt_value])
+    s.score([req(STEPS)])
+    assert s.summary()["samples"] == 12  # same weights: cached
+    with torch.no_grad():
+        next(p for p in model.parameters()).add_(0.01)  # trained policy: every value is drawn again
+    s.score([req(STEPS)])
+    assert s.summary()["samples"] == 12 + 3 * 3
+
+
+def test_advantage_weights_by_hand():
+    # values: prefix 0.75; chosen 1, 1; rejected 0.25 (drop 0.5: critical), 0 (drop 0.25), 0
+    cw, rw = advantage([1.0, 1.0], [0.25, 0.0, 0.0], value_before=0.75)
+    assert cw == [0.25, 0.0] and rw == [0.5, 0.0, 0.0]
+    assert advantage([1.0, 1.0], [0.25, 0.0, 0.0], value_before=0.75, all_drops=True)[1] == [0.5, 0.25, 0.0]
+    # the largest drop need not be the first: a valid-looking step 0, then the dooming step 1
+    assert advantage([0.5], [0.5, 0.0, 0.0], value_before=0.5)[1] == [0.0, 0.5, 0.0]
+    assert advantage([0.2, 1.0], [0.5, 0.0], value_before=0.5)[0] == [0.0, 0.8]  # gains only; losses weigh 0
+    # ties: the first largest drop; no value_before (rule scores): the prefix counts as 1
+    assert advantage([1.0], [0.5, 0.0], value_before=1.0)[1] == [0.5, 0.0]
+    assert advantage([1.0], [1.0, 0.0])[1] == [0.0, 1.0]
+    assert advantage([], [])[1] == [] and get_scheme("advantage") is advantage
+
+
+def test_value_before_reaches_the_token_weights():
+    tok = char_tokenizer()
+    pair = StepPair(id="x", question=Q, answer=ANSWER, prefix=[], chosen=["2 + 3 = 5", "The answer is 5"],
+                    rejected=list(STEPS), chosen_scores=[1.0, 1.0], rejected_scores=[0.25, 0.0, 1.0],
+                    meta={"value_before": 0.5})
+    ex = encode_pair(pair, tok, weighting="advantage")
+    n0 = len(STEPS[0]) + 1  # a step's characters and the newline after it (data.step_spans), one token each
+    # rejected: A = [-0.25, -0.25, +1]: the first largest drop (step 0) weighs 0.25, the rest 0
+    assert ex.rejected_w[:n0] == [0.25] * n0 and set(ex.rejected_w[n0:]) == {0.0}
+    # chosen: A = [+0.5, 0]: step 0 weighs 0.5, the answer line (and EOS) 0
+    assert ex.chosen_w[:10] == [0.5] * 10 and set(ex.chosen_w[10:]) == {0.0}
+    assert len(ex.rejected_w) == len(response_text(STEPS)) + 1  # + EOS
+
+
+def test_score_pairs_keeps_the_prefix_value():
+    s, _ = scorer()
+    pairs = [StepPair(id="a", question=Q, answer=ANSWER, prefix=[], chosen=["2 + 3 = 5", RIGHT], rejected=list(STEPS)),
+             StepPair(id="b", question=Q, answer=ANSWER, prefix=[STEPS[0]], chosen=["6 - 1 = 5", RIGHT],
+                      rejected=["6 - 1 = 5", WRONG])]
+    out, report = score_pairs(pairs, s)
+    assert report["scored"] == 2
+    assert out[0].meta["value_before"] == 0.5  # the prompt's value V_0
+    assert out[1].meta["value_before"] == 0.25  # V_1: after the shared prefix step
+    assert out[1].chosen_scores == [0.0, 1.0] and out[1].rejected_scores == [0.0, 0.0]
+    assert value_before(ScoreResult([1.0], "rule"), 0) == {}  # rule scores carry no values
+
+
+@pytest.mark.slow
+def test_cli_countdown_outcome_pairs_with_rollout_advantages(tmp_path):
+    import json
+
+    from conftest import FAST, run_cli
+
+    fast = [o for o in FAST if not o.startswith("pairs.min_pairs")]  # pairs=outcome never tops up
+    proc, run = run_cli(tmp_path, *fast, "dataset=countdown", "pairs=outcome", "reward=rollout", "reward.k=2",
+                        "reward.max_new_tokens=48", f"reward.cache_path={tmp_path / 'rollout.sqlite'}",
+                        "trainer=stepdpo", "trainer.weighting=advantage", "threads=1", fast=False)
+    summary = json.loads((run / "summary.json").read_text())
+    j = summary["judge"]
+    assert j["samples"] == 2 * j["generated_prefixes"] > 0 and j["seconds"] > 0
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["meta"]["provenance"] == "rollout:soft@2" and "value_before" in p["meta"] for p in pairs)
+    assert all(v in (0, 0.5, 1) for p in pairs for v in p["rejected_scores"] + [p["meta"]["value_before"]])
