@@ -25,11 +25,12 @@ import random
 from collections import Counter
 from typing import Sequence
 
-from .data import Problem, StepPair, format_prompt
+from .data import Problem, StepPair, format_prompt, response_text
 from .generation import generate
 from .steps import split_steps
 from .outcome import solved
 from .pairs import request_for
+from .weights import is_wrong
 
 
 def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
@@ -41,17 +42,18 @@ def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
 def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
-                        use_gold: bool = True, from_split: str = "train", **_) -> tuple[list[StepPair], dict]:
+                        use_gold: bool = True, from_split: str = "train",
+                        pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
-    solution sharing most leading steps. Returns (unscored pairs, report). `from_split` is read by run.py
-    (which problems arrive here), as for pairs=on_policy."""
+    solution sharing most leading steps. Returns (unscored pairs, report). `from_split=pool` samples the
+    answer-only `pool` problems instead of `problems`, as pairs=on_policy does."""
     from .rewards.rule import RuleScorer
 
     if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
         raise ValueError(f"pairs: need k >= 1, n_problems >= 0, max_pairs_per_problem >= 1; got {k}, {n_problems}, "
                          f"{max_pairs_per_problem}")
     rng = random.Random(seed)
-    probs = list(problems)
+    probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
@@ -66,8 +68,8 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                               samples_truncated=sum(c.finish_reason == "length" for outs in samples for c in outs))
     pairs: list[StepPair] = []
     for p, sts in zip(probs, steps_of):
-        lines_ok = [all(s >= 0.5 for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
-        ok = [v and bool(st) and solved("\n".join(st), p.answer, p.meta) for st, v in zip(sts, lines_ok)]
+        lines_ok = [not any(is_wrong(s) for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
+        ok = [v and bool(st) and solved(response_text(st), p.answer, p.meta) for st, v in zip(sts, lines_ok)]
         good = [(st, "sample") for st, o in zip(sts, ok) if o]
         report["correct"] += len(good)
         if use_gold and p.steps:

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from ..data import response_text
 from .base import ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def reaches(steps: Sequence[str], answer: str, meta: dict | None = None) -> bool
     """Is the solution `steps` right (`stepdpo.outcome.solved`)? The outcome a rollout is scored by."""
     from ..outcome import solved
 
-    return bool(steps) and solved("\n".join(steps), answer, meta)
+    return bool(steps) and solved(response_text(steps), answer, meta)
 
 
 def advantages(values: Sequence[float], prompt_value: float) -> list[float]:
