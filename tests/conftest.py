@@ -84,6 +84,19 @@ def _offline(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random Llama with the character tokenizer (model, tokenizer), built once per module, one thread."""
+    from stepdpo.model import tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and avoids contention on shared CPUs
+    torch.manual_seed(0)
+    model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    yield model, tok
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for

@@ -33,14 +33,6 @@ def completions(outs):
     return [[Completion(t, (), "stop") for t in o] for o in outs]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and avoids contention on shared CPUs
-    torch.manual_seed(0)
-    model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    yield model, tok
-    torch.set_num_threads(threads)
 
 
 def test_generate_order_and_left_padding_match_unbatched(tiny):

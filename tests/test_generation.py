@@ -19,14 +19,6 @@ from stepdpo.model import tiny_llama
 PROMPTS = ["Question: Start with 3, add 4. What is the result?\nAnswer:\n", "x", "Question: 7 * 6?\nAnswer:\n"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    yield model, tok
-    torch.set_num_threads(threads)
 
 
 def test_eos_ids_union_of_generation_config_and_tokenizer(tiny):
