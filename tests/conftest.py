@@ -34,7 +34,7 @@ FAST = [
     "dataset.n_train=64", "dataset.n_eval=16",
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
     "sft.max_steps=20", "sft.log_every=5", "sft.batch_size=16",
-    "trainer.max_steps=2", "trainer.log_every=1", "trainer.batch_size=4",
+    "trainer.max_steps=2", "trainer.log_every=1", "trainer.batch_size=4", "trainer.rounds=1",
     "pairs.n_problems=8", "pairs.k=2", "pairs.min_pairs=16", "pairs.max_new_tokens=48",
     "eval.max_new_tokens=48", "eval.n_samples_saved=4",
 ]

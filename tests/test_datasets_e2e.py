@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 TINY = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
     "sft.max_steps=2", "sft.batch_size=2", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.log_every=1",
+    "trainer.rounds=1",
     "eval.before=false", "eval.max_new_tokens=8", "eval.n_samples_saved=2",
     "dataset.n_train=32", "dataset.n_eval=4",
     "dataset.on_invalid=skip", "dataset.truncation=truncate_left",  # long GSM8K/MATH pairs vs a 512-char model
