@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any, Callable
 
 from .data import DatasetBundle, Problem
 
@@ -70,22 +71,40 @@ def load(*, n_train: int = 2000, n_eval: int = 200, min_ops: int = 2, max_ops: i
     rng = random.Random(seed)
     kw = dict(min_ops=min_ops, max_ops=max_ops, max_operand=max_operand, max_multiplier=max_multiplier,
               max_value=max_value, ops=ops)
-    seen: set[str] = set()
-    out: dict[str, list[Problem]] = {"eval": [], "train": [], "pool": []}
-    for split, n in (("eval", n_eval), ("train", n_train), ("pool", n_pool)):
+    out = draw_splits({"eval": n_eval, "train": n_train, "pool": n_pool},
+                      lambda split, i: make_problem(rng, i, split=split, **kw), key=lambda p: p.question,
+                      tries_per_problem=50,
+                      fail=lambda split, n: f"dataset=arith: can't generate {n} distinct {split} problems; widen the "
+                                            "ranges" + (" or lower dataset.n_pool" if split == "pool" else ""))
+    return DatasetBundle(name="arith", train=out["train"], eval=out["eval"], answer_format="plain",
+                         pool=answer_only(out["pool"]))
+
+
+def draw_splits(sizes: dict[str, int], draw: Callable[[str, int], Problem | None], *, key: Callable[[Problem], Any],
+                tries_per_problem: int, fail: Callable[[str, int], str]) -> dict[str, list[Problem]]:
+    """Distinct generated problems per split, the splits filled in `sizes`' order (eval first, so the
+    held-out set doesn't depend on n_train). draw(split, index) makes one candidate (None: none this
+    try); key(problem) says which are the same problem across all splits. ValueError(fail(split, n))
+    after tries_per_problem * n + 1000 tries for a split."""
+    seen: set = set()
+    out: dict[str, list[Problem]] = {split: [] for split in sizes}
+    for split, n in sizes.items():
         tries = 0
         while len(out[split]) < n:
             tries += 1
-            if tries > 50 * n + 1000:
-                raise ValueError(f"dataset=arith: can't generate {n} distinct {split} problems; widen the ranges"
-                                 + (" or lower dataset.n_pool" if split == "pool" else ""))
-            p = make_problem(rng, len(out[split]), split=split, **kw)
-            if p.question in seen:
+            if tries > tries_per_problem * n + 1000:
+                raise ValueError(fail(split, n))
+            p = draw(split, len(out[split]))
+            if p is None or key(p) in seen:
                 continue
-            seen.add(p.question)
+            seen.add(key(p))
             out[split].append(p)
-    pool = [Problem(id=p.id, question=p.question, answer=p.answer, steps=[], meta=p.meta) for p in out["pool"]]
-    return DatasetBundle(name="arith", train=out["train"], eval=out["eval"], answer_format="plain", pool=pool)
+    return out
+
+
+def answer_only(problems: list[Problem]) -> list[Problem]:
+    """The problems with their gold steps withheld (the pool: reference answers only)."""
+    return [Problem(id=p.id, question=p.question, answer=p.answer, steps=[], meta=p.meta) for p in problems]
 
 
 def true_values(meta: dict) -> list[int]:

@@ -38,6 +38,7 @@ import re
 from functools import lru_cache
 from typing import Sequence
 
+from .arith import answer_only, draw_splits
 from .data import DatasetBundle, Problem
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -210,23 +211,13 @@ def load(*, n_train: int = 2000, n_eval: int = 500, n_pool: int = 0, min_numbers
     rng = random.Random(seed)
     kw = dict(min_numbers=min_numbers, max_numbers=max_numbers, max_number=max_number, min_target=min_target,
               max_target=max_target, ops=ops, shuffle=shuffle)
-    seen: set[tuple] = set()
-    out: dict[str, list[Problem]] = {"eval": [], "train": [], "pool": []}
-    for split, n in (("eval", n_eval), ("train", n_train), ("pool", n_pool)):
-        tries = 0
-        while len(out[split]) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"dataset=countdown: can't generate {n} distinct {split} problems; widen "
-                                 "dataset.max_number / the target range, or allow more numbers")
-            p = make_problem(rng, len(out[split]), split=split, **kw)
-            if p is None:
-                continue
-            nums = p.meta["numbers"]
-            key = (tuple(sorted(nums) if shuffle else nums), p.meta["target"])  # unshuffled: the order is part of it
-            if key in seen:
-                continue
-            seen.add(key)
-            out[split].append(p)
-    pool = [Problem(id=p.id, question=p.question, answer=p.answer, steps=[], meta=p.meta) for p in out["pool"]]
-    return DatasetBundle(name="countdown", train=out["train"], eval=out["eval"], answer_format="plain", pool=pool)
+    def key(p: Problem) -> tuple:  # unshuffled: the order of the numbers is part of the problem
+        nums = p.meta["numbers"]
+        return tuple(sorted(nums) if shuffle else nums), p.meta["target"]
+
+    out = draw_splits({"eval": n_eval, "train": n_train, "pool": n_pool},
+                      lambda split, i: make_problem(rng, i, split=split, **kw), key=key, tries_per_problem=200,
+                      fail=lambda split, n: f"dataset=countdown: can't generate {n} distinct {split} problems; widen "
+                                            "dataset.max_number / the target range, or allow more numbers")
+    return DatasetBundle(name="countdown", train=out["train"], eval=out["eval"], answer_format="plain",
+                         pool=answer_only(out["pool"]))
