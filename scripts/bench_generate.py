@@ -62,9 +62,10 @@ def settings() -> dict:
     from omegaconf import OmegaConf
 
     conf = ROOT / "conf"
+    ev = OmegaConf.load(conf / "eval/default.yaml")
     pairs = OmegaConf.merge(OmegaConf.load(conf / "pairs/on_policy.yaml"),
                             OmegaConf.load(conf / "experiment/stepwise_vs_dpo.yaml").pairs)
-    ev = OmegaConf.load(conf / "eval/default.yaml")
+    pairs = OmegaConf.create({"eval": ev, "pairs": pairs}).pairs  # resolves pairs.max_new_tokens: ${eval.max_new_tokens}
     data = OmegaConf.load(conf / "dataset/arith.yaml")
     return {"sampling": {k: pairs[k] for k in ("k", "temperature", "top_p", "max_new_tokens", "batch_size")},
             "greedy": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
