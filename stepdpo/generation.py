@@ -13,6 +13,7 @@ by its k samples, finished rows dropped from the batch; greedy picks the tokens 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Sequence
@@ -59,42 +60,130 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return logits.softmax(-1)
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+
+
+def _config(model):
+    return _base(model).config
+
+
 def _forward_names(model) -> tuple[str, bool]:
     """The forward's name for the KV cache (`cache` in transformers 5, `past_key_values` before) and
     whether it takes `logits_to_keep` (then the prefill computes only the last position's logits)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
-    params = inspect.signature(base.forward).parameters
+    params = inspect.signature(_base(model).forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
+@functools.cache
+def _buffered_layer():
+    """The class `BufferedLayer`, defined on first use (transformers is imported late, as everywhere here)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A DynamicLayer that keeps its keys and values in buffers with `GROW` spare positions: `update` writes
+        the new states in place and returns views of the filled part, where DynamicLayer's torch.cat copies the
+        whole cache at every step of every layer. The views hold DynamicLayer's values, shapes and padding, so the
+        attention kernel computes the same numbers. A full buffer is copied into one `GROW` positions longer (a
+        copy every GROW steps; a buffer allocated for all max_new_tokens at once measured slower on this CPU, its
+        filled parts spread out in memory). The live rows are the buffer's first rows: selecting rows copies only
+        the rows whose slot changes."""
+
+        GROW = 16
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, q, B = self.get_seq_length(), key_states.shape[-2], key_states.shape[0]  # states: (B, H, q, D)
+            if not self.is_initialized or n + q > self._k.shape[-2]:
+                k = key_states.new_empty(B, key_states.shape[1], n + q + self.GROW, key_states.shape[-1])
+                v = value_states.new_empty(B, value_states.shape[1], n + q + self.GROW, value_states.shape[-1])
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self.keys, self.values
+                self._k, self._v, self.device, self.is_initialized = k, v, key_states.device, True
+            self._k[:B, :, n:n + q], self._v[:B, :, n:n + q] = key_states, value_states
+            self.keys, self.values = self._k[:B, :, :n + q], self._v[:B, :, :n + q]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.get_seq_length():
+                self._k, self._v = self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0)
+                self.keys, self.values = self._k, self._v  # full: the next update grows them
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """New row i is old row indices[i]."""
+            n = self.get_seq_length()
+            if n and len(indices) > len(self._k):
+                self._k, self._v = self.keys[indices], self.values[indices]
+            elif n:
+                moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(1)
+                src = indices[moved]  # the right-hand sides are gathered (copied) before they are written
+                self._k[moved, :, :n], self._v[moved, :, :n] = self._k[src, :, :n], self._v[src, :, :n]
+            if n:
+                self.keys, self.values = self._k[:len(indices), :, :n], self._v[:len(indices), :, :n]
+
+        reorder_cache = batch_select_indices  # beam search's reorder is the same operation
+
+    return BufferedLayer
+
+
+def _new_cache(model):
+    """The cache `model.generate` builds (a DynamicCache laid out from the model's config: one layer per decoder
+    layer, sliding-window layers where the config has them), each full-attention DynamicLayer a BufferedLayer."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache(config=_config(model))
+    cache.layers = [_buffered_layer()() if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+def _compaction(keep: torch.Tensor) -> torch.Tensor:
+    """The rows to keep (sorted indices), ordered so that the kept rows already in the first
+    len(keep) slots stay where they are and the others fill the slots that were freed: (len(keep),) indices."""
+    order = torch.arange(len(keep), device=keep.device)
+    stays = keep < len(keep)
+    free = torch.ones(len(keep), dtype=torch.bool, device=keep.device)
+    free[keep[stays]] = False
+    order[free] = keep[~stays]
+    return order
+
+
 def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, eos: torch.Tensor,
-            pick, stop_hit=None, window: int = 0) -> list[tuple[list[int], bool]]:
+            pick, stop_hit=None, window: int = 0, on_logits=None) -> list[tuple[list[int], bool]]:
     """Decode a batch of left-padded prompts, k samples each: (ids, ended at an EOS id) per row, rows
     ordered prompt 0's k samples, then prompt 1's, ...
 
     Each prompt is prefilled once and its KV cache rows repeated for its k samples; a row that ends is
-    dropped from the batch (and its cache rows) at once, so every forward works on live rows only.
-    Positions, masks and the last-position logits are those of transformers' `generate`, so greedy
-    decoding picks the same tokens. `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which
-    of the live rows' last `window` token ids now hold a stop string (None: no stop strings).
+    dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
+    cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
+    and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
+    tokens. `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last
+    `window` token ids now hold a stop string (None: no stop strings). `on_logits(rows, logits)` (tests):
+    called before each pick with the original row of each live row and its logits.
     """
     cache_name, keep_arg = _forward_names(model)
     last_only = {"logits_to_keep": 1} if keep_arg else {}
     B, T = ids.shape
+    cache = _new_cache(model)
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, T) positions, as generate computes them
-    mask = attn if bool((attn == 0).any()) else None  # generate drops an all-ones mask too (same attention kernel)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
-    cache, logits = getattr(out, cache_name), out.logits[:, -1].float()  # logits: (B, V)
-    pos = pos[:, -1]
+    padded = bool((attn == 0).any())  # generate drops an all-ones mask (same attention kernel): so do we
+    out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
+                **{cache_name: cache}, **last_only)
+    logits, pos = out.logits[:, -1].float(), pos[:, -1]  # logits: (B, V)
     if k > 1:  # one prefill per prompt, shared by its k samples
         cache.batch_repeat_interleave(k)
-        logits, pos = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0)
-        mask = mask.repeat_interleave(k, 0) if mask is not None else None
+        logits, pos, attn = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
     n = B * k
+    if padded:  # (n, T + max_new_tokens): the prompt's mask, then ones; step s attends to the first T + s + 1
+        full_mask = torch.ones(n, T + max_new_tokens, dtype=torch.bool, device=attn.device)
+        full_mask[:, :T] = attn.bool()
+        if _config(model)._attn_implementation == "sdpa" and not any(cache.is_sliding):
+            full_mask = full_mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
+            # the 2D one for one query position (the causal part allows every key), handed over to skip that work
     live = torch.arange(n)  # (L,) the original row of each row still in the batch
     tokens = torch.zeros(n, max_new_tokens, dtype=torch.long)  # (n, max_new_tokens), filled up to each row's end
     length, hit_eos = [max_new_tokens] * n, [False] * n
     for step in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(live, logits)
         nxt = pick(logits)  # (L,)
         tokens[live, step] = nxt.cpu()
         ended = torch.isin(nxt, eos).cpu()  # (L,) bool
@@ -113,12 +202,13 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
             keep = (~ended).nonzero().squeeze(1)  # (L',)
             if keep.numel() == 0:
                 break
+            keep = _compaction(keep)  # the same rows, in the order that moves fewest cache rows
             cache.batch_select_indices(keep.to(pos.device))
             live, nxt, pos = live[keep], nxt[keep.to(nxt.device)], pos[keep.to(pos.device)]
-            mask = mask[keep.to(mask.device)] if mask is not None else None
+            if padded:
+                full_mask = full_mask[keep.to(full_mask.device)]
         pos = pos + 1
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # (L, T + step + 1)
+        mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
                     **{cache_name: cache})
         logits = out.logits[:, -1].float()

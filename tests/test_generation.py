@@ -133,6 +133,48 @@ def test_greedy_token_identical_to_generate_qwen2_real_tokenizer():
     assert_greedy_matches_generate(model, tok, prompts, max_new_tokens=16)
 
 
+def qwen_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(QWEN_TOK)
+
+
+def chat_prompts(tok):
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in ["What is 2 + 2?", "Natalia sold clips to 48 of her friends in April. How many in May?", "Hi"]]
+
+
+@pytest.mark.parametrize("layout", ["qwen3_gqa", "qwen2_sliding_window", "llama_eager_attention"])
+def test_greedy_token_identical_to_generate_other_layouts(layout):
+    """The cache and mask shortcuts depend on the layout: Qwen3 (grouped-query attention, q/k norms), a Qwen2
+    whose second layer has a sliding window shorter than the prompts (that layer keeps transformers' own
+    sliding-window cache, and the mask goes in 2D), and eager attention (2D mask, no sdpa)."""
+    import transformers
+
+    torch.manual_seed(4)
+    if layout == "llama_eager_attention":
+        model, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+        model.set_attn_implementation("eager")
+        prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+    else:
+        tok = qwen_tok()
+        arch, extra = {"qwen3_gqa": ("Qwen3", dict(num_key_value_heads=2, head_dim=16)),
+                       "qwen2_sliding_window": ("Qwen2", dict(num_key_value_heads=4, use_sliding_window=True,
+                                                              sliding_window=8, max_window_layers=1))}[layout]
+        config = getattr(transformers, f"{arch}Config")(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), **extra)
+        model = getattr(transformers, f"{arch}ForCausalLM")(config)
+        prompts = chat_prompts(tok)
+    model.eval()
+    if layout == "qwen2_sliding_window":
+        from stepdpo.generation import _new_cache
+
+        assert [x.is_sliding for x in _new_cache(model).layers] == [False, True]
+    with_common_eos(model, tok, prompts, 16)
+    assert_greedy_matches_generate(model, tok, prompts, max_new_tokens=16)
+
+
 def test_greedy_token_identical_with_a_lora_adapter(tiny_fresh):
     from peft import LoraConfig, get_peft_model
 
@@ -236,3 +278,97 @@ def test_stop_string_ends_the_row_and_its_ids(tiny_fresh):
         assert c.text == f.text[:cut] and c.finish_reason == "stop"
         assert f.token_ids[:len(c.token_ids)] == c.token_ids  # the ids before the stop string
         assert stop not in tok.decode(list(c.token_ids)) and stop in tok.decode(list(f.token_ids[:len(c.token_ids) + len(stop)]))
+
+
+# --- the KV cache and the per-step logits against independent computations ---
+
+def test_buffered_layer_holds_what_dynamic_layer_holds():
+    """BufferedLayer against transformers' DynamicLayer through the operations _decode uses: a prefill, repeating
+    rows, one-position updates past several buffer growths, dropping rows (the compacted order _decode uses, and
+    an arbitrary order with repeats); after each, the same keys, values, lengths and mask sizes."""
+    from transformers.cache_utils import DynamicLayer
+
+    from stepdpo.generation import _buffered_layer, _compaction
+
+    torch.manual_seed(0)
+    ours, ref = _buffered_layer()(), DynamicLayer()
+
+    def same():
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+        assert ours.get_seq_length() == ref.get_seq_length() and ours.get_mask_sizes(1) == ref.get_mask_sizes(1)
+
+    def update(B, q):
+        k, v = torch.randn(B, 2, q, 8), torch.randn(B, 2, q, 6)  # value head dim may differ from the key's
+        got, want = ours.update(k, v), ref.update(k.clone(), v.clone())
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        same()
+
+    update(3, 5)
+    ours.batch_repeat_interleave(2), ref.batch_repeat_interleave(2)
+    same()
+    for step in range(40):  # GROW is 16: the buffers grow twice
+        update(len(ref.keys), 1)
+        if step in (7, 19, 31):
+            keep = _compaction(torch.tensor([i for i in range(len(ref.keys)) if i % 3 != step % 3]))
+            ours.batch_select_indices(keep), ref.batch_select_indices(keep)
+            same()
+    for idx in ([1, 0], [1, 1, 0, 0, 1]):  # a swap, then more rows than the buffer holds
+        ours.batch_select_indices(torch.tensor(idx)), ref.batch_select_indices(torch.tensor(idx))
+        same()
+        update(len(idx), 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch):
+    """The logits every sampled token is drawn from, step by step, against the model's forward on that row's
+    whole unpadded text (prompt + its tokens so far) without a cache: for left-padded prompts of different
+    lengths, k=2 samples each, after rows have ended and been dropped (the cache rows moved around)."""
+    from stepdpo.generation import _decode
+
+    if arch == "llama":
+        model, tok = tiny_fresh
+        prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tok = qwen_tok()
+        torch.manual_seed(5)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, tie_word_embeddings=True)).eval()
+        prompts = chat_prompts(tok)
+    k, steps, t = 2, 12, 2.0
+    enc = [prompt_ids(tok, p) for p in prompts]
+    T = max(map(len, enc))
+    ids = torch.full((len(enc), T), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for r, e in enumerate(enc):
+        ids[r, T - len(e):], attn[r, T - len(e):] = torch.tensor(e), 1
+    gen = torch.Generator().manual_seed(0)
+    seen, made = [], {r: [] for r in range(len(enc) * k)}  # (rows, logits) per step; each row's tokens so far
+
+    def on_logits(rows, logits):
+        seen.append((rows.tolist(), logits.clone(), {r: list(made[r]) for r in rows.tolist()}))
+
+    def pick(logits):  # sample at temperature t; an EOS put in at staggered steps ends rows at different steps
+        nxt = torch.multinomial(sampling_probs(logits, t, 1.0), 1, generator=gen).squeeze(1)
+        rows = seen[-1][0]
+        for j, r in enumerate(rows):
+            if (len(seen) + r) % 5 == 0 and len(made[r]) >= 2:
+                nxt[j] = eos
+            made[r].append(int(nxt[j]))
+        return nxt
+
+    eos = tok.eos_token_id
+    out = _decode(model, ids, attn, k=k, max_new_tokens=steps, eos=torch.tensor([eos]), pick=pick, on_logits=on_logits)
+    assert sorted({len(rows) for rows, _, _ in seen}) != [len(enc) * k]  # rows were dropped
+    assert len({len(x) for x, _ in out}) > 2  # and ended at different steps
+    checked = 0
+    with torch.no_grad():
+        for rows, logits, so_far in seen:
+            for j, r in enumerate(rows):
+                want = model(torch.tensor([enc[r // k] + so_far[r]])).logits[0, -1]
+                assert torch.allclose(logits[j], want, atol=1e-4, rtol=1e-4), (r, len(so_far[r]))
+                assert torch.allclose(sampling_probs(logits[j:j + 1], t, 1.0)[0], (want / t).softmax(-1), atol=1e-5)
+                checked += 1
+    assert checked > 3 * len(enc) * k
