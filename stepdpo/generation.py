@@ -7,7 +7,8 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 `Completion.finish_reason` says which ("stop" or "length").
 
 The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
-by its k samples, finished rows dropped from the batch; greedy picks the tokens `model.generate` picks.
+by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
+greedy picks the tokens `model.generate` picks. Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
@@ -127,8 +128,14 @@ def _buffered_layer():
 
 def _new_cache(model):
     """The cache `model.generate` builds (a DynamicCache laid out from the model's config: one layer per decoder
-    layer, sliding-window layers where the config has them), each full-attention DynamicLayer a BufferedLayer."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    layer, sliding-window layers where the config has them), each full-attention DynamicLayer a BufferedLayer.
+    None before transformers 5, whose cache layers BufferedLayer is not written for: the model builds its own."""
+    import transformers
+    from transformers.cache_utils import DynamicCache
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=_config(model))
     cache.layers = [_buffered_layer()() if type(x) is DynamicLayer else x for x in cache.layers]
@@ -162,12 +169,12 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     cache_name, keep_arg = _forward_names(model)
     last_only = {"logits_to_keep": 1} if keep_arg else {}
     B, T = ids.shape
-    cache = _new_cache(model)
+    built = _new_cache(model)
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, T) positions, as generate computes them
     padded = bool((attn == 0).any())  # generate drops an all-ones mask (same attention kernel): so do we
     out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
-                **{cache_name: cache}, **last_only)
-    logits, pos = out.logits[:, -1].float(), pos[:, -1]  # logits: (B, V)
+                **({cache_name: built} if built is not None else {}), **last_only)
+    cache, logits, pos = getattr(out, cache_name), out.logits[:, -1].float(), pos[:, -1]  # logits: (B, V)
     if k > 1:  # one prefill per prompt, shared by its k samples
         cache.batch_repeat_interleave(k)
         logits, pos, attn = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
@@ -175,7 +182,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     if padded:  # (n, T + max_new_tokens): the prompt's mask, then ones; step s attends to the first T + s + 1
         full_mask = torch.ones(n, T + max_new_tokens, dtype=torch.bool, device=attn.device)
         full_mask[:, :T] = attn.bool()
-        if _config(model)._attn_implementation == "sdpa" and not any(cache.is_sliding):
+        if built is not None and _config(model)._attn_implementation == "sdpa" and not any(cache.is_sliding):
             full_mask = full_mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
             # the 2D one for one query position (the causal part allows every key), handed over to skip that work
     live = torch.arange(n)  # (L,) the original row of each row still in the batch

@@ -175,6 +175,17 @@ def test_greedy_token_identical_to_generate_other_layouts(layout):
     assert_greedy_matches_generate(model, tok, prompts, max_new_tokens=16)
 
 
+def test_greedy_token_identical_with_the_models_own_cache(tiny_fresh, monkeypatch):
+    """Before transformers 5 the loop lets the model build its cache (no BufferedLayer, 2D mask): same tokens."""
+    from stepdpo import generation
+
+    model, tok = tiny_fresh
+    monkeypatch.setattr(generation, "_new_cache", lambda model: None)
+    prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+    with_common_eos(model, tok, prompts, 24)
+    assert_greedy_matches_generate(model, tok, prompts)
+
+
 def test_greedy_token_identical_with_a_lora_adapter(tiny_fresh):
     from peft import LoraConfig, get_peft_model
 
