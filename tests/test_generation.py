@@ -69,18 +69,24 @@ def test_second_eos_of_generation_config_ends_the_sequence(tiny):
 QWEN_TOK = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen3"
 
 
-def hf_greedy(model, tok, prompts, max_new_tokens, k=1):
-    """model.generate on the same left-padded batch, each row cut at its first EOS id of eos_ids()."""
-    eos = eos_ids(model, tok)
+def left_padded(tok, prompts):
+    """The prompts' ids (as generate encodes them) and the left-padded batch of them: (enc, ids, attn)."""
     enc = [prompt_ids(tok, p) for p in prompts]
     T = max(map(len, enc))
     ids = torch.full((len(enc), T), tok.pad_token_id)
     attn = torch.zeros_like(ids)
     for r, e in enumerate(enc):
         ids[r, T - len(e):], attn[r, T - len(e):] = torch.tensor(e), 1
+    return enc, ids, attn
+
+
+def hf_greedy(model, tok, prompts, max_new_tokens, k=1):
+    """model.generate on the same left-padded batch, each row cut at its first EOS id of eos_ids()."""
+    eos = eos_ids(model, tok)
+    enc, ids, attn = left_padded(tok, prompts)
     gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                          num_return_sequences=k, pad_token_id=tok.pad_token_id, eos_token_id=eos)
-    return [tuple(r[:next((j for j, t in enumerate(r) if t in eos), len(r))]) for r in gen[:, T:].tolist()]
+    return [tuple(r[:next((j for j, t in enumerate(r) if t in eos), len(r))]) for r in gen[:, ids.shape[1]:].tolist()]
 
 
 def with_common_eos(model, tok, prompts, max_new_tokens):
@@ -349,12 +355,7 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch):
                                              head_dim=16, tie_word_embeddings=True)).eval()
         prompts = chat_prompts(tok)
     k, steps, t = 2, 12, 2.0
-    enc = [prompt_ids(tok, p) for p in prompts]
-    T = max(map(len, enc))
-    ids = torch.full((len(enc), T), tok.pad_token_id)
-    attn = torch.zeros_like(ids)
-    for r, e in enumerate(enc):
-        ids[r, T - len(e):], attn[r, T - len(e):] = torch.tensor(e), 1
+    enc, ids, attn = left_padded(tok, prompts)
     gen = torch.Generator().manual_seed(0)
     seen, made = [], {r: [] for r in range(len(enc) * k)}  # (rows, logits) per step; each row's tokens so far
 
