@@ -7,7 +7,8 @@ answer; only Monte-Carlo values can find the critical line). Prints ONE JSON lin
 
 Credit assignment can only beat the rule checker on the doomed share: measure it before a sweep.
 With pairs scored by reward=rollout it also reports how often the rollout's critical step (largest
-value drop) is the first invalid or first dooming line.
+value drop) is the first invalid or first dooming line, and how often no value drops at all
+(`<kind>/rollout_no_drop`: the advantage weighting then puts no weight on the rejected side).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def classify(meta: dict, steps: list[str]) -> tuple[str, int | None]:
     return ("correct", None) if scores and all(s == 1 for s in scores) else ("other", None)
 
 
+def rollout_critical(value_before: float, rejected_scores: list[float]) -> int | None:
+    """The rejected continuation's critical step under reward=rollout: the step with the largest value drop
+    (the first on ties), counted from the continuation's start; None when no step's value drops, since a
+    largest "drop" of 0 (all values equal, e.g. a policy that never reaches the target from the prefix)
+    marks no line. The step `trainer.weighting=advantage` gives the rejected side's weight to."""
+    vals = [float(value_before)] + [float(x) for x in rejected_scores]
+    drops = [vals[i] - vals[i + 1] for i in range(len(rejected_scores))]
+    if not drops or max(drops) <= 0:
+        return None
+    return max(range(len(drops)), key=lambda i: (drops[i], -i))
+
+
 def main(path: str) -> dict:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     c: Counter = Counter()
@@ -49,10 +62,11 @@ def main(path: str) -> dict:
         c[kind] += 1
         rs, v = r.get("rejected_scores"), r.get("meta", {}).get("value_before")
         if kind in ("invalid", "doomed") and rs and v is not None:  # rollout-scored pair: where is the largest drop?
-            vals = [v] + list(rs)
-            drops = [vals[i] - vals[i + 1] for i in range(len(rs))]
-            crit = len(r["prefix"]) + max(range(len(drops)), key=lambda i: (drops[i], -i))
-            c[f"{kind}/rollout_critical_at_that_line"] += crit == at
+            crit = rollout_critical(v, rs)
+            if crit is None:  # no value drops (e.g. V = 0 from the start): trainer.weighting=advantage weighs nothing
+                c[f"{kind}/rollout_no_drop"] += 1
+            else:
+                c[f"{kind}/rollout_critical_at_that_line"] += len(r["prefix"]) + crit == at
     return {"file": path, "n": sum(c[k] for k in ("correct", "invalid", "doomed", "other")), **dict(c)}
 
 

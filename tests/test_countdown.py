@@ -178,3 +178,39 @@ def test_error_mix_script_finds_the_critical_line():
     # a valid line dooms 46, then a fudged line "reaches" it: rule flags line 1, the critical line is 0
     assert mod.classify(meta, ["25 - 7 = 18", "18 * 3 = 46", "The answer is 46"]) == ("doomed", 0)
     assert mod.classify(meta, ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"]) == ("doomed", 0)
+
+
+def test_error_mix_script_rollout_critical_line_needs_a_drop(tmp_path):
+    # the rollout's critical step is where the value drops most; with no drop at all (V = 0 throughout, the
+    # policy never reaches the target) there is none, and the script must not credit the first line (it did:
+    # max() over all-zero drops picked step 0, which is usually the dooming line too)
+    import importlib.util
+
+    from conftest import ROOT
+    from stepdpo.weights import advantage
+
+    spec = importlib.util.spec_from_file_location("countdown_errors", ROOT / "scripts" / "countdown_errors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.rollout_critical(0.0, [0.0, 0.0, 0.0]) is None
+    assert mod.rollout_critical(0.5, [0.5, 0.5]) is None
+    assert mod.rollout_critical(0.5, [0.75, 0.0, 0.0]) == 1  # hand-worked: drops -0.25, 0.75, 0
+    assert mod.rollout_critical(0.5, [0.0, 0.5, 0.0]) == 0  # drops 0.5, -0.5, 0.5: the first of the tie
+    # the same step the advantage weighting (the (d) arm) gives the rejected side's weight to, and no step
+    # exactly when it gives none
+    for v, rs in [(0.0, [0.0, 0.0, 0.0]), (0.25, [0.5, 0.0, 0.0]), (1.0, [1.0, 0.25, 0.0]), (0.5, [0.5, 0.5]),
+                  (0.75, [0.25, 0.75, 0.0])]:
+        _, rw = advantage([1.0], rs, value_before=v)
+        heavy = [i for i, w in enumerate(rw) if w > 0]
+        assert heavy == ([] if mod.rollout_critical(v, rs) is None else [mod.rollout_critical(v, rs)]), (v, rs, rw)
+    # end to end on a pairs file: a doomed rejected side whose values never move counts as no drop
+    import json
+
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    rows = [{"prefix": [], "chosen": ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"],
+             "rejected": ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"], "meta": {**meta, "value_before": v},
+             "rejected_scores": rs} for v, rs in [(0.0, [0.0, 0.0, 0.0]), (0.5, [0.0, 0.0, 0.0])]]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = mod.main(str(path))
+    assert out["doomed"] == 2 and out["doomed/rollout_no_drop"] == 1 and out["doomed/rollout_critical_at_that_line"] == 1
