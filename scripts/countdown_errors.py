@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from stepdpo.countdown import ANSWER_RE, check_steps, doomed_steps
+from stepdpo.weights import advantage
 
 
 def classify(meta: dict, steps: list[str]) -> tuple[str, int | None]:
@@ -37,15 +38,11 @@ def classify(meta: dict, steps: list[str]) -> tuple[str, int | None]:
 
 
 def rollout_critical(value_before: float, rejected_scores: list[float]) -> int | None:
-    """The rejected continuation's critical step under reward=rollout: the step with the largest value drop
-    (the first on ties), counted from the continuation's start; None when no step's value drops, since a
-    largest "drop" of 0 (all values equal, e.g. a policy that never reaches the target from the prefix)
-    marks no line. The step `trainer.weighting=advantage` gives the rejected side's weight to."""
-    vals = [float(value_before)] + [float(x) for x in rejected_scores]
-    drops = [vals[i] - vals[i + 1] for i in range(len(rejected_scores))]
-    if not drops or max(drops) <= 0:
-        return None
-    return max(range(len(drops)), key=lambda i: (drops[i], -i))
+    """The rejected continuation's critical step under reward=rollout, counted from its start: the step
+    `trainer.weighting=advantage` gives the rejected side's weight to (its largest value drop), or None when
+    that scheme weighs no step (no value drops, e.g. a policy that never reaches the target)."""
+    _, rw = advantage([], rejected_scores, value_before=value_before)
+    return next((i for i, w in enumerate(rw) if w > 0), None)
 
 
 def main(path: str) -> dict:

@@ -121,8 +121,6 @@ def _buffered_layer():
             if n:
                 self.keys, self.values = self._k[:len(indices), :, :n], self._v[:len(indices), :, :n]
 
-        reorder_cache = batch_select_indices  # beam search's reorder is the same operation
-
     return BufferedLayer
 
 
