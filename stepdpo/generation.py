@@ -8,7 +8,9 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 
 The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
 by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
-greedy picks the tokens `model.generate` picks. Cost model and numbers: docs/experiments/benchmarks.md.
+greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
+its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
+at every step, and the prompt is most of it): the same distribution, rounded differently. Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
