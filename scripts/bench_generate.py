@@ -2,7 +2,7 @@
 """Benchmark stepdpo's generation (`stepdpo.generation.generate`) against plain `model.generate`.
 
     python scripts/bench_generate.py [--threads 2] [--repeats 3] [--n-problems 64] [--n-eval 128]
-                                     [--sft-steps 300] [--model-dir DIR]
+                                     [--sft-steps 300] [--model-dir DIR] [--lora] [--k K] [--batch-size N]
 
 Two workloads, at the settings the experiment uses (read from the conf/ files, printed in "settings"):
 (a) on-policy sampling: conf/experiment/stepwise_vs_dpo.yaml's pairs.k / pairs.temperature over
@@ -10,7 +10,9 @@ Two workloads, at the settings the experiment uses (read from the conf/ files, p
 (b) greedy evaluation: conf/eval/default.yaml (max_new_tokens, batch_size) on `--n-eval` arith eval problems.
 The model is conf/model/tiny.yaml's Llama, random init then `--sft-steps` steps of SFT on the arith
 gold solutions (so that samples end at EOS as a trained policy's do), or `--model-dir` (e.g. an
-SFT cache entry) loaded with from_pretrained.
+SFT cache entry) loaded with from_pretrained. `--lora` wraps it in conf/lora/lora.yaml's adapter (peft, as the
+experiment's policy is during training; the adapter's B is random, not zero, so that it acts); `--k` and
+`--batch-size` override the sampling workload's k and batch (e.g. `--k 16` for reward=rollout reward.k=16).
 
 The baseline is what stepdpo ran before: prompts sorted longest first, batch_size // k prompts per
 `model.generate(..., num_return_sequences=k, do_sample, temperature, top_p, top_k=0)` call, with the
@@ -143,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sft-steps", type=int, default=300, help="SFT steps on the random-init tiny model")
     ap.add_argument("--model-dir", help="a saved model + tokenizer (from_pretrained) instead of tiny + short SFT; "
                                         "if DIR does not exist, the SFT'd tiny model is saved there for the next run")
+    ap.add_argument("--lora", action="store_true", help="sample and decode through conf/lora/lora.yaml's adapter")
+    ap.add_argument("--k", type=int, help="samples per problem in workload (a) (default: the experiment's pairs.k)")
+    ap.add_argument("--batch-size", type=int, help="sequences per batch in workload (a) (default: the experiment's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -171,6 +176,23 @@ def main(argv=None) -> int:
             model.save_pretrained(args.model_dir)
             tok.save_pretrained(args.model_dir)
     setup_s = time.perf_counter() - t0
+    if args.lora:
+        from omegaconf import OmegaConf
+
+        from stepdpo.model import LoraSpec, add_lora
+
+        spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/lora/lora.yaml"))
+        spec.pop("_target_")
+        model, _ = add_lora(model, LoraSpec(**spec))
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        model_desc += f" + LoRA {spec}"
+    for key, val in (("k", args.k), ("batch_size", args.batch_size)):
+        if val is not None:
+            cfg["sampling"][key] = val
     model.eval()
     sample_prompts = [format_prompt(p.question, tok) for p in bundle.train[:args.n_problems]]
     eval_prompts = [format_prompt(p.question, tok) for p in bundle.eval[:args.n_eval]]

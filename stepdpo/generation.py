@@ -8,12 +8,15 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 
 The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
 by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
-greedy picks the tokens `model.generate` picks. Cost model and numbers: docs/experiments/benchmarks.md.
+greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
+its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
+at every step, and the prompt is most of it): the same distribution, rounded differently. Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -92,8 +95,11 @@ def _buffered_layer():
 
         GROW = 16
 
+        def _filled(self) -> int:  # positions held in the buffers
+            return self.keys.shape[-2] if self.is_initialized else 0
+
         def update(self, key_states, value_states, *args, **kwargs):
-            n, q, B = self.get_seq_length(), key_states.shape[-2], key_states.shape[0]  # states: (B, H, q, D)
+            n, q, B = self._filled(), key_states.shape[-2], key_states.shape[0]  # states: (B, H, q, D)
             if not self.is_initialized or n + q > self._k.shape[-2]:
                 k = key_states.new_empty(B, key_states.shape[1], n + q + self.GROW, key_states.shape[-1])
                 v = value_states.new_empty(B, value_states.shape[1], n + q + self.GROW, value_states.shape[-1])
@@ -105,13 +111,13 @@ def _buffered_layer():
             return self.keys, self.values
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.get_seq_length():
+            if self._filled():
                 self._k, self._v = self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0)
                 self.keys, self.values = self._k, self._v  # full: the next update grows them
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             """New row i is old row indices[i]."""
-            n = self.get_seq_length()
+            n = self._filled()
             if n and len(indices) > len(self._k):
                 self._k, self._v = self.keys[indices], self.values[indices]
             elif n:
@@ -122,6 +128,102 @@ def _buffered_layer():
                 self.keys, self.values = self._k[:len(indices), :, :n], self._v[:len(indices), :, :n]
 
     return BufferedLayer
+
+
+@functools.cache
+def _shared_prefix_layer():
+    """The class `SharedPrefixLayer` (a BufferedLayer), defined on first use."""
+
+    class SharedPrefixLayer(_buffered_layer()):
+        """The cache layer of k samples per prompt: the prompt's keys and values are kept once per prompt
+        (`prefix_keys`, `prefix_values`: (P, H_kv, T, D), from the prefill), the positions generated after it
+        once per sample in BufferedLayer's buffers. The prefill's update stores the prefix and returns it (the
+        prefill attends as usual); every later update returns the sample's own positions only, which
+        `shared_prefix_attention` reads together with its prompt's prefix. Repeating rows copies nothing."""
+
+        prefix_keys = prefix_values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.prefix_keys is None:
+                self.prefix_keys, self.prefix_values = key_states, value_states
+                return key_states, value_states
+            return super().update(key_states, value_states, *args, **kwargs)
+
+        def get_seq_length(self) -> int:
+            return (0 if self.prefix_keys is None else self.prefix_keys.shape[-2]) + self._filled()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            pass  # the samples share the prefix: the attention maps each row to its prompt
+
+    return SharedPrefixLayer
+
+
+@dataclass
+class SharedPrefix:
+    """What `shared_prefix_attention` needs besides the query and the row's own keys/values, handed to the
+    model's forward as the keyword `stepdpo_prefix` (transformers passes forward kwargs down to attention)."""
+    layers: list            # SharedPrefixLayer per decoder layer (by module.layer_idx)
+    mask: torch.Tensor      # (P, 1, 1, T) additive prompt-padding mask: 0 for a prompt token, -inf for padding
+    k: int                  # samples per prompt
+    rows: torch.Tensor      # (L,) each live row's slot, prompt * k + sample (the loop's `live`)
+
+
+SHARED_PREFIX = "stepdpo_shared_prefix"  # the attention implementation's name while sampling decodes
+SHARED_PREFIX_MODELS = ("llama", "mistral", "qwen2", "qwen3")  # standard attention: rotary, GQA, sdpa semantics
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *, stepdpo_prefix,
+                            **kwargs):
+    """Attention of each row's new position over its prompt (shared by the prompt's k samples) and its own
+    generated positions: softmax(q [K_prompt; K_own]^T * scaling + padding mask) [V_prompt; V_own], the numbers
+    sdpa computes up to rounding. A prompt's keys and values are read once for its k samples: the queries
+    are laid out k per prompt (a finished sample's slot holds zeros, its result is never read) so that one
+    batched product per prompt and key head serves all of them. Decode steps only (one query position).
+    query: (L, H, 1, D); key/value: (L, H_kv, S, D), the rows' own positions. Returns ((L, 1, H, D), None)."""
+    sp: SharedPrefix = stepdpo_prefix
+    layer = sp.layers[module.layer_idx]
+    pk, pv = layer.prefix_keys, layer.prefix_values
+    L, H, _, D = query.shape
+    P, KV, T, _ = pk.shape
+    G, k, rows = H // KV, sp.k, sp.rows  # G query heads per key head (GQA)
+
+    def by_prompt(x):  # (L, KV, G, X) -> (P, KV, k * G, X): row prompt * k + j -> prompt's query row j * G + g
+        full = x.new_zeros(P * k, *x.shape[1:])
+        full[rows] = x
+        return full.view(P, k, KV, G, -1).transpose(1, 2).reshape(P, KV, k * G, -1)
+
+    def by_row(x):  # the inverse: (P, KV, k * G, X) -> (L, KV, G, X)
+        return x.view(P, KV, k, G, -1).transpose(1, 2).reshape(P * k, KV, G, -1)[rows]
+
+    q = query.reshape(L, KV, G, D) * scaling
+    scores = torch.cat([by_row(by_prompt(q) @ pk.transpose(-1, -2) + sp.mask), q @ key.transpose(-1, -2)], -1)
+    w = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # (L, KV, G, T + S)
+    out = by_row(by_prompt(w[..., :T].contiguous()) @ pv) + w[..., T:] @ value  # (L, KV, G, D)
+    return out.reshape(L, 1, H, D), None
+
+
+def _can_share_prefix(model, cache) -> bool:
+    """Whether sampling may decode with `shared_prefix_attention`: a model family whose attention is the
+    standard one (SHARED_PREFIX_MODELS), sdpa or eager, and full attention in every layer."""
+    cfg = _config(model)
+    return (cache is not None and cfg.model_type in SHARED_PREFIX_MODELS and not any(cache.is_sliding)
+            and cfg._attn_implementation in ("sdpa", "eager"))
+
+
+@contextlib.contextmanager
+def _attention(model, name: str):
+    """Run the model's attention layers with the implementation registered as `name` inside the block."""
+    from transformers import AttentionInterface
+
+    if name == SHARED_PREFIX:
+        AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
+    cfg = _config(model)
+    before = cfg._attn_implementation
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
 
 
 def _new_cache(model):
@@ -152,7 +254,8 @@ def _compaction(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, eos: torch.Tensor,
-            pick, stop_hit=None, window: int = 0, on_logits=None) -> list[tuple[list[int], bool]]:
+            pick, stop_hit=None, window: int = 0, on_logits=None,
+            share_prompt: bool = False) -> list[tuple[list[int], bool]]:
     """Decode a batch of left-padded prompts, k samples each: (ids, ended at an EOS id) per row, rows
     ordered prompt 0's k samples, then prompt 1's, ...
 
@@ -160,7 +263,9 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
     cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
     and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
-    tokens. `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last
+    tokens. With `share_prompt` (sampling, k > 1, a model `_can_share_prefix` accepts) a prompt's keys and
+    values are kept once for its k samples and decode steps attend through `shared_prefix_attention`: the same
+    distribution, rounded differently (so not for greedy). `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last
     `window` token ids now hold a stop string (None: no stop strings). `on_logits(rows, logits)` (tests):
     called before each pick with the original row of each live row and its logits.
     """
@@ -168,6 +273,9 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     last_only = {"logits_to_keep": 1} if keep_arg else {}
     B, T = ids.shape
     built = _new_cache(model)
+    shared = share_prompt and k > 1 and _can_share_prefix(model, built)
+    if shared:
+        built.layers = [_shared_prefix_layer()() for _ in built.layers]
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, T) positions, as generate computes them
     padded = bool((attn == 0).any())  # generate drops an all-ones mask (same attention kernel): so do we
     out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
@@ -177,6 +285,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         cache.batch_repeat_interleave(k)
         logits, pos, attn = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
     n = B * k
+    padded = padded and not shared  # shared: the prompt's padding mask lives in `prefix`, the rest needs none
     if padded:  # (n, T + max_new_tokens): the prompt's mask, then ones; step s attends to the first T + s + 1
         full_mask = torch.ones(n, T + max_new_tokens, dtype=torch.bool, device=attn.device)
         full_mask[:, :T] = attn.bool()
@@ -184,6 +293,10 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
             full_mask = full_mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
             # the 2D one for one query position (the causal part allows every key), handed over to skip that work
     live = torch.arange(n)  # (L,) the original row of each row still in the batch
+    if shared:
+        dtype = cache.layers[0].prefix_keys.dtype
+        prefix = SharedPrefix(cache.layers, torch.zeros(B, 1, 1, T, dtype=dtype, device=attn.device).masked_fill(
+            attn[::k, None, None] == 0, float("-inf")), k, live)
     tokens = torch.zeros(n, max_new_tokens, dtype=torch.long)  # (n, max_new_tokens), filled up to each row's end
     length, hit_eos = [max_new_tokens] * n, [False] * n
     for step in range(max_new_tokens):
@@ -213,9 +326,15 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
             if padded:
                 full_mask = full_mask[keep.to(full_mask.device)]
         pos = pos + 1
-        mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                    **{cache_name: cache})
+        if shared:
+            prefix.rows = live.to(ids.device)
+            with _attention(model, SHARED_PREFIX):
+                out = model(input_ids=nxt[:, None], position_ids=pos[:, None], use_cache=True, stepdpo_prefix=prefix,
+                            **{cache_name: cache})
+        else:
+            mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                        **{cache_name: cache})
         logits = out.logits[:, -1].float()
     return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
 
@@ -313,7 +432,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
             attn[r, T - len(enc[i]):] = 1
         rows = _decode(model, ids.to(device), attn.to(device), k=k, max_new_tokens=max_new_tokens,
                        eos=torch.tensor(eos, device=device), pick=pick, stop_hit=stop_hit if stop else None,
-                       window=window)
+                       window=window, share_prompt=do_sample)
         outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
         for r, i in enumerate(idx):
             done[i] = outs[r * k:(r + 1) * k]

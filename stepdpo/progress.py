@@ -47,6 +47,15 @@ def mode() -> str:
     return m
 
 
+def quiet_library_bars() -> None:
+    """Outside a terminal (log mode, or off), turn off transformers' own tqdm bars (loading and writing weights):
+    each would leave a stray carriage-return line in the log. On a terminal they stay, useful for a large model."""
+    if mode() != "bar":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())

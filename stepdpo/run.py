@@ -29,6 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from . import progress
 from .config import build, register_configs, to_container, validate_targets
 
 log = logging.getLogger("stepdpo")
@@ -108,6 +109,7 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     from .pairs import check_from_split, check_own_scores, score_pairs
 
     validate_targets(cfg)  # every key of every group, the trainer's choices, the pairs builder's settings
+    progress.quiet_library_bars()  # no transformers tqdm lines in a log file
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
     seed_everything(cfg.seed)

@@ -299,6 +299,11 @@ def test_stop_string_ends_the_row_and_its_ids(tiny_fresh):
 
 # --- the KV cache and the per-step logits against independent computations ---
 
+def close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float = 0.0) -> bool:
+    """torch.allclose's rule, |a - b| <= atol + rtol |b| everywhere (allclose itself is slow on 150k-vocab rows)."""
+    return bool(((a - b).abs() <= atol + rtol * b.abs()).all())
+
+
 def test_buffered_layer_holds_what_dynamic_layer_holds():
     """BufferedLayer against transformers' DynamicLayer through the operations _decode uses: a prefill, repeating
     rows, one-position updates past several buffer growths, dropping rows (the compacted order _decode uses, and
@@ -335,16 +340,29 @@ def test_buffered_layer_holds_what_dynamic_layer_holds():
         update(len(idx), 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch):
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["own_cache", "shared_prefix"])
+@pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3"])
+def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, share_prompt, monkeypatch):
     """The logits every sampled token is drawn from, step by step, against the model's forward on that row's
     whole unpadded text (prompt + its tokens so far) without a cache: for left-padded prompts of different
-    lengths, k=2 samples each, after rows have ended and been dropped (the cache rows moved around)."""
+    lengths, k samples each, after rows have ended and been dropped (the cache rows moved around); with each
+    row's own cache and with the prompt's keys and values shared by its k samples (shared_prefix_attention,
+    which must then run at every decode step), on grouped-query attention (qwen3) and through a peft model."""
+    from stepdpo import generation
     from stepdpo.generation import _decode
 
-    if arch == "llama":
+    calls = []
+    attention = generation.shared_prefix_attention
+    monkeypatch.setattr(generation, "shared_prefix_attention", lambda *a, **kw: calls.append(1) or attention(*a, **kw))
+    if arch.startswith("llama"):
         model, tok = tiny_fresh
         prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+        if arch == "llama_lora":
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(3)
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                     init_lora_weights=False)).eval()  # B != 0: the adapter acts
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -354,7 +372,7 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch):
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              head_dim=16, tie_word_embeddings=True)).eval()
         prompts = chat_prompts(tok)
-    k, steps, t = 2, 12, 2.0
+    k, steps, t = 3, 12, 2.0
     enc, ids, attn = left_padded(tok, prompts)
     gen = torch.Generator().manual_seed(0)
     seen, made = [], {r: [] for r in range(len(enc) * k)}  # (rows, logits) per step; each row's tokens so far
@@ -372,15 +390,19 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch):
         return nxt
 
     eos = tok.eos_token_id
-    out = _decode(model, ids, attn, k=k, max_new_tokens=steps, eos=torch.tensor([eos]), pick=pick, on_logits=on_logits)
+    out = _decode(model, ids, attn, k=k, max_new_tokens=steps, eos=torch.tensor([eos]), pick=pick, on_logits=on_logits,
+                  share_prompt=share_prompt)
+    n_layers = len(generation._base(model).model.layers)
+    assert len(calls) == (n_layers * (len(seen) - 1) if share_prompt else 0)  # every decode step, every layer
     assert sorted({len(rows) for rows, _, _ in seen}) != [len(enc) * k]  # rows were dropped
     assert len({len(x) for x, _ in out}) > 2  # and ended at different steps
     checked = 0
-    with torch.no_grad():
+    with torch.no_grad():  # one forward per row over its prompt and every token it drew (the model is causal)
+        full = {r: model(torch.tensor([enc[r // k] + made[r]])).logits[0] for r in made}
         for rows, logits, so_far in seen:
             for j, r in enumerate(rows):
-                want = model(torch.tensor([enc[r // k] + so_far[r]])).logits[0, -1]
-                assert torch.allclose(logits[j], want, atol=1e-4, rtol=1e-4), (r, len(so_far[r]))
-                assert torch.allclose(sampling_probs(logits[j:j + 1], t, 1.0)[0], (want / t).softmax(-1), atol=1e-5)
+                want = full[r][len(enc[r // k]) + len(so_far[r]) - 1]
+                assert close(logits[j], want, atol=1e-4, rtol=1e-4), (r, len(so_far[r]))
+                assert close(sampling_probs(logits[j:j + 1], t, 1.0)[0], (want / t).softmax(-1), atol=1e-5)
                 checked += 1
     assert checked > 3 * len(enc) * k

@@ -144,3 +144,28 @@ def test_training_tokens_per_s_leaves_out_time_spent_in_nested_bars(monkeypatch,
                              "sampling: sample 4/4 (100%) samples/s 0.4 | done in 9s",
                              "dpo: step 2/3 (67%) loss 0.5000 tokens/s 100.0 | 11s elapsed, ETA 1s",
                              "dpo: step 3/3 (100%) loss 0.5000 tokens/s 100.0 | done in 12s"]
+
+
+def test_library_bars_off_outside_a_terminal(monkeypatch, tmp_path, capfd):
+    """In log mode transformers' own bars (e.g. "Writing model shards" when a model is saved) print nothing;
+    in bar mode (a terminal) they stay on."""
+    from transformers.utils import logging as hf_logging
+
+    from stepdpo.model import tiny_llama
+
+    model, _ = tiny_llama(hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    try:
+        monkeypatch.setenv("STEPDPO_PROGRESS", "bar")
+        progress.quiet_library_bars()
+        assert hf_logging.is_progress_bar_enabled()
+        capfd.readouterr()
+        model.save_pretrained(tmp_path / "a")
+        assert "Writing model shards" in capfd.readouterr().err  # what the log would have shown
+        monkeypatch.setenv("STEPDPO_PROGRESS", "log")
+        progress.quiet_library_bars()
+        assert not hf_logging.is_progress_bar_enabled()
+        capfd.readouterr()
+        model.save_pretrained(tmp_path / "b")
+        assert "Writing model shards" not in capfd.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
