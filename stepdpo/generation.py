@@ -204,10 +204,13 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling, 
 
 def _can_share_prefix(model, cache) -> bool:
     """Whether sampling may decode with `shared_prefix_attention`: a model family whose attention is the
-    standard one (SHARED_PREFIX_MODELS), sdpa or eager, and full attention in every layer."""
+    standard one (SHARED_PREFIX_MODELS), sdpa or eager, full attention in every layer, and float32 activations
+    (its scores come out of a matmul in the activations' dtype; in bf16/fp16 they would be rounded to 8 or 11
+    bits before the softmax, where sdpa keeps them in float32, so low-precision models keep sdpa)."""
     cfg = _config(model)
     return (cache is not None and cfg.model_type in SHARED_PREFIX_MODELS and not any(cache.is_sliding)
-            and cfg._attn_implementation in ("sdpa", "eager"))
+            and cfg._attn_implementation in ("sdpa", "eager")
+            and _base(model).get_input_embeddings().weight.dtype == torch.float32)
 
 
 @contextlib.contextmanager

@@ -406,3 +406,21 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, share_prompt
                 assert close(sampling_probs(logits[j:j + 1], t, 1.0)[0], (want / t).softmax(-1), atol=1e-5)
                 checked += 1
     assert checked > 3 * len(enc) * k
+
+
+def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
+    """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention: a bf16
+    model (scores would be rounded to bf16 before the softmax) and a sliding-window layer keep sdpa."""
+    import transformers
+
+    from stepdpo.generation import _can_share_prefix, _new_cache
+
+    model, _ = tiny_fresh
+    assert _can_share_prefix(model, _new_cache(model))
+    assert not _can_share_prefix(model, None)  # transformers < 5: the model's own cache
+    half = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)[0].to(torch.bfloat16)
+    assert not _can_share_prefix(half, _new_cache(half))
+    sliding = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    assert not _can_share_prefix(sliding, _new_cache(sliding))
