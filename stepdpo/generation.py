@@ -10,7 +10,8 @@ The decoding itself is a small loop over the model's forward (`_decode`): one pr
 by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
 greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
 its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
-at every step, and the prompt is most of it): the same distribution, rounded differently. Cost model and numbers: docs/experiments/benchmarks.md.
+at every step, and the prompt is most of it): the same distribution, rounded differently.
+Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
 
@@ -214,15 +215,15 @@ def _can_share_prefix(model, cache) -> bool:
 
 
 @contextlib.contextmanager
-def _attention(model, name: str):
-    """Run the model's attention layers with the implementation registered as `name` inside the block."""
+def _shared_prefix_attention_on(model):
+    """Inside the block the model's attention layers call `shared_prefix_attention` (registered with
+    transformers' AttentionInterface as SHARED_PREFIX); the model's own implementation is restored after."""
     from transformers import AttentionInterface
 
-    if name == SHARED_PREFIX:
-        AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
+    AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
     cfg = _config(model)
     before = cfg._attn_implementation
-    cfg._attn_implementation = name
+    cfg._attn_implementation = SHARED_PREFIX
     try:
         yield
     finally:
@@ -331,7 +332,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         pos = pos + 1
         if shared:
             prefix.rows = live.to(ids.device)
-            with _attention(model, SHARED_PREFIX):
+            with _shared_prefix_attention_on(model):
                 out = model(input_ids=nxt[:, None], position_ids=pos[:, None], use_cache=True, stepdpo_prefix=prefix,
                             **{cache_name: cache})
         else:
