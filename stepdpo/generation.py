@@ -269,8 +269,9 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
     tokens. With `share_prompt` (sampling, k > 1, a model `_can_share_prefix` accepts) a prompt's keys and
     values are kept once for its k samples and decode steps attend through `shared_prefix_attention`: the same
-    distribution, rounded differently (so not for greedy). `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last
-    `window` token ids now hold a stop string (None: no stop strings). `on_logits(rows, logits)` (tests):
+    distribution, rounded differently (so not for greedy). `pick`: (N, V) fp32 logits -> (N,) ids.
+    `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
+    strings). `on_logits(rows, logits)` (tests):
     called before each pick with the original row of each live row and its logits.
     """
     cache_name, keep_arg = _forward_names(model)
