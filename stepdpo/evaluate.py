@@ -66,14 +66,15 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
     pooled), and `acc/level/<L>`, `acc/subject/<S>` when the problems carry those meta fields (MATH).
     """
     prompts = [format_prompt(p.question, tokenizer) for p in problems]
-    right = lambda text, gold: answers_match(extract_answer(text), gold)  # noqa: E731
-    with progress.bar("eval", len(prompts), unit="problem", on_outputs=progress.accuracy_so_far([p.answer for p in problems], right)):
+    # the bar's running accuracy applies the metric's own rule (countdown: every line valid, not just the answer)
+    right = lambda c, p: answer_of(c) is not None and solved(c.text, p.answer, p.meta)  # noqa: E731
+    with progress.bar("eval", len(prompts), unit="problem", on_outputs=progress.accuracy_so_far(problems, right)):
         outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     records = []
     for p, (c,) in zip(problems, outs):
         pred = answer_of(c)
         records.append({"id": p.id, "question": p.question, "output": c.text, "pred": pred, "gold": p.answer,
-                        "correct": pred is not None and solved(c.text, p.answer, p.meta), "steps": split_steps(c.text),
+                        "correct": right(c, p), "steps": split_steps(c.text),
                         "meta": p.meta,
                         "finish_reason": c.finish_reason})
     n = max(1, len(records))

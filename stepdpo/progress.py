@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("stepdpo.progress")
 
@@ -206,16 +206,17 @@ def _text(o) -> str:
     return getattr(o, "text", o)
 
 
-def accuracy_so_far(golds: Sequence[str], right: Callable[[str, str], bool]):
-    """An `on_outputs` for evaluation: {"acc": share of the completions so far whose answer is right}.
-    golds[i]: prompt i's gold answer; right(text, gold) decides."""
+def accuracy_so_far(golds: Sequence, right: Callable[[Any, Any], bool]):
+    """An `on_outputs` for evaluation: {"acc": share of the completions so far that are right}.
+    golds[i]: what prompt i is checked against; right(output, golds[i]) decides, with the output as
+    generated (a Completion, so the caller can apply its metric's own rule, truncation included)."""
     seen = hits = 0
 
     def cb(outputs: dict[int, Sequence]) -> dict:
         nonlocal seen, hits
         for i, outs in outputs.items():
             for o in outs:
-                seen, hits = seen + 1, hits + bool(right(_text(o), golds[i]))
+                seen, hits = seen + 1, hits + bool(right(o, golds[i]))
         return {"acc": hits / max(1, seen)}
 
     return cb

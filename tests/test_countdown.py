@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from stepdpo import progress
 from stepdpo.countdown import (apply, check_steps, doomed_steps, load, remaining_after, solvable, solve)
 from stepdpo.rewards.base import ScoreRequest
 from stepdpo.rewards.rule import RuleScorer
@@ -152,8 +153,13 @@ def test_eval_accuracy_on_countdown_needs_valid_lines():
     p, q = b.eval
     outs = {p.question: p.steps, q.question: ["1 + 1 = 2", "2 + 2 = 4", f"The answer is {q.answer}"]}
 
+    bar_acc = []
+
     def fake(model, tok, prompts, **kw):
-        return [[Completion("\n".join(next(v for k, v in outs.items() if k in pr)), (), "stop")] for pr in prompts]
+        res = [[Completion("\n".join(next(v for k, v in outs.items() if k in pr)), (), "stop")] for pr in prompts]
+        progress.advance(len(res), dict(enumerate(res)))  # what generation.generate reports to the open bar
+        bar_acc.append(progress._stack[-1].fields.get("acc"))
+        return res
 
     orig, ev.generate = ev.generate, fake
     try:
@@ -161,6 +167,7 @@ def test_eval_accuracy_on_countdown_needs_valid_lines():
     finally:
         ev.generate = orig
     assert [r["correct"] for r in records] == [True, False] and metrics["acc"] == 0.5
+    assert bar_acc == [0.5]  # the progress bar's running accuracy applies the same rule (it showed 1.0)
     assert records[1]["pred"] == q.answer  # the copied target is extracted, and still not counted
 
 
