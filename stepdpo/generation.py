@@ -10,7 +10,8 @@ The decoding itself is a small loop over the model's forward (`_decode`): one pr
 by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
 greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
 its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
-at every step, and the prompt is most of it): the same distribution, rounded differently.
+at every step, and the prompt is most of it), and runs a float32 peft LoRA policy with its adapters merged
+into copies of the weights (`_merged_lora`): the same distribution, rounded differently.
 Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
@@ -145,8 +146,9 @@ def _shared_prefix_layer():
         prefix_keys = prefix_values = None
 
         def update(self, key_states, value_states, *args, **kwargs):
-            if self.prefix_keys is None:
-                self.prefix_keys, self.prefix_values = key_states, value_states
+            if self.prefix_keys is None:  # contiguous once here: the projections' (B, T, H, D) -> (B, H, T, D)
+                # transposes would otherwise be copied by every decode step's matmuls, in every layer
+                self.prefix_keys, self.prefix_values = key_states.contiguous(), value_states.contiguous()
                 return key_states, value_states
             return super().update(key_states, value_states, *args, **kwargs)
 
@@ -187,14 +189,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling, 
     L, H, _, D = query.shape
     P, KV, T, _ = pk.shape
     G, k, rows = H // KV, sp.k, sp.rows  # G query heads per key head (GQA)
+    every = L == P * k  # no sample has ended yet: the rows are the slots, in order (the loop drops, never reorders, before)
 
     def by_prompt(x):  # (L, KV, G, X) -> (P, KV, k * G, X): row prompt * k + j -> prompt's query row j * G + g
-        full = x.new_zeros(P * k, *x.shape[1:])
-        full[rows] = x
+        full = x
+        if not every:
+            full = x.new_zeros(P * k, *x.shape[1:])
+            full[rows] = x
         return full.view(P, k, KV, G, -1).transpose(1, 2).reshape(P, KV, k * G, -1)
 
     def by_row(x):  # the inverse: (P, KV, k * G, X) -> (L, KV, G, X)
-        return x.view(P, KV, k, G, -1).transpose(1, 2).reshape(P * k, KV, G, -1)[rows]
+        full = x.view(P, KV, k, G, -1).transpose(1, 2).reshape(P * k, KV, G, -1)
+        return full if every else full[rows]
 
     q = query.reshape(L, KV, G, D) * scaling
     scores = torch.cat([by_row(by_prompt(q) @ pk.transpose(-1, -2) + sp.mask), q @ key.transpose(-1, -2)], -1)
@@ -230,6 +236,51 @@ def _shared_prefix_attention_on(model):
         cfg._attn_implementation = before
 
 
+def _mergeable_lora(model) -> list:
+    """The LoRA linears of a peft model when every one of them can run as a single linear with W + delta W:
+    peft's plain `lora.Linear` over a float32 `nn.Linear` (not quantized: a 4-bit base would have to be
+    dequantized; not bf16/fp16: W + delta W rounded to 8 or 11 bits would lose most of a small update), adapters on and not merged, plain LoRA (no DoRA or other variant) for every active adapter, and no
+    forward already patched. An empty list otherwise (then nothing is merged)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear, LoraLayer
+    except ImportError:
+        return []
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ok = all(type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear and not m.merged
+             and m.base_layer.weight.dtype == torch.float32 and not m.disable_adapters and "forward" not in vars(m)
+             and not getattr(m, "fan_in_fan_out", False)
+             and not any(a in m.lora_variant for a in m.active_adapters) for m in layers)
+    return layers if ok else []
+
+
+@contextlib.contextmanager
+def _merged_lora(model):
+    """Sampling only: inside the block each LoRA linear of a peft model runs as one linear whose weight is
+    W + sum over active adapters of scaling * B @ A (peft's `get_delta_weight`), computed once here, instead
+    of W x + scaling * B(A(x)): two small matmuls, a scale and an add fewer per linear per step. The same
+    function, rounded differently (so never for greedy decoding, which must pick generate's tokens). Nothing
+    is written into the model: the merged weights are copies (one per adapted linear, the memory of those
+    weights) held by a per-instance forward that is removed on exit, so training resumes on the exact weights.
+    Yields the number of linears merged (0: the model is not a peft LoRA model `_mergeable_lora` accepts)."""
+    layers = _mergeable_lora(model)
+    try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.base_layer.weight
+                for a in m.active_adapters:
+                    if a in m.lora_A:
+                        w = w + m.get_delta_weight(a).to(w.dtype)
+                m.forward = functools.partial(_linear, weight=w, bias=m.base_layer.bias)
+        yield len(layers)
+    finally:
+        for m in layers:
+            vars(m).pop("forward", None)
+
+
+def _linear(x, *_, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def _new_cache(model):
     """The cache `model.generate` builds (a DynamicCache laid out from the model's config: one layer per decoder
     layer, sliding-window layers where the config has them), each full-attention DynamicLayer a BufferedLayer.
@@ -259,7 +310,7 @@ def _compaction(keep: torch.Tensor) -> torch.Tensor:
 
 def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, eos: torch.Tensor,
             pick, stop_hit=None, window: int = 0, on_logits=None,
-            share_prompt: bool = False) -> list[tuple[list[int], bool]]:
+            sampling: bool = False) -> list[tuple[list[int], bool]]:
     """Decode a batch of left-padded prompts, k samples each: (ids, ended at an EOS id) per row, rows
     ordered prompt 0's k samples, then prompt 1's, ...
 
@@ -267,9 +318,10 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
     cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
     and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
-    tokens. With `share_prompt` (sampling, k > 1, a model `_can_share_prefix` accepts) a prompt's keys and
-    values are kept once for its k samples and decode steps attend through `shared_prefix_attention`: the same
-    distribution, rounded differently (so not for greedy). `pick`: (N, V) fp32 logits -> (N,) ids.
+    tokens. With `sampling` the computation may round differently from generate's (the same distribution, so
+    not for greedy): a peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model
+    `_can_share_prefix` accepts) a prompt's keys and values are kept once for its k samples and decode steps
+    attend through `shared_prefix_attention`. `pick`: (N, V) fp32 logits -> (N,) ids.
     `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
     strings). `on_logits(rows, logits)` (tests):
     called before each pick with the original row of each live row and its logits.
@@ -278,7 +330,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     last_only = {"logits_to_keep": 1} if keep_arg else {}
     B, T = ids.shape
     built = _new_cache(model)
-    shared = share_prompt and k > 1 and _can_share_prefix(model, built)
+    shared = sampling and k > 1 and _can_share_prefix(model, built)
     if shared:
         built.layers = [_shared_prefix_layer()() for _ in built.layers]
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, T) positions, as generate computes them
@@ -427,21 +479,23 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))  # longest first; put back in order below
     done: dict[int, list[Completion]] = {}
     per = max(1, batch_size // k)
-    for s in range(0, len(order), per):
-        idx = order[s:s + per]
-        T = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
-            attn[r, T - len(enc[i]):] = 1
-        rows = _decode(model, ids.to(device), attn.to(device), k=k, max_new_tokens=max_new_tokens,
-                       eos=torch.tensor(eos, device=device), pick=pick, stop_hit=stop_hit if stop else None,
-                       window=window, share_prompt=do_sample)
-        outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
-        for r, i in enumerate(idx):
-            done[i] = outs[r * k:(r + 1) * k]
-        progress.advance(len(outs), {i: done[i] for i in idx})  # the open sampling/eval bar, if any
+    merged = _merged_lora(model) if do_sample else contextlib.nullcontext()  # sampling: LoRA merged (same function)
+    with merged:
+        for s in range(0, len(order), per):
+            idx = order[s:s + per]
+            T = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
+                attn[r, T - len(enc[i]):] = 1
+            rows = _decode(model, ids.to(device), attn.to(device), k=k, max_new_tokens=max_new_tokens,
+                           eos=torch.tensor(eos, device=device), pick=pick, stop_hit=stop_hit if stop else None,
+                           window=window, sampling=do_sample)
+            outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
+            for r, i in enumerate(idx):
+                done[i] = outs[r * k:(r + 1) * k]
+            progress.advance(len(outs), {i: done[i] for i in idx})  # the open sampling/eval bar, if any
     if was_training:
         model.train()
     return [done[i] for i in range(len(prompts))]

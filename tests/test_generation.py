@@ -6,6 +6,7 @@ The models have random weights; the checks compare against the same model's unco
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -248,13 +249,30 @@ def test_sampling_probs_match_transformers_warpers():
             assert torch.allclose(sampling_probs(logits, t, top_p)[row].double(), want, atol=1e-6)
 
 
-def test_samples_follow_the_models_distribution(tiny_fresh):
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora_merged"])
+def test_samples_follow_the_models_distribution(tiny_fresh, lora):
     """Draw many samples of two tokens; the first token's frequencies match the nucleus of the model's own
     forward logits on the prompt, and the second token's (given the most common first token) those on
-    prompt + that token: the shared prefill, the repeated cache and the decode step are what the model computes."""
+    prompt + that token: the shared prefill, the repeated cache and the decode step are what the model computes.
+    With a LoRA adapter (random B), sampling runs the merged linears and must follow the adapted model's
+    forward (unmerged, computed by peft), which the test first checks is far from the base model's."""
     model, tok = tiny_fresh
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # a peaked distribution: a few tokens carry the mass
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        base_logits = model(torch.tensor([prompt_ids(tok, PROMPTS[2])])).logits[0, -1].detach()
+        torch.manual_seed(7)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.02)  # random B, small enough that the nucleus keeps several tokens
+            adapted = model(torch.tensor([prompt_ids(tok, PROMPTS[2])])).logits[0, -1]
+        moved = (sampling_probs(adapted[None], 0.7, 0.9) - sampling_probs(base_logits[None], 0.7, 0.9)).abs().sum()
+        assert moved > 0.2  # the adapter moves the distribution sampled from (base: 0.61 on its top token, adapted: 0.77)
     prompt, n, t, top_p = PROMPTS[2], 4000, 0.7, 0.9
     (outs,) = generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t,
                        top_p=top_p, num_return_sequences=n, seed=5)
@@ -277,6 +295,7 @@ def test_samples_follow_the_models_distribution(tiny_fresh):
     again = generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t, top_p=top_p,
                      num_return_sequences=n, seed=5)
     assert again == [outs]  # seeded
+    assert not any("forward" in vars(m) for m in model.modules())  # the merged linears are gone
     assert generate(model, tok, [prompt], max_new_tokens=2, batch_size=n, do_sample=True, temperature=t, top_p=top_p,
                     num_return_sequences=n, seed=6) != [outs]
 
@@ -340,20 +359,22 @@ def test_buffered_layer_holds_what_dynamic_layer_holds():
         update(len(idx), 1)
 
 
-@pytest.mark.parametrize("share_prompt", [False, True], ids=["own_cache", "shared_prefix"])
+@pytest.mark.parametrize("sampling", [False, True], ids=["own_cache", "shared_prefix"])
 @pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3"])
-def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, share_prompt, monkeypatch):
+def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, monkeypatch):
     """The logits every sampled token is drawn from, step by step, against the model's forward on that row's
     whole unpadded text (prompt + its tokens so far) without a cache: for left-padded prompts of different
     lengths, k samples each, after rows have ended and been dropped (the cache rows moved around); with each
     row's own cache and with the prompt's keys and values shared by its k samples (shared_prefix_attention,
-    which must then run at every decode step), on grouped-query attention (qwen3) and through a peft model."""
+    which must then run at every decode step), on grouped-query attention (qwen3) and through a peft model (when
+    sampling: with its LoRA linears merged, as `generate` samples, against the unmerged model's forward)."""
     from stepdpo import generation
-    from stepdpo.generation import _decode
+    from stepdpo.generation import _decode, _merged_lora
 
-    calls = []
-    attention = generation.shared_prefix_attention
+    calls, linear_calls = [], []
+    attention, linear = generation.shared_prefix_attention, generation._linear
     monkeypatch.setattr(generation, "shared_prefix_attention", lambda *a, **kw: calls.append(1) or attention(*a, **kw))
+    monkeypatch.setattr(generation, "_linear", lambda *a, **kw: linear_calls.append(1) or linear(*a, **kw))
     if arch.startswith("llama"):
         model, tok = tiny_fresh
         prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
@@ -390,10 +411,14 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, share_prompt
         return nxt
 
     eos = tok.eos_token_id
-    out = _decode(model, ids, attn, k=k, max_new_tokens=steps, eos=torch.tensor([eos]), pick=pick, on_logits=on_logits,
-                  share_prompt=share_prompt)
+    with _merged_lora(model) if sampling else contextlib.nullcontext() as merged:
+        out = _decode(model, ids, attn, k=k, max_new_tokens=steps, eos=torch.tensor([eos]), pick=pick,
+                      on_logits=on_logits, sampling=sampling)
     n_layers = len(generation._base(model).model.layers)
-    assert len(calls) == (n_layers * (len(seen) - 1) if share_prompt else 0)  # every decode step, every layer
+    assert len(calls) == (n_layers * (len(seen) - 1) if sampling else 0)  # every decode step, every layer
+    merges = 7 * n_layers if arch == "llama_lora" and sampling else 0  # q k v o gate up down: every LoRA linear
+    assert (merged or 0) == merges and len(linear_calls) == merges * len(seen)  # merged, at the prefill and every step
+    assert not any("forward" in vars(m) for m in model.modules())  # and the model's own forward back
     assert sorted({len(rows) for rows, _, _ in seen}) != [len(enc) * k]  # rows were dropped
     assert len({len(x) for x, _ in out}) > 2  # and ended at different steps
     checked = 0
@@ -424,3 +449,40 @@ def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
     assert not _can_share_prefix(sliding, _new_cache(sliding))
+
+
+def test_lora_merged_only_where_it_is_the_same_function():
+    """Sampling merges LoRA into copies of float32 weights of plain LoRA linears only: not with the adapter
+    disabled (the reference), not for DoRA (its magnitude is not in delta W), not on a bf16 base (W + delta W
+    rounded to 8 bits loses a small update). The model's parameters are untouched, also when the block raises."""
+    from peft import LoraConfig, get_peft_model
+
+    from stepdpo.generation import _merged_lora
+
+    def peft_tiny(**kw):
+        torch.manual_seed(0)
+        model, _ = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False, **kw)).eval()
+
+    model = peft_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        want = model(x).logits
+        with pytest.raises(RuntimeError, match="inside"):
+            with _merged_lora(model) as n:
+                assert n == 7
+                assert torch.allclose(model(x).logits, want, atol=1e-5)
+                raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(model(x).logits, want)  # peft's own forward again, bit for bit
+    with model.disable_adapter(), _merged_lora(model) as n:
+        assert n == 0
+    with _merged_lora(peft_tiny(use_dora=True)) as n:
+        assert n == 0
+    with _merged_lora(peft_tiny().to(torch.bfloat16)) as n:
+        assert n == 0
+    with _merged_lora(tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)[0]) as n:
+        assert n == 0  # not a peft model
