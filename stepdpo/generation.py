@@ -277,7 +277,7 @@ def _merged_lora(model):
             vars(m).pop("forward", None)
 
 
-def _linear(x, *_, weight, bias):
+def _linear(x, *, weight, bias):  # a merged LoRA linear's forward: nothing but the input (no adapter_names etc.)
     return torch.nn.functional.linear(x, weight, bias)
 
 
