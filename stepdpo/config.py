@@ -130,6 +130,9 @@ def validate_trainer(node: Any, group: str) -> None:
     if node.save_every < 0 or node.keep_checkpoints < 1:
         raise ValueError(f"{group}.save_every must be >= 0 and {group}.keep_checkpoints >= 1; "
                          f"got {node.save_every} and {node.keep_checkpoints}")
+    if (node.get("weighting_kwargs") or {}).get("signed") and node.token_reduction != "sum":
+        raise ValueError(f"{group}.weighting_kwargs.signed=true needs {group}.token_reduction=sum (signed token "
+                         f"weights can sum to 0, and the mean divides by that sum); got {node.token_reduction!r}")
     if node.rounds < 1 or node.rounds > max(1, node.max_steps):
         raise ValueError(f"{group}.rounds: must be in 1..max_steps ({node.max_steps}), got {node.rounds}")
     if node.rounds > 1 and node.resume is not None:

@@ -41,6 +41,12 @@ scores r_1..r_m (scores in [0, 1]; a step is "wrong" when its score < 0.5):
   max(0, -A^r_{j*}), its other steps 0 (`all_drops=true`: every step weighs its drop, max(0, -A^r_j));
   chosen step i weighs its gain max(0, A^c_i). Weights stay in [0, 1] and are not normalised, so a
   drop of 1 weighs as first_error's wrong step does, and a doubtful drop (0.75 -> 0.5) half as much.
+  `signed=true` keeps every step and both signs: chosen step i weighs A^c_i and rejected step j weighs
+  -A^r_j, in [-1, 1]. A negative weight reverses a token's pull on the margin, so the loss raises every
+  step that raised the value and lowers every step that lowered it, on both sides. This is
+  advantage-weighted policy gradient through DPO's link (Setlur et al. 2024). A failed solution's good
+  steps before its critical one are pushed up. Those are states the chosen side may never visit. Needs
+  `token_reduction=sum`, because with signed weights a mean's denominator can be 0.
 
 A user-defined scheme is any function `fn(chosen_scores, rejected_scores, **kwargs) ->
 (chosen_step_weights, rejected_step_weights)`, named as `trainer.weighting=my_pkg.module:fn`.
@@ -99,15 +105,20 @@ def score(chosen: Sequence[float], rejected: Sequence[float], **_) -> StepWeight
 
 
 def advantage(chosen: Sequence[float], rejected: Sequence[float], *, value_before: float | None = None,
-              all_drops: bool = False, **_) -> StepWeights:
+              all_drops: bool = False, signed: bool = False, **_) -> StepWeights:
     """Step weights from step advantages (formula in the module docstring): the rejected side's
-    critical step (largest drop) by the size of its drop, the chosen side's steps by their gains."""
+    critical step (largest drop) by the size of its drop, the chosen side's steps by their gains;
+    `signed`: every step by its advantage, both signs (chosen A^c_i, rejected -A^r_j)."""
     v = 1.0 if value_before is None else float(value_before)
 
     def adv(values: Sequence[float]) -> list[float]:
         return [float(x) - float(p) for x, p in zip(values, [v] + list(values[:-1]))]
 
     ac, ar = adv(chosen), adv(rejected)
+    if signed:
+        if all_drops:
+            raise ValueError("weighting=advantage: signed=true already weighs every step; drop all_drops")
+        return ac, [-a for a in ar]
     cw = [max(0.0, a) for a in ac]
     if all_drops:
         return cw, [max(0.0, -a) for a in ar]

@@ -6,6 +6,7 @@ check the plumbing (sample counts, value grid), not accuracy.
 """
 
 import pytest
+import torch
 
 from stepdpo.batching import encode_pair
 from stepdpo.data import StepPair, prompt_text, response_text
@@ -142,6 +143,13 @@ def test_advantage_weights_by_hand():
     assert advantage([1.0], [0.5, 0.0], value_before=1.0)[1] == [0.5, 0.0]
     assert advantage([1.0], [1.0, 0.0])[1] == [0.0, 1.0]
     assert advantage([], [])[1] == [] and get_scheme("advantage") is advantage
+    # signed: every step by its advantage, both signs. Rejected values 0.75 -> 1.0 -> 0.25 -> 0.0 (a good first
+    # step, then the critical one): the first step is pushed up (weight -0.25), the drops down (0.75, 0.25)
+    assert advantage([1.0], [1.0, 0.25, 0.0], value_before=0.75, signed=True) == ([0.25], [-0.25, 0.75, 0.25])
+    # a chosen step that lowered the value is pushed down (negative weight), the one that recovered it up
+    assert advantage([0.5, 1.0], [0.0], value_before=0.75, signed=True) == ([-0.25, 0.5], [0.75])
+    with pytest.raises(ValueError, match="all_drops"):
+        advantage([1.0], [0.0], signed=True, all_drops=True)
 
 
 def test_value_before_reaches_the_token_weights():
@@ -187,3 +195,32 @@ def test_cli_countdown_outcome_pairs_with_rollout_advantages(tmp_path):
     pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["meta"]["provenance"] == "rollout:soft@2" and "value_before" in p["meta"] for p in pairs)
     assert all(v in (0, 0.5, 1) for p in pairs for v in p["rejected_scores"] + [p["meta"]["value_before"]])
+
+
+def test_signed_advantage_weights_push_a_failed_solutions_good_step_up():
+    """A negative weight on a rejected token reverses its pull: the loss gradient on that token's log-prob is
+    negative (descent raises it), where the same token with weight +1 (plain DPO) is pushed down. By hand: with
+    margin h = 0 the sigmoid loss's derivative is -beta/2 per unit of h, h = sum w^c r^c - sum w^r r^r, so
+    dL/dlogp = -beta/2 * w for a chosen token and +beta/2 * w for a rejected one."""
+    from stepdpo.loss import weighted_dpo_loss
+
+    beta = 0.1
+    for w_rej, want in ((1.0, beta / 2), (-0.25, -0.25 * beta / 2)):
+        logps = torch.zeros(2, 3, requires_grad=True)
+        weights = torch.tensor([[0.0, 0.25, 0.0], [w_rej, 0.75, 0.25]])
+        loss, _ = weighted_dpo_loss(logps, torch.zeros(2, 3), weights, torch.ones(2, 3, dtype=torch.bool), beta=beta)
+        loss.backward()
+        assert logps.grad[1, 0].item() == pytest.approx(want)
+        assert logps.grad[0, 1].item() == pytest.approx(-0.25 * beta / 2)  # a chosen gain: pushed up
+
+
+def test_signed_advantage_refuses_the_mean_reduction():
+    from conftest import compose_config
+    from stepdpo.config import validate_trainer
+
+    cfg = compose_config("trainer=stepdpo", "trainer.weighting=advantage", "+trainer.weighting_kwargs.signed=true",
+                         "trainer.token_reduction=mean")
+    with pytest.raises(ValueError, match=r"trainer.weighting_kwargs.signed=true needs trainer.token_reduction=sum"):
+        validate_trainer(cfg.trainer, "trainer")
+    cfg.trainer.token_reduction = "sum"
+    validate_trainer(cfg.trainer, "trainer")
