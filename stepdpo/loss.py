@@ -91,6 +91,7 @@ def weighted_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weigh
             "logps/rejected": (policy_logps[B:] * mask[B:]).sum(-1).mean(),
             "logps/chosen_drift": (ratio[:B] * mask[:B]).sum(-1).mean(),  # log pi - log pi_ref on chosen
             "tokens/weighted_chosen": w[:B].sum(), "tokens/weighted_rejected": w[B:].sum(),
+            "tokens/reversed_weight": (-w).clamp_min(0).sum(),  # negative weights (signed advantages): pull reversed
             "tokens/response": mask.sum(),
             "margins/pair": (rc - rr).detach(),  # (B,): histogram, not a scalar
         }

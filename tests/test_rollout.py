@@ -208,8 +208,9 @@ def test_signed_advantage_weights_push_a_failed_solutions_good_step_up():
     for w_rej, want in ((1.0, beta / 2), (-0.25, -0.25 * beta / 2)):
         logps = torch.zeros(2, 3, requires_grad=True)
         weights = torch.tensor([[0.0, 0.25, 0.0], [w_rej, 0.75, 0.25]])
-        loss, _ = weighted_dpo_loss(logps, torch.zeros(2, 3), weights, torch.ones(2, 3, dtype=torch.bool), beta=beta)
+        loss, m = weighted_dpo_loss(logps, torch.zeros(2, 3), weights, torch.ones(2, 3, dtype=torch.bool), beta=beta)
         loss.backward()
+        assert m["tokens/reversed_weight"].item() == pytest.approx(max(0.0, -w_rej))
         assert logps.grad[1, 0].item() == pytest.approx(want)
         assert logps.grad[0, 1].item() == pytest.approx(-0.25 * beta / 2)  # a chosen gain: pushed up
 
@@ -218,7 +219,7 @@ def test_signed_advantage_refuses_the_mean_reduction():
     from conftest import compose_config
     from stepdpo.config import validate_trainer
 
-    cfg = compose_config("trainer=stepdpo", "trainer.weighting=advantage", "+trainer.weighting_kwargs.signed=true",
+    cfg = compose_config("trainer=stepdpo", "trainer.weighting=advantage", "trainer.weighting_kwargs.signed=true",
                          "trainer.token_reduction=mean")
     with pytest.raises(ValueError, match=r"trainer.weighting_kwargs.signed=true needs trainer.token_reduction=sum"):
         validate_trainer(cfg.trainer, "trainer")
