@@ -9,7 +9,12 @@ loss) the pairs themselves must not depend on the scorer. Here:
   (`stepdpo.rewards.rule.RuleScorer`: exact for arith and countdown, <<a=b>> for GSM8K);
 - each distinct incorrect sample (at most `max_pairs_per_problem` per problem) is paired with the
   correct sample, or the gold solution, that shares the longest run of leading steps with it;
-  prefix = those shared steps, chosen / rejected = the two rests.
+  prefix = those shared steps, chosen / rejected = the two rests (`align=shared`, the default: the
+  rejected side starts where the two part, so its first step faces the chosen step at the same state).
+  `align=none` pairs it instead with a correct solution drawn at random (seeded), prefix empty, both
+  sides whole. The rejected side then keeps the steps a failed solution got right before it went wrong:
+  what signed advantages (`trainer.weighting_kwargs.signed`) push up, and what an aligned pair hides in its
+  prompt.
 
 The pairs leave unscored, carrying their problem's meta (what the rule checker needs, e.g. countdown's
 numbers and target); the pipeline scores them with the `reward` group (`finish_pairs`), so
@@ -42,16 +47,19 @@ def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
 def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
-                        use_gold: bool = True, from_split: str = "train",
+                        use_gold: bool = True, from_split: str = "train", align: str = "shared",
                         pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
-    solution sharing most leading steps. Returns (unscored pairs, report). `from_split=pool` samples the
-    answer-only `pool` problems instead of `problems`, as pairs=on_policy does."""
+    solution sharing most leading steps (`align=shared`) or a random one, whole (`align=none`). Returns
+    (unscored pairs, report). `from_split=pool` samples the answer-only `pool` problems instead of `problems`,
+    as pairs=on_policy does."""
     from .rewards.rule import RuleScorer
 
     if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
         raise ValueError(f"pairs: need k >= 1, n_problems >= 0, max_pairs_per_problem >= 1; got {k}, {n_problems}, "
                          f"{max_pairs_per_problem}")
+    if align not in ("shared", "none"):
+        raise ValueError(f"pairs.align: {align!r} is not one of ('shared', 'none')")
     rng = random.Random(seed)
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
@@ -83,8 +91,12 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
             if not good:
                 report["no_chosen"] += 1
                 continue
-            best, src = max(good, key=lambda g: shared_steps(g[0], st))  # first of the longest shared runs
-            n = shared_steps(best, st)
+            if align == "none":
+                best, src = rng.choice(good)
+                n = 0
+            else:
+                best, src = max(good, key=lambda g: shared_steps(g[0], st))  # first of the longest shared runs
+                n = shared_steps(best, st)
             if n >= len(st) or n >= len(best):  # one side would be empty
                 report["skipped_empty_side"] += 1
                 continue

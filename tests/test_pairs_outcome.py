@@ -41,3 +41,21 @@ def test_gold_is_the_chosen_side_when_no_sample_is_right(monkeypatch):
     assert len(pairs) == 1 and pairs[0].chosen == RIGHT and pairs[0].meta["chosen_from"] == "gold"  # gold as is
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, use_gold=False)
     assert pairs == [] and report["no_chosen"] == 1
+
+
+def test_align_none_keeps_both_solutions_whole(monkeypatch):
+    """align=none: a random correct solution (seeded), prefix empty, both sides whole; the slip's right first
+    line stays on its rejected side instead of going into the prompt."""
+    p = Problem(id="c2", question="q", answer="46", steps=list(RIGHT), meta=META)
+    outs = [Completion("\n".join(s), (), "stop") for s in (SLIP, RIGHT, DOOM)]
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="none", seed=3)
+    assert report["pairs_outcome"] == 2 and report["pairs_prefix_steps"] == 0
+    assert [[x.strip() for x in q.rejected] for q in pairs] == [SLIP, DOOM]
+    assert all([x.strip() for x in q.chosen] == RIGHT and q.prefix == [] for q in pairs)  # sample or gold: both RIGHT
+    again, _ = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="none", seed=3)
+    assert [q.meta["chosen_from"] for q in again] == [q.meta["chosen_from"] for q in pairs]  # seeded
+    import pytest
+
+    with pytest.raises(ValueError, match="pairs.align"):
+        mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="longest")
