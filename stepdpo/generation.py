@@ -239,7 +239,8 @@ def _shared_prefix_attention_on(model):
 def _mergeable_lora(model) -> list:
     """The LoRA linears of a peft model when every one of them can run as a single linear with W + delta W:
     peft's plain `lora.Linear` over a float32 `nn.Linear` (not quantized: a 4-bit base would have to be
-    dequantized; not bf16/fp16: W + delta W rounded to 8 or 11 bits would lose most of a small update), adapters on and not merged, plain LoRA (no DoRA or other variant) for every active adapter, and no
+    dequantized; not bf16/fp16: W + delta W rounded to 8 or 11 bits would lose most of a small update),
+    adapters on and not merged, plain LoRA (no DoRA or other variant) for every active adapter, and no
     forward already patched. An empty list otherwise (then nothing is merged)."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear, LoraLayer
