@@ -1,6 +1,8 @@
 """pairs=outcome: pairs picked by outcome (answer + rule-valid lines) alone, cut at the longest shared prefix;
 a valid-but-doomed countdown sample is kept (rule flags only its answer line)."""
 
+import pytest
+
 import stepdpo.pairs_outcome as mod
 from stepdpo.data import Problem
 from stepdpo.generation import Completion
@@ -55,7 +57,5 @@ def test_align_none_keeps_both_solutions_whole(monkeypatch):
     assert all([x.strip() for x in q.chosen] == RIGHT and q.prefix == [] for q in pairs)  # sample or gold: both RIGHT
     again, _ = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="none", seed=3)
     assert [q.meta["chosen_from"] for q in again] == [q.meta["chosen_from"] for q in pairs]  # seeded
-    import pytest
-
     with pytest.raises(ValueError, match="pairs.align"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="longest")
