@@ -16,7 +16,9 @@ alike), and each reports the median, min and max over its repeats; ratios are of
         --steps 10 --batch-size 4 --max-length 512 --impl all --repeats 3 [--precompute-ref] [--threads 1]
 
 Variants (--impl, comma-separated, or `both` = stepdpo,trl, `all` = stepdpo,trl,trl_grouped):
-- stepdpo: `stepdpo.train.train`; its batches are length-grouped (`batching.length_grouped_batches`).
+- stepdpo: `stepdpo.train.train`; its batches are length-grouped (`batching.length_grouped_batches`)
+  and packed (trainer.pack: one sequence per pair, the prompt and the sides' shared tokens once).
+- stepdpo_unpacked: the same with trainer.pack=false (each side its own row, as TRL runs them).
 - trl: TRL's DPOTrainer with its defaults (random sampler: batches of unrelated lengths, padded).
 - trl_grouped: the same with `train_sampling_strategy="group_by_length"` (transformers'
   LengthGroupedSampler over a `length` column = prompt + longer response tokens; TRL 1.16's
@@ -29,7 +31,8 @@ Log-prob memory (extra memory of the log-prob step relative to the logits tensor
 
     python scripts/bench_train.py --mode logp-memory [--vocab 128256]
 
-tokens/s counts non-padding tokens of the chosen and rejected sequences (prompt included) over
+tokens/s counts non-padding tokens of the chosen and rejected sequences (prompt included, on each
+side, however many of them the model actually runs on: `run_fraction` says that share) over
 the steps after the first (warm-up), so data preparation and reference precomputation are not
 in it (reported as setup_s). TRL runs with its own defaults (DPOConfig: bf16 autocast, gradient
 checkpointing, fused LM head, logging every 10 steps); only batch size, max_length, steps, lr,
@@ -177,7 +180,7 @@ def _throughput(times: list[float], tokens: list[int]) -> float:
 # ----------------------------------------------------------------------------- implementations
 
 
-def run_stepdpo(a) -> dict:
+def run_stepdpo(a, pack: bool = True) -> dict:
     import torch
 
     from stepdpo.config import TrainerConfig
@@ -195,15 +198,16 @@ def run_stepdpo(a) -> dict:
     cfg = TrainerConfig(loss="dpo", weighting=a.weighting, beta=a.beta, lr=a.lr, schedule="linear", warmup_steps=0,
                         min_lr_ratio=0.0, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
                         precision=a.precision, device="cpu", log_every=1, precompute_ref=a.precompute_ref,
-                        ref_cache_dir=cache, gradient_checkpointing=a.gradient_checkpointing)
+                        ref_cache_dir=cache, gradient_checkpointing=a.gradient_checkpointing, pack=pack)
 
     class Recorder:  # the loop logs every step; keep the time and the numbers
         def __init__(self):
-            self.times, self.tokens, self.padded, self.losses = [], [], [], []
+            self.times, self.tokens, self.run, self.padded, self.losses = [], [], [], [], []
 
         def log(self, m, step):
             self.times.append(time.perf_counter())
-            self.tokens.append(int(m["train/tokens/nonpad"]))
+            self.tokens.append(int(m["train/tokens/pairs"]))  # the pairs' tokens, as TRL counts them
+            self.run.append(int(m["train/tokens/nonpad"]))  # the positions the model ran on (fewer, packed)
             self.padded.append(int(m["train/tokens/padded"]))
             self.losses.append(float(m["train/loss"]))
 
@@ -212,9 +216,10 @@ def run_stepdpo(a) -> dict:
     train(cfg, policy, tok, examples, rec, ref_model=ref, seed=a.seed, prefix="train")
     t1 = time.perf_counter()
     first_step = rec.times[0] - t0  # includes the reference precompute, when on
-    return {"impl": "stepdpo", "tokens_per_s": _throughput(rec.times, rec.tokens), "peak_rss_mb": peak_rss_mb(),
-            "final_loss": rec.losses[-1], "losses": rec.losses, "tokens": sum(rec.tokens), "pairs": len(examples),
-            "pad_fraction": round(1 - sum(rec.tokens) / sum(rec.padded), 4),
+    return {"impl": "stepdpo" if pack else "stepdpo_unpacked", "tokens_per_s": _throughput(rec.times, rec.tokens),
+            "peak_rss_mb": peak_rss_mb(), "final_loss": rec.losses[-1], "losses": rec.losses, "tokens": sum(rec.tokens),
+            "run_fraction": round(sum(rec.run) / sum(rec.tokens), 4), "pairs": len(examples),
+            "pad_fraction": round(1 - sum(rec.run) / sum(rec.padded), 4),
             "setup_s": round(t0 - t_setup + first_step, 3), "train_s": round(t1 - t0, 3),
             "precision": a.precision, "gradient_checkpointing": a.gradient_checkpointing}
 
@@ -371,7 +376,8 @@ def logp_memory(a) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-VARIANTS = {"stepdpo": run_stepdpo, "trl": run_trl, "trl_grouped": lambda a: run_trl(a, grouped=True)}
+VARIANTS = {"stepdpo": run_stepdpo, "stepdpo_unpacked": lambda a: run_stepdpo(a, pack=False), "trl": run_trl,
+            "trl_grouped": lambda a: run_trl(a, grouped=True)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -405,8 +411,8 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
     p.add_argument("--impl", default="stepdpo",
-                   help="comma-separated variants among stepdpo, trl, trl_grouped; both = stepdpo,trl; "
-                        "all = stepdpo,trl,trl_grouped")
+                   help="comma-separated variants among stepdpo, stepdpo_unpacked, trl, trl_grouped; "
+                        "both = stepdpo,trl; all = stepdpo,trl,trl_grouped")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant (interleaved); medians reported")
     p.add_argument("--precompute-ref", action="store_true")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -425,7 +431,7 @@ def parse(argv=None):
                         "1 avoids OpenMP threads waiting on descheduled siblings, which swamps the measurement")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.impls = {"both": ["stepdpo", "trl"], "all": list(VARIANTS)}.get(a.impl, a.impl.split(","))
+    a.impls = {"both": ["stepdpo", "trl"], "all": ["stepdpo", "trl", "trl_grouped"]}.get(a.impl, a.impl.split(","))
     unknown = [v for v in a.impls if v not in VARIANTS]
     if unknown:
         p.error(f"--impl: unknown {unknown}; choose among {list(VARIANTS)}, both, all")
@@ -491,6 +497,9 @@ def main(argv=None) -> int:
                      "peak_rss": round(s["peak_rss_mb"] / res[v]["peak_rss_mb"], 3)} for v in trls}
         res.update(ratio={**ratio, "trl_best": {"variant": best, **ratio[best]}},
                    targets={"tokens_per_s": 5.0, "peak_rss": 0.35})
+    if "stepdpo" in res and "stepdpo_unpacked" in res:  # what packing gains, in the same run
+        res.setdefault("ratio", {})["packed_over_unpacked"] = round(
+            res["stepdpo"]["tokens_per_s"] / res["stepdpo_unpacked"]["tokens_per_s"], 3)
     print(json.dumps(res))
     return 0
 

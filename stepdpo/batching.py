@@ -33,41 +33,72 @@ class Example:
         c, r = self.chosen_ids, self.rejected_ids
         return next((t for t, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
 
-    @property
-    def rejected_on_chosen_row(self) -> bool:
-        """Every weighted rejected token lies at or before the first differing token: the rejected side's
-        log-probs can be read off the chosen row (one forward for the pair, the same loss exactly)."""
-        j = self.shared_upto
-        if j >= min(len(self.chosen_ids), len(self.rejected_ids)):
-            return False
-        return all(w == 0 for w in self.rejected_w[j + 1:])
-
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    def run_len(self, pack: bool) -> int:
+        """The length of its longest run row (`collate`): what batches are grouped by."""
+        if not pack:
+            return len(self)
+        return len(self.prompt_ids) + len(self.chosen_ids) + max(0, len(self.rejected_ids) - self.shared_upto - 1)
 
 
 @dataclass
 class PreferenceBatch:
-    input_ids: torch.Tensor  # (2B, T) chosen rows first, then rejected rows; right-padded
+    """A batch in two layouts: the *sides* (what the loss reads: one row per chosen and per rejected
+    side, labels aligned as in an unpacked batch) and the *run* rows (what the model runs on).
+
+    Sides: (2B, T), chosen rows first, then rejected rows; right-padded. A rejected side whose
+    weighted tokens all sit at or before the first token where the two sides differ is labelled only
+    up to that token (`collate(trim_rejected=True)`), so it holds tokens 0..j of its response.
+
+    Run rows (`run`): the inputs the model needs, each token once per pair where it can be
+    (`collate(pack=True)`): one row per pair, [prompt + the sides' shared tokens | chosen's own
+    tokens | rejected's own tokens], the rejected tokens placed at the positions they have in their
+    own sequence and attending to the shared part and themselves only (`tree_mask`). Unpacked, the
+    run rows are the sides, except a rejected side that has no token of its own: it is read off its
+    chosen row. Either way `src` says which run position's hidden state predicts each side label.
+    """
+
+    input_ids: torch.Tensor  # (2B, T) the sides' tokens
     attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
     labels: torch.Tensor  # (2B, T) token ids on response tokens, -100 on prompt/pad
     token_weights: torch.Tensor  # (2B, T) float, 0 on prompt/pad
     focus: torch.Tensor  # (2B, T) float, 1 on the first-error step tokens (metrics only)
     nll_only: torch.Tensor  # (2B, T) bool, True on prefix tokens labelled for the NLL anchor only
-    row_src: torch.Tensor  # (2B,) long: the row whose tokens this row's log-probs are read from (itself, or
-    #                        for a rejected side read off its chosen row, that row: see Example.rejected_on_chosen_row)
+    run_ids: torch.Tensor  # (R, L) the rows the model runs on, right-padded
+    run_seg: torch.Tensor  # (R, L) int8: SHARED, CHOSEN or REJECTED (own tokens of a packed pair), PAD
+    run_pos: torch.Tensor | None  # (R, L) position ids of a packed batch; None: 0..L-1 (unpacked)
+    src: torch.Tensor  # (2B, T-1) long: flat index (r * L + l) of the run position predicting labels[:, 1:]; -1 off-label
+    n_tokens: int  # tokens of the pairs as separate sequences (prompt counted on each side, full responses):
+    #                what an unpacked trainer runs on, and what tokens/s counts
 
     @property
     def n_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
     @property
-    def computed_rows(self) -> torch.Tensor:
-        """(2B,) bool: the rows the model actually runs on (not read off another row)."""
-        return self.row_src == torch.arange(len(self.row_src), device=self.row_src.device)
+    def run(self) -> tuple:
+        """What `logprobs.ModelLogps` takes besides the sides' labels."""
+        return self.run_ids, self.run_seg, self.run_pos, self.src
 
     def to(self, device) -> "PreferenceBatch":
-        return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return PreferenceBatch(*(v.to(device) if isinstance(v, torch.Tensor) else v
+                                 for v in (getattr(self, f) for f in self.__dataclass_fields__)))
+
+
+SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # run_seg values
+
+
+def tree_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(R, L) run_seg of a packed batch -> (R, 1, L, L) bool, True where query l may attend to key k:
+    causal, and a key is shared or in the query's own side. Padding queries see themselves only."""
+    L = seg.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    vis = causal & (k != PAD) & ((k == SHARED) | (k == q)) & (q != PAD)
+    vis |= torch.eye(L, dtype=torch.bool, device=seg.device) & (q == PAD)
+    return vis[:, None]
 
 
 def _encode_response(tokenizer, steps: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -103,50 +134,93 @@ def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
 
 
 def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False,
-            share_rows: bool = True) -> PreferenceBatch:
+            trim_rejected: bool = True, pack: bool = False) -> PreferenceBatch:
     """Right-pad to the longest row in this batch (dynamic padding, never to max_length).
 
     nll_prefix: also label the chosen rows' prefix-step tokens (weight 0, `nll_only` True), so the
     NLL anchor can cover the whole correct solution (trainer.nll_on=solution).
-    share_rows: a pair whose weighted rejected tokens all sit at or before the first token where the
-    two sides differ (`Example.rejected_on_chosen_row`: first_error with error_span=token and
-    after_error=0) gets a rejected row that *is* its chosen row's tokens, labelled with the rejected
-    tokens 0..j; `row_src` points it at the chosen row, and the model runs once for both. The
-    log-probs are those of the separate rejected row, exactly: the context is the same token ids.
+    trim_rejected: a rejected side whose weighted tokens all sit at or before j, the first token where
+    the two sides differ (first_error with error_span=token and after_error=0), is labelled with its
+    tokens 0..j only: every one of them is predicted from a context the chosen side has, so the model
+    runs no token of its own for it.
+    pack: one run row per pair (see `PreferenceBatch`); the model computes the prompt and the sides'
+    shared tokens once. Without it, each side runs as its own row unless it has no own token.
+    The log-probs are the same either way: every label is predicted from the same token ids at the
+    same positions.
     """
     B = len(examples)
-    shared = [not sft and share_rows and ex.rejected_on_chosen_row for ex in examples]
-    rows = [(ex.prompt_ids, ex.chosen_ids, ex.chosen_ids, ex.chosen_w, ex.chosen_focus) for ex in examples]
+    sides = []  # (prompt, side tokens, labelled tokens, weights, focus)
+    for ex in examples:
+        sides.append((ex.prompt_ids, ex.chosen_ids, ex.chosen_w, ex.chosen_focus))
     if not sft:
-        for ex, sh in zip(examples, shared):
-            if sh:  # the chosen row's tokens; labels = the rejected tokens 0..j
-                n = ex.shared_upto + 1
-                rows.append((ex.prompt_ids, ex.chosen_ids, ex.rejected_ids[:n], ex.rejected_w[:n], ex.rejected_focus[:n]))
-            else:
-                rows.append((ex.prompt_ids, ex.rejected_ids, ex.rejected_ids, ex.rejected_w, ex.rejected_focus))
-    T = max(len(p) + len(r) for p, r, _, _, _ in rows)
-    n = len(rows)
+        for ex in examples:
+            n = len(ex.rejected_ids)
+            j = ex.shared_upto
+            if trim_rejected and j < min(len(ex.chosen_ids), n) and not any(ex.rejected_w[j + 1:]):
+                n = j + 1
+            sides.append((ex.prompt_ids, ex.rejected_ids[:n], ex.rejected_w[:n], ex.rejected_focus[:n]))
+    T = max(len(p) + len(r) for p, r, _, _ in sides)
+    n = len(sides)
     ids = torch.full((n, T), pad_id, dtype=torch.long)
     labels = torch.full((n, T), IGNORE, dtype=torch.long)
     attn = torch.zeros((n, T), dtype=torch.long)
     w = torch.zeros((n, T), dtype=torch.float32)
     foc = torch.zeros((n, T), dtype=torch.float32)
     nll_only = torch.zeros((n, T), dtype=torch.bool)
-    src = torch.arange(n)
-    for i, (p, r, lab, rw, rf) in enumerate(rows):
-        L, P, K = len(p) + len(r), len(p), len(lab)
+    for i, (p, r, rw, rf) in enumerate(sides):
+        L, P = len(p) + len(r), len(p)
         ids[i, :L] = torch.tensor(p + r)
         attn[i, :L] = 1
-        labels[i, P:P + K] = torch.tensor(lab)
-        w[i, P:P + K] = torch.tensor(rw)
-        foc[i, P:P + K] = torch.tensor(rf)
-        if i >= B and shared[i - B]:
-            src[i] = i - B
+        labels[i, P:L] = torch.tensor(r)
+        w[i, P:L] = torch.tensor(rw)
+        foc[i, P:L] = torch.tensor(rf)
         k = examples[i].n_prefix if nll_prefix and i < B else 0
         if k:
             labels[i, P - k:P] = torch.tensor(p[P - k:])
             nll_only[i, P - k:P] = True
-    return PreferenceBatch(ids, attn, labels, w, foc, nll_only, src)
+
+    # Run rows. A side's inputs are its tokens but the last (whose prediction nothing needs); side
+    # input t (predicting side token t + 1) sits at run position t if t < s (the shared part), else at
+    # t + off: places[i] = (run row, s, off).
+    rows, seg_rows, pos_rows, places = [], [], [], []
+    for i in range(B):
+        c_in = sides[i][0] + sides[i][1][:-1]
+        rows.append(c_in)
+        seg_rows.append([SHARED] * len(c_in))
+        pos_rows.append(list(range(len(c_in))))
+        places.append((i, len(c_in), 0))
+    for i in range(B if not sft else 0):
+        c_in, r_in = rows[i], sides[B + i][0] + sides[B + i][1][:-1]
+        s = next((t for t, (a, b) in enumerate(zip(c_in, r_in)) if a != b), min(len(c_in), len(r_in)))
+        if s == len(r_in):  # no input of its own: read off its chosen row
+            places.append((i, s, 0))
+        elif pack:  # its own inputs go after the chosen row's, at their own positions
+            seg_rows[i] = [SHARED] * s + [CHOSEN] * (len(c_in) - s) + [REJECTED] * (len(r_in) - s)
+            pos_rows[i] = pos_rows[i] + list(range(s, len(r_in)))
+            places.append((i, s, len(c_in) - s))
+            rows[i] = c_in + r_in[s:]
+        else:  # its own row
+            rows.append(r_in)
+            seg_rows.append([SHARED] * len(r_in))
+            pos_rows.append(list(range(len(r_in))))
+            places.append((len(rows) - 1, len(r_in), 0))
+    R, Lr = len(rows), max(len(r) for r in rows)
+    run_ids = torch.full((R, Lr), pad_id, dtype=torch.long)
+    run_seg = torch.full((R, Lr), PAD, dtype=torch.int8)
+    run_pos = torch.zeros((R, Lr), dtype=torch.long) if pack else None
+    for r, (toks, sg) in enumerate(zip(rows, seg_rows)):
+        run_ids[r, :len(toks)] = torch.tensor(toks)
+        run_seg[r, :len(toks)] = torch.tensor(sg, dtype=torch.int8)
+        if pack:
+            run_pos[r, :len(toks)] = torch.tensor(pos_rows[r])
+    src = torch.full((n, T - 1), -1, dtype=torch.long)
+    t = torch.arange(T - 1)
+    for i, (row, s, off) in enumerate(places):
+        lab = labels[i, 1:] != IGNORE
+        src[i, lab] = (torch.where(t < s, t, t + off) + row * Lr)[lab]
+    n_tokens = sum(len(ex.prompt_ids) + len(ex.chosen_ids) + (0 if sft else len(ex.prompt_ids) + len(ex.rejected_ids))
+                   for ex in examples)
+    return PreferenceBatch(ids, attn, labels, w, foc, nll_only, run_ids, run_seg, run_pos, src, n_tokens)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,

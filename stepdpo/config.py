@@ -57,6 +57,7 @@ class TrainerConfig:
     keep_checkpoints: int = 1  # newest checkpoints kept per stage (writes are atomic, so 1 is safe)
     resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>; trainer.resume drives every stage
     precompute_ref: bool = False  # reference log-probs computed once before training, cached on disk
+    pack: bool = True  # one run row per pair: prompt and shared tokens computed once (sdpa/eager attention)
     ref_cache_dir: str = "~/.cache/stepdpo"  # where precomputed reference log-probs are cached (ref_logps/<hash>.pt)
 
 

@@ -11,16 +11,15 @@ Vocabulary (one name per idea):
 The functions are named by what they start from and which layout they return:
 
     logps_from_logits(logits (N, T, V), labels)        -> aligned   full-logits path (any model)
-    logps_from_hidden(hidden (N, T, H), head, labels)  -> aligned   the LM head at labelled positions only
     flat_logps_from_head(h (M, H), W, b, targets)      -> flat      the fused LM-head kernel
     flat_logps_from_logits(logits (M, V), targets)     -> flat      plain autograd (a LoRA/quantized head)
-    ModelLogps(model)(input_ids, attention_mask, labels) -> aligned a causal LM as a log-prob module
+    ModelLogps(model)(input_ids, attention_mask, labels[, run]) -> aligned  a causal LM as a log-prob module
     reference_logps(policy, reference, batch)          -> aligned   the frozen copy, or the adapter off
 
 None of them builds a fp32 (N, T, V) tensor: logsumexp runs over chunks, and the backward writes
 the logits gradient chunk by chunk. For plain-head architectures (`PLAIN_HEAD`) `ModelLogps` runs
-the backbone over every token and the LM head only at labelled positions, so no (N, T, V) logits
-tensor exists at all.
+the backbone over the batch's run rows (a packed pair's prompt and shared tokens once) and the LM
+head only at labelled positions, so no (N, T, V) logits tensor exists at all.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .batching import IGNORE, PreferenceBatch
+from .batching import IGNORE, PreferenceBatch, tree_mask
 
 # Architectures whose logits are exactly lm_head(decoder(...).last_hidden_state): no logit scaling
 # or soft-capping. Others (Gemma 2/3, Cohere, Granite...) take the generic full-logits path.
@@ -228,27 +227,17 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 # ----------------------------------------------------------------------------- from hidden states / a model
 
 
-def logps_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """Aligned logps from last hidden states, the LM head applied at labelled positions only.
-    hidden: (N, T, H); labels: (N, T), IGNORE off-response. -> (N, T-1) fp32."""
-    sel = labels[:, 1:] != IGNORE  # (N, T-1) positions that predict a response token
-    h = hidden[:, :-1][sel]  # (M, H)
-    tgt = labels[:, 1:][sel]  # (M,)
-    if type(head) is torch.nn.Linear:
-        lp = flat_logps_from_head(h, head.weight, head.bias, tgt)
-    else:  # e.g. a LoRA-wrapped or quantized head
-        lp = flat_logps_from_logits(head(h), tgt)
-    return torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp)
-
-
 class ModelLogps(torch.nn.Module):
-    """A causal LM as (input_ids, attention_mask, labels) -> (N, T-1) aligned logps.
+    """A causal LM as (input_ids, attention_mask, labels[, run]) -> (N, T-1) aligned logps.
 
-    For plain-head architectures (PLAIN_HEAD) the LM head runs only at labelled positions
-    (`logps_from_hidden`); otherwise the model's logits go through `logps_from_logits`. DDP wraps
-    this module, so the policy forward goes through DDP (gradient hooks) while the reference
-    forward calls the unwrapped module directly (`model.disable_adapter()` acts on the underlying
-    model).
+    For plain-head architectures (PLAIN_HEAD) the LM head runs only at labelled positions, once per
+    distinct (position, label); otherwise the model's logits are gathered there. `run` (a
+    `PreferenceBatch.run`: run_ids, run_seg, run_pos, src) gives the rows the model runs on and
+    where each label is predicted; without it the sides themselves run. A packed run (run_pos set)
+    attends through `batching.tree_mask`, which only attention implementations that take a custom
+    4D mask honour: `packs` says whether this model does. DDP wraps this module, so the policy forward
+    goes through DDP (gradient hooks) while the reference forward calls the unwrapped module directly
+    (`model.disable_adapter()` acts on the underlying model).
     """
 
     def __init__(self, model):
@@ -262,29 +251,46 @@ class ModelLogps(torch.nn.Module):
             head = base.get_output_embeddings()
             if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Module):
                 self.parts = (decoder, head)  # a tuple: not registered twice as submodules
+        # A packed pair needs a tree mask: sdpa and eager take a 4D mask as given; flash-attention and
+        # flex do not, and sliding-window layers would need the window in the mask too.
+        sliding = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+        self.packs = (self.parts is not None and not sliding
+                      and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
-    def forward(self, input_ids, attention_mask, labels, row_src=None):
-        """row_src: optional (N,) long; row i's log-probs are read from the hidden states of row
-        row_src[i] (a rejected side read off its chosen row, `batching.collate`): the model runs only
-        on the rows with row_src[i] == i."""
-        keep = inv = None
-        if row_src is not None:
-            own = row_src == torch.arange(len(row_src), device=row_src.device)
-            if not bool(own.all()):
-                keep = own.nonzero().squeeze(1)
-                pos = torch.full_like(row_src, -1)
-                pos[keep] = torch.arange(len(keep), device=row_src.device)
-                inv = pos[row_src]  # each row -> its computed row (collate points only at computed rows)
-                input_ids, attention_mask = input_ids[keep], attention_mask[keep]
+    def forward(self, input_ids, attention_mask, labels, run=None):
+        if run is None:  # the sides are the run rows
+            n, T = input_ids.shape
+            src = torch.arange(n * T, device=labels.device).view(n, T)[:, :-1]
+            run = (input_ids, torch.where(attention_mask.bool(), 0, -1), None, src.masked_fill(labels[:, 1:] == IGNORE, -1))
+        ids, seg, pos, src = run
+        if pos is None:
+            mask = (seg >= 0).long()
+        else:
+            mask = tree_mask(seg)
+            if getattr(self.model.config, "_attn_implementation", None) == "eager":  # additive
+                dtype = next(self.model.parameters()).dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        sel = src >= 0  # (N, T-1): labelled positions, row-major
+        at, tgt = src[sel], labels[:, 1:][sel]  # (M,) run position, label
+        key = at * (int(tgt.max()) + 1 if len(tgt) else 1) + tgt  # a shared position's label is read by both sides
+        uniq, inv = torch.unique(key, return_inverse=True)
+        u_at, u_tgt = at.new_empty(len(uniq)), tgt.new_empty(len(uniq))
+        u_at[inv], u_tgt[inv] = at, tgt
         if self.parts is None:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (n, T, V)
-            return logps_from_logits(logits if inv is None else logits[inv], labels)
-        decoder, head = self.parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return logps_from_hidden(hidden if inv is None else hidden[inv], head, labels)  # (N, T-1)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            lp = flat_logps_from_logits(logits.flatten(0, 1)[u_at], u_tgt)
+        else:
+            decoder, head = self.parts
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            h = hidden.flatten(0, 1)[u_at]  # (U, H)
+            if type(head) is torch.nn.Linear:
+                lp = flat_logps_from_head(h, head.weight, head.bias, u_tgt)
+            else:  # e.g. a LoRA-wrapped or quantized head
+                lp = flat_logps_from_logits(head(h), u_tgt)
+        return torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp[inv])  # (N, T-1)
 
 
 def reference_logps(policy: ModelLogps, reference: ModelLogps | None, batch: PreferenceBatch) -> torch.Tensor:
-    """Aligned reference logps (no grad): the frozen copy, or the policy with its LoRA adapter off."""
+    """Aligned reference logps (no grad): the frozen copy, or the policy with its adapter off."""
     with torch.no_grad(), (policy.model.disable_adapter() if reference is None else contextlib.nullcontext()):
-        return (reference or policy)(batch.input_ids, batch.attention_mask, batch.labels, batch.row_src)
+        return (reference or policy)(batch.input_ids, batch.attention_mask, batch.labels, batch.run)

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .locks import exclusive_lock
-from .batching import Example, PreferenceBatch, collate
+from .batching import IGNORE, Example, PreferenceBatch, collate
 
 VERSION = 1  # bump when the way log-probs are computed changes
 VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version", "use_cache",
@@ -58,8 +58,7 @@ class RefLogps:
                 lp = self.values[start:start + len(ex.chosen_ids)]
             else:
                 lp = self.values[start + len(ex.chosen_ids):int(self.offsets[i + 1])]
-                if int(batch.row_src[row]) != row:  # read off the chosen row: only rejected tokens 0..j are labelled
-                    lp = lp[:ex.shared_upto + 1]
+                lp = lp[:int((batch.labels[row] != IGNORE).sum())]  # a trimmed side: tokens 0..j only
             p = len(ex.prompt_ids)  # response token k sits at position p + k, predicted at p + k - 1
             lo = max(p - 1, 0)
             out[row, lo:p - 1 + len(lp)] = lp[lo - (p - 1):]
@@ -117,7 +116,7 @@ def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: s
 
 
 def compute(ref_fn: Callable[[PreferenceBatch], torch.Tensor], examples: Sequence[Example], pad_id: int, *,
-            batch_size: int, device: torch.device) -> RefLogps:
+            batch_size: int, device: torch.device, pack: bool = False) -> RefLogps:
     """Run `ref_fn` (a batch -> (2B, T-1) reference log-probs) over every example, in length order."""
     lengths = [len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
     offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
@@ -126,7 +125,7 @@ def compute(ref_fn: Callable[[PreferenceBatch], torch.Tensor], examples: Sequenc
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]), reverse=True)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = collate([examples[i] for i in idx], pad_id, share_rows=False).to(device)  # every token, whatever
+        batch = collate([examples[i] for i in idx], pad_id, trim_rejected=False, pack=pack).to(device)  # every token, whatever
         # the weights: one file serves every weighting of the same pairs
         lp = ref_fn(batch).float().cpu()  # (2B, T-1)
         B = len(idx)

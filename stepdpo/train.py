@@ -118,6 +118,12 @@ class BatchStream:
         self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
 
 
+def packs(cfg: TrainerConfig, policy: ModelLogps, reference: ModelLogps | None) -> bool:
+    """Whether batches are packed (`batching.collate(pack=True)`): asked for, and every model that runs
+    them takes a tree mask."""
+    return cfg.pack and policy.packs and (reference is None or reference.packs)
+
+
 def precomputed_reference(cfg: TrainerConfig, policy: ModelLogps, reference: ModelLogps | None, ref_weights,
                           tokenizer, examples: Sequence[Example], *, device, autocast, prefix: str):
     """RefLogps for every example: loaded from cfg.ref_cache_dir by content hash, or computed and cached."""
@@ -126,7 +132,8 @@ def precomputed_reference(cfg: TrainerConfig, policy: ModelLogps, reference: Mod
     def compute() -> refcache.RefLogps:
         with autocast:
             return refcache.compute(lambda b: reference_logps(policy, reference, b), examples,
-                                    tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device)
+                                    tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device,
+                                    pack=packs(cfg, policy, reference))
 
     t = time.perf_counter()
     key = refcache.cache_key(ref_weights, tokenizer, examples, precision=cfg.precision)
@@ -144,8 +151,9 @@ def policy_reference(cfg: TrainerConfig, policy: ModelLogps, tokenizer, examples
 
     t = time.perf_counter()
     with torch.no_grad(), autocast:
-        table = refcache.compute(lambda b: policy(b.input_ids, b.attention_mask, b.labels), examples,
-                                 tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device)
+        table = refcache.compute(lambda b: policy(b.input_ids, b.attention_mask, b.labels, b.run), examples,
+                                 tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device,
+                                 pack=packs(cfg, policy, None))
     log.info("reference := current policy on %d examples (%.1fs)", len(examples), time.perf_counter() - t)
     return table
 
@@ -243,6 +251,10 @@ class Setup:
         return self.cfg.loss == "sft"
 
     @property
+    def pack(self) -> bool:
+        return packs(self.cfg, self.policy, self.reference)
+
+    @property
     def nll_prefix(self) -> bool:  # anchor the prefix steps too
         return not self.sft and self.cfg.nll_alpha > 0 and self.cfg.nll_on == "solution"
 
@@ -263,7 +275,7 @@ def start_round(s: Setup, state: TrainState, r: int, examples: Sequence[Example]
     Returns (examples, ref_table); state.stream and state.meta follow the new examples."""
     if not examples:
         raise ValueError(f"{prefix}: round {r} produced no training examples")
-    state.stream = BatchStream([len(e) for e in examples], state.stream.global_batch, seed + r)
+    state.stream = BatchStream([e.run_len(s.pack) for e in examples], state.stream.global_batch, seed + r)
     state.meta["n_examples"] = len(examples)
     if s.cfg.ref_update == "round" and not s.sft:  # iterative DPO: the policy this round starts from is its reference
         ref_table = policy_reference(s.cfg, s.policy, tokenizer, examples, device=s.device, autocast=s.autocast)
@@ -285,7 +297,7 @@ def optimizer_step(s: Setup, state: TrainState, examples: Sequence[Example], ref
     for a in range(cfg.grad_accum):
         lo = (a * s.world + s.rank) * cfg.batch_size
         idx = global_idx[lo:lo + cfg.batch_size]  # this rank's disjoint shard of the global batch
-        batch = collate([examples[i] for i in idx], s.pad, sft=sft, nll_prefix=s.nll_prefix).to(s.device)
+        batch = collate([examples[i] for i in idx], s.pad, sft=sft, nll_prefix=s.nll_prefix, pack=s.pack).to(s.device)
         labelled = batch.labels[:, 1:] != IGNORE  # (N, T-1): the LM head runs here
         mask = labelled & ~batch.nll_only[:, 1:]  # response tokens
         share = int(mask.sum()) / n_global if sft else len(idx) / len(global_idx)  # of the global mean
@@ -298,7 +310,7 @@ def optimizer_step(s: Setup, state: TrainState, examples: Sequence[Example], ref
                     ref_lp = ref_table.for_batch(examples, idx, batch)  # (2B, T-1) from the cache
                 else:
                     ref_lp = reference_logps(s.policy, s.reference, batch)  # (2B, T-1)
-                pol_lp = s.ddp(batch.input_ids, batch.attention_mask, batch.labels, batch.row_src)  # (N, T-1)
+                pol_lp = s.ddp(batch.input_ids, batch.attention_mask, batch.labels, batch.run)  # (N, T-1)
                 if sft:
                     loss, m = sft_loss(pol_lp, mask)
                 else:
@@ -308,10 +320,9 @@ def optimizer_step(s: Setup, state: TrainState, examples: Sequence[Example], ref
                         token_reduction=cfg.token_reduction, focus=batch.focus[:, 1:],
                         nll_mask=labelled if s.nll_prefix else None)
             (loss * share * s.world).backward()  # DDP averages gradients over ranks; * world makes it a sum
-        run_rows = batch.attention_mask[batch.computed_rows]  # the rows the model ran on
-        n_real = int(run_rows.sum())
-        window.tokens += n_real
-        m = {**m, "tokens/nonpad": n_real, "tokens/padded": run_rows.numel(), "tokens/rows": run_rows.shape[0]}
+        window.tokens += batch.n_tokens
+        m = {**m, "tokens/pairs": batch.n_tokens, "tokens/nonpad": int((batch.run_seg >= 0).sum()),
+             "tokens/padded": batch.run_seg.numel(), "tokens/rows": batch.run_seg.shape[0]}
         for k, v in m.items():  # counts add up; everything else is a mean over the global batch
             if isinstance(v, torch.Tensor) and v.dim():  # per-pair values: histogram over the log window
                 window.hists.setdefault(k, []).extend(v.float().cpu().tolist())
@@ -381,9 +392,10 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     ref_weights = model if ref_model is None else ref_model  # what the reference's log-probs depend on
 
     opt, sched, params = setup_optimizer(cfg, model)
-    stream = BatchStream([len(e) for e in examples], cfg.batch_size * cfg.grad_accum * world, seed)
     policy = ModelLogps(model)  # (N, T-1) log-probs; LM head only at response tokens
     reference = ModelLogps(ref_model) if ref_model is not None else None
+    stream = BatchStream([e.run_len(packs(cfg, policy, reference)) for e in examples],
+                         cfg.batch_size * cfg.grad_accum * world, seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     ref_table = None  # trainer.precompute_ref: reference log-probs once, from the on-disk cache if there
     if cfg.precompute_ref and not sft:
@@ -413,7 +425,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             model.train()
         sums, gnorm = optimizer_step(s, state, examples, ref_table, window)
         state.step = step
-        prog.update(loss=sums["loss"], tokens=sums["tokens/nonpad"])  # this rank's tokens
+        prog.update(loss=sums["loss"], tokens=sums["tokens/pairs"])  # this rank's pairs' tokens
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             last = window_metrics(s, state, sums, gnorm, window, prefix=prefix)
             tracker.log(last, step=step_offset + step)

@@ -46,10 +46,12 @@ def test_cache_serves_rejected_sides_read_off_the_chosen_row():
     assert ref.values.numel() == sum(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
     uniform = [replace(e, rejected_w=[1.0] * len(e.rejected_w)) for e in ex]  # plain DPO: separate rows
     for exs in (ex, uniform):
-        idx = [5, 0, 3]
-        batch = collate([exs[i] for i in idx], tok.pad_token_id)
-        assert int(batch.computed_rows.sum()) == (3 if exs is ex else 6)
-        torch.testing.assert_close(ref.for_batch(exs, idx, batch), reference_logps(lp, None, batch), rtol=1e-5, atol=1e-5)
+        for pack in (False, True):
+            idx = [5, 0, 3]
+            batch = collate([exs[i] for i in idx], tok.pad_token_id, pack=pack)
+            assert batch.run_ids.shape[0] == (3 if exs is ex or pack else 6)
+            torch.testing.assert_close(ref.for_batch(exs, idx, batch), reference_logps(lp, None, batch),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_precompute_matches_the_live_reference_and_is_reused(tmp_path, monkeypatch):

@@ -313,7 +313,7 @@ def test_rounds_refresh_the_pairs_from_the_current_policy(tmp_path, precompute_r
     assert calls[0] == (1, 102, False)  # round 1 starts after step 2 (logged as 102: stages share the x-axis)
     rows = runs[precompute_ref]
     assert [s for s, _ in rows] == [101, 102, 103, 104]
-    nonpad = [m["dpo/tokens/nonpad"] for _, m in rows]
+    nonpad = [m["dpo/tokens/pairs"] for _, m in rows]
     assert max(nonpad[:2]) <= 4 * 2 * 20 and nonpad[2:] == [4 * 2 * 35] * 2  # round 0 pairs, then round 1's
     lrs = [m["dpo/lr"] for _, m in rows]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-2 * 0.1)  # one cosine schedule
@@ -366,35 +366,35 @@ def test_rounds_config_errors():
 
 def test_rejected_read_off_the_chosen_row_is_exact():
     """first_error + error_span=token: the rejected side's one weighted token has the chosen side's
-    context, so collate reads it off the chosen row (the model runs on B rows, not 2B) and the
-    log-probs, loss, gradients and trained weights are those of separate rejected rows."""
+    context, so collate labels it up to that token and, packed or not, the model runs on B rows, not
+    2B; the log-probs, loss, gradients and trained weights are those of separate rejected rows."""
     torch.manual_seed(0)
     model, tok = tiny_llama(**TINY)
     ex = token_span_pairs(tok)
-    assert all(e.rejected_on_chosen_row for e in ex)
     B = len(ex)
-    shared, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, share_rows=False)
-    assert shared.row_src.tolist() == list(range(B)) * 2 and full.row_src.tolist() == list(range(2 * B))
-    assert int(shared.computed_rows.sum()) == B
-    assert torch.equal(shared.input_ids[B:], shared.input_ids[:B])  # the chosen rows' tokens
+    trimmed, full = collate(ex, tok.pad_token_id), collate(ex, tok.pad_token_id, trim_rejected=False)
+    assert trimmed.run_ids.shape[0] == B and full.run_ids.shape[0] == 2 * B
+    assert collate(ex, tok.pad_token_id, pack=True).run_ids.shape[0] == B
+    assert torch.equal(trimmed.run_ids, full.run_ids[:B, :trimmed.run_ids.shape[1]])  # the chosen rows' tokens
     for i, e in enumerate(ex):  # rejected labels: tokens 0..j only, j the first differing token
         j, p = e.shared_upto, len(e.prompt_ids)
         assert e.chosen_ids[:j] == e.rejected_ids[:j] and e.chosen_ids[j] != e.rejected_ids[j]
-        assert shared.labels[B + i, p:p + j + 1].tolist() == e.rejected_ids[:j + 1]
-        assert (shared.labels[B + i, p + j + 1:] == -100).all()
-    w_s, w_f = shared.token_weights, full.token_weights
-    Ts = w_s.shape[1]  # the shared batch pads to the longest chosen row; the full one maybe further
+        assert trimmed.labels[B + i, p:p + j + 1].tolist() == e.rejected_ids[:j + 1]
+        assert (trimmed.labels[B + i, p + j + 1:] == -100).all()
+        assert not any(e.rejected_w[j + 1:])
+    w_s, w_f = trimmed.token_weights, full.token_weights
+    Ts = w_s.shape[1]
     assert torch.equal(w_s[:B], w_f[:B, :Ts]) and not w_f[:B, Ts:].any()
     assert w_s[B:].sum() == w_f[B:].sum() == B  # one token per side
 
     policy = ModelLogps(model)
     calls = []
     hook = model.model.register_forward_hook(lambda m, a, kw_out: calls.append(kw_out.last_hidden_state.shape[0]))
-    lp_s, lp_f = policy(shared.input_ids, shared.attention_mask, shared.labels, shared.row_src), \
-        policy(full.input_ids, full.attention_mask, full.labels, full.row_src)
+    lp_s, lp_f = policy(trimmed.input_ids, trimmed.attention_mask, trimmed.labels, trimmed.run), \
+        policy(full.input_ids, full.attention_mask, full.labels, full.run)
     hook.remove()
-    assert calls == [B, 2 * B]  # the shared batch ran the decoder on B rows
-    pos_s, pos_f = shared.labels[:, 1:] != -100, full.labels[:, 1:] != -100
+    assert calls == [B, 2 * B]  # the trimmed batch ran the decoder on B rows
+    pos_s, pos_f = trimmed.labels[:, 1:] != -100, full.labels[:, 1:] != -100
     wpos_s, wpos_f = w_s[:, 1:] > 0, w_f[:, 1:] > 0
     assert torch.allclose(lp_s[wpos_s], lp_f[wpos_f], atol=1e-6)  # the weighted tokens, same order
     assert torch.allclose(lp_s[:B][pos_s[:B]], lp_f[:B][pos_f[:B]], atol=1e-6)
@@ -403,25 +403,25 @@ def test_rejected_read_off_the_chosen_row_is_exact():
     import stepdpo.train as T
 
     results = {}
-    for share in (True, False):
+    for trim in (True, False):
         policy_m, _, _ = lora_model(seed=0, lora_seed=1)
         real = T.collate
-        T.collate = lambda exs, pad, **kw: real(exs, pad, **kw, share_rows=share)
+        T.collate = lambda exs, pad, **kw: real(exs, pad, **kw, trim_rejected=trim)
         try:
             rec = Recorder()
-            train(cfg(max_steps=3, batch_size=3, nll_alpha=1.0, beta=0.5, weighting="first_error"), policy_m, tok, ex,
-                  rec, seed=0, prefix="dpo")
+            train(cfg(max_steps=3, batch_size=3, nll_alpha=1.0, beta=0.5, weighting="first_error", pack=False),
+                  policy_m, tok, ex, rec, seed=0, prefix="dpo")
         finally:
             T.collate = real
         lora = {n: p.detach().clone() for n, p in policy_m.named_parameters() if "lora_" in n}
-        results[share] = ([m for _, m in rec.rows], lora)
+        results[trim] = ([m for _, m in rec.rows], lora)
     (rows_s, lora_s), (rows_f, lora_f) = results[True], results[False]
     for ms, mf in zip(rows_s, rows_f):
         for k in ("dpo/loss", "dpo/loss/preference", "dpo/loss/nll_chosen", "dpo/rewards/margin", "dpo/rewards/chosen",
                   "dpo/rewards/rejected", "dpo/rewards/accuracy", "dpo/tokens/weighted_rejected"):
             assert ms[k] == pytest.approx(mf[k], rel=1e-4, abs=1e-6), k
         assert ms["dpo/tokens/rows"] == 3 and mf["dpo/tokens/rows"] == 6
-        assert ms["dpo/tokens/nonpad"] < mf["dpo/tokens/nonpad"]
+        assert ms["dpo/tokens/nonpad"] < mf["dpo/tokens/nonpad"] and ms["dpo/tokens/pairs"] == mf["dpo/tokens/pairs"]
     for n in lora_s:
         assert torch.allclose(lora_s[n], lora_f[n], atol=1e-5), n
 
@@ -432,6 +432,12 @@ def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
     from dataclasses import replace
 
     step = replace(ex[0], rejected_w=[1.0] * len(ex[0].rejected_w))  # plain DPO weights: every token counts
-    assert not step.rejected_on_chosen_row
     b = collate([ex[1], step], tok.pad_token_id)
-    assert b.row_src.tolist() == [0, 1, 0, 3] and b.computed_rows.tolist() == [True, True, False, True]
+    assert b.run_ids.shape[0] == 3  # two chosen rows, and the plain side's own row
+    assert torch.equal(b.run_ids[2, :b.attention_mask[3].sum() - 1], b.input_ids[3, :b.attention_mask[3].sum() - 1])
+    packed = collate([ex[1], step], tok.pad_token_id, pack=True)
+    assert packed.run_ids.shape[0] == 2
+    j, p = step.shared_upto, len(step.prompt_ids)  # the plain side's own tokens follow its chosen row's
+    n_c = p + len(step.chosen_ids) - 1
+    assert packed.run_ids[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == step.rejected_ids[j:-1]
+    assert packed.run_pos[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == list(range(p + j, p + len(step.rejected_ids) - 1))
