@@ -24,8 +24,9 @@ from .locks import exclusive_lock
 from .config import to_container
 
 # sft.* keys that change how the warm-up is logged, saved or resumed, not its weights
+# (pack: SFT batches have no rejected side to pack)
 KEY_IGNORES = ("sft_data", "log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "rounds",
-               "ref_update", "precompute_ref", "ref_cache_dir")
+               "ref_update", "precompute_ref", "ref_cache_dir", "pack")
 
 
 def path(cfg: DictConfig, train: list) -> Path | None:

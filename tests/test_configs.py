@@ -144,7 +144,7 @@ def test_sft_cache_key_follows_what_changes_the_warm_up_weights(tmp_path):
 
     base = key()
     assert base.parent == tmp_path
-    for same in ("sft.log_every=7", "sft.save_every=100", "trainer=dpo", "trainer.lr=0.5", "eval.n=3"):
+    for same in ("sft.log_every=7", "sft.save_every=100", "trainer=dpo", "trainer.lr=0.5", "eval.n=3", "sft.pack=false"):
         assert key(same) == base, same
     for other in ("sft.lr=0.5", "sft.max_steps=5", "seed=1", "dataset.n_train=10", "model.tiny.hidden_size=64"):
         assert key(other) != base, other
