@@ -166,3 +166,18 @@ def test_training_packed_or_not_takes_the_same_steps(tmp_path, precompute_ref):
     for n in lora_p:
         if "lora_B" in n:  # B starts at 0: the weight is the change
             assert lora_u[n].norm() > 0 and (lora_p[n] - lora_u[n]).norm() / lora_u[n].norm() < 1e-4, n
+
+
+def test_packed_equals_unpacked_under_bf16_autocast():
+    """The training precision of the GPU presets: the same log-probs packed or not, to bf16 rounding."""
+    model = tiny("qwen3", "sdpa")
+    ex = prefix_pairs(8, seed=3)
+    lp = ModelLogps(model)
+    packed, plain = collate(ex, 0, pack=True), collate(ex, 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = lp(packed.input_ids, packed.attention_mask, packed.labels, packed.run)
+        b = lp(plain.input_ids, plain.attention_mask, plain.labels, plain.run)
+    lab = packed.labels[:, 1:] != -100
+    assert torch.equal(lab, plain.labels[:, 1:] != -100)
+    assert (a - b)[lab].abs().max() < 0.05 and (a - b)[lab].abs().mean() < 0.01
+    assert a[lab].abs().mean() > 1.0  # real log-probs, not zeros
