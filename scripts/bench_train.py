@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -213,7 +214,10 @@ def run_stepdpo(a, pack: bool = True) -> dict:
 
     rec = Recorder()
     t0 = time.perf_counter()
-    train(cfg, policy, tok, examples, rec, ref_model=ref, seed=a.seed, prefix="train")
+    try:
+        train(cfg, policy, tok, examples, rec, ref_model=ref, seed=a.seed, prefix="train")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     t1 = time.perf_counter()
     first_step = rec.times[0] - t0  # includes the reference precompute, when on
     return {"impl": "stepdpo" if pack else "stepdpo_unpacked", "tokens_per_s": _throughput(rec.times, rec.tokens),
@@ -275,7 +279,10 @@ def run_trl(a, grouped: bool = False) -> dict:
 
     trainer.data_collator = counting
     t0 = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     t1 = time.perf_counter()
     n = len(times)
     return {"impl": "trl_grouped" if grouped else "trl", "trl_version": trl.__version__,
