@@ -19,7 +19,9 @@ The baseline is what stepdpo ran before: prompts sorted longest first, batch_siz
 same EOS list. Both run in the same process, alternating, `--repeats` times; tokens/s counts the
 generated tokens (EOS and padding excluded) over wall time, samples/s the completions; peak_rss_mb is
 the largest resident set seen while that method ran (sampled every 5 ms). greedy_identical: every eval
-problem's greedy ids equal. Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
+problem's greedy ids equal. greedy_forward_share: the share of stepdpo's greedy time spent inside the model's
+forward calls; greedy_speedup_bound: generate's greedy time over the time of those forwards, the most any loop
+around the same forwards (token identity pins the kernels and batches) could gain over generate. Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
 """
 
 from __future__ import annotations
@@ -217,13 +219,29 @@ def main(argv=None) -> int:
         return hf_generate(model, tok, eval_prompts, k=1, max_new_tokens=g["max_new_tokens"], batch_size=g["batch_size"],
                            do_sample=False)
 
+    class ForwardClock:
+        """Wall time inside the model's top-level forward calls (prefill and decode steps) during a `with`."""
+
+        def __init__(self):
+            self.seconds, self._t = 0.0, None
+
+        def __enter__(self):
+            self._hooks = [model.register_forward_pre_hook(lambda *_: setattr(self, "_t", time.perf_counter())),
+                           model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds
+                                                                          + time.perf_counter() - self._t))]
+            return self
+
+        def __exit__(self, *exc):
+            for h in self._hooks:
+                h.remove()
+
     runs: dict[str, list[dict]] = {name: [] for name in ("sampling_ours", "sampling_hf", "greedy_ours", "greedy_hf")}
     fns = {"sampling_ours": ours_sampling, "sampling_hf": hf_sampling, "greedy_ours": ours_greedy, "greedy_hf": hf_greedy}
     identical = True
     for rep in range(args.repeats):
         greedy_out = {}
         for name, fn in fns.items():
-            with PeakRSS() as rss:
+            with PeakRSS() as rss, ForwardClock() as fwd:
                 t = time.perf_counter()
                 outs = fn(rep)
                 dt = time.perf_counter() - t
@@ -231,7 +249,8 @@ def main(argv=None) -> int:
             n_samples = sum(len(o) for o in outs)
             hit_limit = sum(len(x) >= (s if name.startswith("sampling") else g)["max_new_tokens"] for o in outs for x in o)
             runs[name].append({"tokens_per_s": n_tok / dt, "samples_per_s": n_samples / dt, "seconds": dt,
-                               "peak_rss_mb": rss.peak, "tokens": n_tok, "samples": n_samples, "hit_limit": hit_limit})
+                               "peak_rss_mb": rss.peak, "tokens": n_tok, "samples": n_samples, "hit_limit": hit_limit,
+                               "forward_s": fwd.seconds})
             if name.startswith("greedy"):
                 greedy_out[name] = outs
         identical &= greedy_out["greedy_ours"] == greedy_out["greedy_hf"]
@@ -249,7 +268,13 @@ def main(argv=None) -> int:
     print(json.dumps({
         "sampling_speedup": speed("sampling_ours", "sampling_hf"), "greedy_speedup": speed("greedy_ours", "greedy_hf"),
         "greedy_identical": identical, "sampling_speedup_per_repeat": ratios("sampling_ours", "sampling_hf"),
-        "greedy_speedup_per_repeat": ratios("greedy_ours", "greedy_hf"), **res,
+        "greedy_speedup_per_repeat": ratios("greedy_ours", "greedy_hf"),
+        # greedy must run generate's forwards (same kernels, same batches; only ended rows dropped), so no loop
+        # around them can beat generate by more than generate's time over the time of those forwards
+        "greedy_forward_share": round(statistics.median(r["forward_s"] / r["seconds"] for r in runs["greedy_ours"]), 3),
+        "greedy_speedup_bound": round(statistics.median(bounds := [
+            h["seconds"] / o["forward_s"] for o, h in zip(runs["greedy_ours"], runs["greedy_hf"])]), 2),
+        "greedy_speedup_bound_per_repeat": [round(b, 2) for b in bounds], **res,
         "settings": {**cfg, "n_problems": args.n_problems, "n_eval": args.n_eval, "threads": args.threads,
                      "repeats": args.repeats, "model_used": model_desc, "sft_last_loss": sft_loss, "setup_s": round(setup_s, 1),
                      "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0]}}))

@@ -38,6 +38,7 @@ def test_stepdpo_side_reports_throughput_memory_and_loss(tmp_path, capsys):
         assert res["impl"] == "stepdpo" and res["steps"] == 2 and res["precompute_ref"] == bool(extra)
         assert res["tokens_per_s"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] > 0
         assert 0.0 < res["final_loss"] < 5.0 and len(res["losses"]) == 2
+        assert 0.3 < res["run_fraction"] < 0.9  # packed: each pair's prompt and shared steps run once
         assert res["losses"][0] == pytest.approx(0.693147, abs=1e-3)  # policy == reference at step 1 (bf16)
 
 
