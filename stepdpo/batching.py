@@ -149,7 +149,7 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
     same positions.
     """
     B = len(examples)
-    sides = []  # (prompt, side tokens, labelled tokens, weights, focus)
+    sides = []  # (prompt, side tokens (every one labelled), weights, focus)
     for ex in examples:
         sides.append((ex.prompt_ids, ex.chosen_ids, ex.chosen_w, ex.chosen_focus))
     if not sft:

@@ -106,10 +106,12 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: str) -> str:
+def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: str, pack: bool = False) -> str:
+    """pack: computed on packed pairs (`collate(pack=True)`), which rounds differently from separate rows (in
+    bf16 by up to ~1e-2 per token), so that a run's reference matches its own policy forward at step 0."""
     h = hashlib.blake2b(digest_size=16)
     parts = (f"v{VERSION}", precision, model_fingerprint(ref_model), tokenizer_fingerprint(tokenizer),
-             examples_fingerprint(examples))
+             examples_fingerprint(examples)) + (("packed",) if pack else ())
     for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()

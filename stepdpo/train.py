@@ -136,7 +136,8 @@ def precomputed_reference(cfg: TrainerConfig, policy: ModelLogps, reference: Mod
                                     pack=packs(cfg, policy, reference))
 
     t = time.perf_counter()
-    key = refcache.cache_key(ref_weights, tokenizer, examples, precision=cfg.precision)
+    key = refcache.cache_key(ref_weights, tokenizer, examples, precision=cfg.precision,
+                             pack=packs(cfg, policy, reference))
     table, hit = refcache.load_or_compute(cfg.ref_cache_dir, key, len(examples), compute)
     log.info("%s: reference log-probs %s (%s, %.1fs)", prefix, "loaded" if hit else "computed", key,
              time.perf_counter() - t)

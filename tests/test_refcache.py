@@ -85,6 +85,7 @@ def test_cache_key_is_the_content_of_reference_tokenizer_and_data():
                 p.add_(1.0)  # training the adapter does not change the reference
     assert refcache.cache_key(policy, tok, ex, precision="fp32") == base
     assert refcache.cache_key(policy, tok, ex, precision="bf16") != base
+    assert refcache.cache_key(policy, tok, ex, precision="fp32", pack=True) != base  # packed rows round differently
     ex2 = [Example(e.prompt_ids, list(e.chosen_ids), e.rejected_ids, e.chosen_w, e.rejected_w, e.chosen_focus,
                    e.rejected_focus) for e in ex]
     ex2[3].chosen_ids[0] += 1
