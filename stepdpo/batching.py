@@ -179,18 +179,21 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
             labels[i, P - k:P] = torch.tensor(p[P - k:])
             nll_only[i, P - k:P] = True
 
-    # Run rows. A side's inputs are its tokens but the last (whose prediction nothing needs); side
-    # input t (predicting side token t + 1) sits at run position t if t < s (the shared part), else at
-    # t + off: places[i] = (run row, s, off).
+    # Run rows. A chosen row is its whole side, as an unpacked trainer runs it (so SFT and unpacked batches
+    # have the shapes, and the rounding, they always had). A rejected side needs as inputs its tokens but the
+    # last (whose prediction nothing needs); past the first s it shares with its chosen row, they are its own.
+    # Side input t (predicting side token t + 1) sits at run position t if t < s, else at t + off:
+    # places[i] = (run row, s, off).
     rows, seg_rows, pos_rows, places = [], [], [], []
     for i in range(B):
-        c_in = sides[i][0] + sides[i][1][:-1]
+        c_in = sides[i][0] + sides[i][1]
         rows.append(c_in)
         seg_rows.append([SHARED] * len(c_in))
         pos_rows.append(list(range(len(c_in))))
         places.append((i, len(c_in), 0))
     for i in range(B if not sft else 0):
-        c_in, r_in = rows[i], sides[B + i][0] + sides[B + i][1][:-1]
+        c_in, r_side = rows[i], sides[B + i][0] + sides[B + i][1]
+        r_in = r_side[:-1]
         s = next((t for t, (a, b) in enumerate(zip(c_in, r_in)) if a != b), min(len(c_in), len(r_in)))
         if s == len(r_in):  # no input of its own: read off its chosen row
             places.append((i, s, 0))
@@ -199,11 +202,11 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
             pos_rows[i] = pos_rows[i] + list(range(s, len(r_in)))
             places.append((i, s, len(c_in) - s))
             rows[i] = c_in + r_in[s:]
-        else:  # its own row
-            rows.append(r_in)
-            seg_rows.append([SHARED] * len(r_in))
-            pos_rows.append(list(range(len(r_in))))
-            places.append((len(rows) - 1, len(r_in), 0))
+        else:  # its own row, the whole side
+            rows.append(r_side)
+            seg_rows.append([SHARED] * len(r_side))
+            pos_rows.append(list(range(len(r_side))))
+            places.append((len(rows) - 1, len(r_side), 0))
     R, Lr = len(rows), max(len(r) for r in rows)
     run_ids = torch.full((R, Lr), pad_id, dtype=torch.long)
     run_seg = torch.full((R, Lr), PAD, dtype=torch.int8)

@@ -434,10 +434,10 @@ def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
     step = replace(ex[0], rejected_w=[1.0] * len(ex[0].rejected_w))  # plain DPO weights: every token counts
     b = collate([ex[1], step], tok.pad_token_id)
     assert b.run_ids.shape[0] == 3  # two chosen rows, and the plain side's own row
-    assert torch.equal(b.run_ids[2, :b.attention_mask[3].sum() - 1], b.input_ids[3, :b.attention_mask[3].sum() - 1])
+    assert torch.equal(b.run_ids[2], b.input_ids[3, :b.run_ids.shape[1]])  # the whole side, as it always ran
     packed = collate([ex[1], step], tok.pad_token_id, pack=True)
     assert packed.run_ids.shape[0] == 2
     j, p = step.shared_upto, len(step.prompt_ids)  # the plain side's own tokens follow its chosen row's
-    n_c = p + len(step.chosen_ids) - 1
+    n_c = p + len(step.chosen_ids)  # the whole chosen side first
     assert packed.run_ids[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == step.rejected_ids[j:-1]
     assert packed.run_pos[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == list(range(p + j, p + len(step.rejected_ids) - 1))
