@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +21,13 @@ from .generation import Completion, eos_ids, ids_before
 
 
 class AdapterVersions:
-    """Saves the policy's LoRA adapter as `root/v1`, `root/v2`, ... (each written to a temp dir, then renamed)."""
+    """Saves the policy's LoRA adapter as `root/v1`, `root/v2`, ... (each written to a temp dir, then renamed).
+    Without a `root` they go to a temporary dir, removed with this object (or at exit)."""
 
     def __init__(self, root: str | None, where: str):
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="stepdpo-adapters-"))
+        if not root:
+            weakref.finalize(self, shutil.rmtree, self.root, True)
         self.where, self.version = where, 0
 
     def save(self, model) -> tuple[str, int, Path]:

@@ -189,3 +189,23 @@ def test_engines_refuse_what_they_cannot_serve(policy):
     except ImportError:
         with pytest.raises(ImportError, match="pip install vllm"):
             VLLMBackend()
+
+
+def test_adapter_versions_in_a_temporary_dir_are_removed_with_their_owner(policy, tmp_path):
+    import gc
+
+    from stepdpo.inference import AdapterVersions
+
+    model, _ = policy
+    versions = AdapterVersions(None, "generation")
+    name, v, path = versions.save(model)
+    root = versions.root
+    assert (path / "adapter_config.json").exists() and name == "stepdpo-v1"
+    del versions
+    gc.collect()
+    assert not root.exists()  # no stepdpo-adapters-* left in /tmp
+    kept = AdapterVersions(str(tmp_path / "adapters"), "generation")  # a dir the user named stays
+    kept.save(model)
+    del kept
+    gc.collect()
+    assert (tmp_path / "adapters" / "v1" / "adapter_config.json").exists()
