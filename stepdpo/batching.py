@@ -36,11 +36,19 @@ class Example:
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
+    def rejected_labelled(self, trim: bool = True) -> int:
+        """How many rejected tokens `collate` labels: all, or with `trim` tokens 0..j only when every weighted
+        rejected token sits at or before j, the first token where the two sides differ."""
+        n, j = len(self.rejected_ids), self.shared_upto
+        return j + 1 if trim and j < min(len(self.chosen_ids), n) and not any(self.rejected_w[j + 1:]) else n
+
     def run_len(self, pack: bool) -> int:
-        """The length of its longest run row (`collate`): what batches are grouped by."""
+        """What batches are grouped by: packed, the length of its run row (`collate`); unpacked, its longest
+        side, the key batches have always been grouped by (so unpacked runs reproduce earlier ones)."""
         if not pack:
             return len(self)
-        return len(self.prompt_ids) + len(self.chosen_ids) + max(0, len(self.rejected_ids) - self.shared_upto - 1)
+        own = max(0, self.rejected_labelled() - 1 - self.shared_upto)  # rejected inputs past the shared part
+        return len(self.prompt_ids) + len(self.chosen_ids) + own
 
 
 @dataclass
@@ -154,10 +162,7 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
         sides.append((ex.prompt_ids, ex.chosen_ids, ex.chosen_w, ex.chosen_focus))
     if not sft:
         for ex in examples:
-            n = len(ex.rejected_ids)
-            j = ex.shared_upto
-            if trim_rejected and j < min(len(ex.chosen_ids), n) and not any(ex.rejected_w[j + 1:]):
-                n = j + 1
+            n = ex.rejected_labelled(trim_rejected)
             sides.append((ex.prompt_ids, ex.rejected_ids[:n], ex.rejected_w[:n], ex.rejected_focus[:n]))
     T = max(len(p) + len(r) for p, r, _, _ in sides)
     n = len(sides)

@@ -181,3 +181,15 @@ def test_packed_equals_unpacked_under_bf16_autocast():
     assert torch.equal(lab, plain.labels[:, 1:] != -100)
     assert (a - b)[lab].abs().max() < 0.05 and (a - b)[lab].abs().mean() < 0.01
     assert a[lab].abs().mean() > 1.0  # real log-probs, not zeros
+
+
+def test_batches_are_grouped_by_the_packed_row_length():
+    from stepdpo.model import tiny_llama
+
+    from conftest import TINY, token_span_pairs
+
+    tok = tiny_llama(**TINY)[1]
+    for exs in (token_span_pairs(tok), prefix_pairs(20)):  # trimmed rejected sides, and sides with own tokens
+        for e in exs:
+            b = collate([e], 0, pack=True)
+            assert e.run_len(True) == int((b.run_seg >= 0).sum())
