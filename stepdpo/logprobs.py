@@ -158,9 +158,10 @@ class _FusedHeadLogps(torch.autograd.Function):
                 del p
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
+            w = _frozen_cast(weight, cd)
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-            for s, e in _vocab_chunks(weight, cd):
-                grad_h += (d[:, s:e] @ weight[s:e].to(cd)).float()
+            for s, e in _vocab_chunks(w, cd):
+                grad_h += (d[:, s:e] @ w[s:e].to(cd)).float()
             grad_h = grad_h.to(h.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (d.t() @ h.to(cd)).to(weight.dtype)
@@ -191,6 +192,22 @@ def _one_thread():
             torch.set_num_threads(n)
 
 
+def _frozen_cast(weight: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """The weight in the compute dtype. A frozen weight (no grad: the LM head under LoRA) is cast once
+    and the copy kept on the tensor until the weight changes (its version counter moves): autocast
+    caches only casts of weights that require grad, so a bf16 step on fp32 weights would otherwise
+    cast the whole head three times (policy, reference, backward). A trained weight is returned as
+    is and cast chunk by chunk (`_vocab_chunks`)."""
+    if weight.dtype == cd or weight.requires_grad:
+        return weight
+    key = (weight._version, weight.data_ptr(), cd)
+    cached = getattr(weight, "_stepdpo_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(cd))
+        weight._stepdpo_cast = cached
+    return cached[1]
+
+
 def _vocab_chunks(weight: torch.Tensor, cd: torch.dtype):
     """One chunk when the weight is already in the compute dtype; else cast ~32k rows at a time."""
     V = weight.shape[0]
@@ -198,19 +215,25 @@ def _vocab_chunks(weight: torch.Tensor, cd: torch.dtype):
     return ((s, min(s + c, V)) for s in range(0, V, c))
 
 
+_GEMM_MIN_OUT = 1 << 23  # outputs (32 MB of fp32) below which a head GEMM is not split further
+
+
 def _gemm_rows(h: torch.Tensor, V: int, cd: torch.dtype) -> int:
     """Rows per LM-head GEMM. On CPUs a bf16/fp16 GEMM may compute into an fp32 buffer of its whole
     output and then convert (measured: bf16 logits + an fp32 copy, 3.0x the logits, on an AVX-512
-    Xeon without AVX512-BF16), so on CPU a low-precision GEMM runs 1/16 of the rows at a time (at
-    least 8 rows, at most ~16M outputs); fp32 and accelerators run one GEMM."""
+    Xeon without AVX512-BF16), so on CPU a low-precision GEMM runs 1/16 of the rows at a time, but
+    never fewer rows than `_GEMM_MIN_OUT` outputs (a 27-row GEMM at vocab 32k runs at half the
+    FLOP rate of a 256-row one) and never more than ~16M outputs; fp32 and accelerators run one GEMM."""
     M = h.shape[0]
     if h.device.type != "cpu" or cd == torch.float32:
         return max(M, 1)
-    return max(1, min(M, max(8, math.ceil(M / 16)), (1 << 24) // max(V, 1)))
+    V = max(V, 1)
+    return max(1, min(M, max(8, math.ceil(M / 16), _GEMM_MIN_OUT // V), (1 << 24) // V))
 
 
 def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
     """h (M, H) @ weight (V, H)^T + bias -> (M, V) logits in dtype cd, in GEMM chunks (`_gemm_rows`)."""
+    weight = _frozen_cast(weight, cd)
     chunks = list(_vocab_chunks(weight, cd))
     M, V = h.shape[0], weight.shape[0]
     rows = _gemm_rows(h, V, cd)

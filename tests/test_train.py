@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stepdpo import logprobs
 from stepdpo.batching import Example, collate
 from stepdpo.config import TrainerConfig
 from stepdpo.logprobs import (ModelLogps, _gemm_rows, flat_logps_from_head, flat_logps_from_logits, logps_from_logits,
@@ -57,8 +58,14 @@ def test_head_logps_backward_matches_autograd_with_bias():
         torch.testing.assert_close(flat_logps_from_head(h, W, b, t), flat_logps_from_logits(h @ W.t() + b, t))
 
 
-def test_head_logps_bf16_in_row_chunks_matches_one_gemm():
-    # on CPU a bf16 head GEMM runs 1/16 of the rows at a time (no fp32 buffer of all the logits)
+def test_head_logps_bf16_in_row_chunks_matches_one_gemm(monkeypatch):
+    # on CPU a bf16 head GEMM runs 1/16 of the rows at a time (no fp32 buffer of all the logits),
+    # but no GEMM smaller than _GEMM_MIN_OUT outputs: at this toy size that would be one GEMM
+    assert _gemm_rows(torch.zeros(300, 16), 50, torch.bfloat16) == 300
+    assert _gemm_rows(torch.zeros(4096, 16), 32000, torch.bfloat16) == 262  # 8M outputs at vocab 32k
+    assert _gemm_rows(torch.zeros(1600, 16), 128256, torch.bfloat16) == 100  # 1/16 of the rows
+    assert _gemm_rows(torch.zeros(4096, 16), 128256, torch.bfloat16) == 130  # at most ~16M outputs
+    monkeypatch.setattr(logprobs, "_GEMM_MIN_OUT", 0)
     torch.manual_seed(0)
     h = torch.randn(300, 16, requires_grad=True)
     W = (torch.randn(50, 16) * 0.3).requires_grad_()
@@ -75,6 +82,36 @@ def test_head_logps_bf16_in_row_chunks_matches_one_gemm():
     torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-6)  # same bf16 logits row by row
     for x, y in zip(got, want):  # the backward keeps dlogits in bf16: compare as a whole, to bf16 precision
         assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 1e-2
+
+
+def test_frozen_head_is_cast_once_and_recast_when_it_changes():
+    # a bf16 step on an fp32 frozen head: the cast is kept on the weight and follows in-place updates
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    W = torch.randn(50, 16) * 0.3  # frozen, fp32
+    t = torch.randint(0, 50, (40,))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = flat_logps_from_head(h, W, None, t)
+        return lp, torch.autograd.grad(lp.sum(), h)[0]
+
+    def want():  # the same bf16 GEMM with a fresh cast, through plain autograd
+        lp = flat_logps_from_logits(F.linear(h.bfloat16(), W.bfloat16()), t)
+        return lp, torch.autograd.grad(lp.sum(), h)[0]
+
+    lp, g = step()
+    copy = W._stepdpo_cast[1]
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, W.bfloat16())
+    step()
+    assert W._stepdpo_cast[1] is copy  # not cast again
+    with torch.no_grad():
+        W.mul_(-2.0)  # e.g. a loaded state dict: the version counter moves
+    lp2, g2 = step()
+    assert W._stepdpo_cast[1] is not copy
+    for x, y in zip((lp2, g2), want()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    assert (lp2 - lp).abs().max() > 0.1
 
 
 def test_reference_is_the_adapter_disabled_policy():
