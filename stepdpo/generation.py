@@ -10,8 +10,9 @@ The decoding itself is a small loop over the model's forward (`_decode`): one pr
 by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
 greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
 its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
-at every step, and the prompt is most of it), and runs a float32 peft LoRA policy with its adapters merged
-into copies of the weights (`_merged_lora`): the same distribution, rounded differently.
+at every step, and the prompt is most of it) inside `_decode_step`, a replay of the decoder layers without
+the model forward's per-call work, and runs a float32 peft LoRA policy with its adapters merged into copies
+of the weights (`_merged_lora`): the same distribution, rounded differently.
 Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
@@ -163,29 +164,27 @@ def _shared_prefix_layer():
 
 @dataclass
 class SharedPrefix:
-    """What `shared_prefix_attention` needs besides the query and the row's own keys/values, handed to the
-    model's forward as the keyword `stepdpo_prefix` (transformers passes forward kwargs down to attention)."""
-    layers: list            # SharedPrefixLayer per decoder layer (by module.layer_idx)
+    """What `shared_prefix_attention` needs besides the query and the row's own keys/values."""
+    layers: list            # SharedPrefixLayer per decoder layer
     mask: torch.Tensor      # (P, 1, 1, T) additive prompt-padding mask: 0 for a prompt token, -inf for padding
     k: int                  # samples per prompt
     rows: torch.Tensor      # (L,) each live row's slot, prompt * k + sample (the loop's `live`)
 
 
-SHARED_PREFIX = "stepdpo_shared_prefix"  # the attention implementation's name while sampling decodes
-SHARED_PREFIX_MODELS = ("llama", "mistral", "qwen2", "qwen3")  # standard attention: rotary, GQA, sdpa semantics
+# model_type -> the prefix of its transformers classes (<P>Model, <P>DecoderLayer, <P>Attention): the families
+# whose decoder layer `_decode_step` replays (pre-norm, rotary, standard attention with GQA, gated MLP)
+SHARED_PREFIX_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *, stepdpo_prefix,
-                            **kwargs):
+def shared_prefix_attention(query, key, value, scaling: float, prefix: SharedPrefix, layer: int):
     """Attention of each row's new position over its prompt (shared by the prompt's k samples) and its own
     generated positions: softmax(q [K_prompt; K_own]^T * scaling + padding mask) [V_prompt; V_own], the numbers
     sdpa computes up to rounding. A prompt's keys and values are read once for its k samples: the queries
     are laid out k per prompt (a finished sample's slot holds zeros, its result is never read) so that one
     batched product per prompt and key head serves all of them. Decode steps only (one query position).
-    query: (L, H, 1, D); key/value: (L, H_kv, S, D), the rows' own positions. Returns ((L, 1, H, D), None)."""
-    sp: SharedPrefix = stepdpo_prefix
-    layer = sp.layers[module.layer_idx]
-    pk, pv = layer.prefix_keys, layer.prefix_values
+    query: (L, H, 1, D); key/value: (L, H_kv, S, D), the rows' own positions. Returns (L, 1, H, D)."""
+    sp = prefix
+    pk, pv = sp.layers[layer].prefix_keys, sp.layers[layer].prefix_values
     L, H, _, D = query.shape
     P, KV, T, _ = pk.shape
     G, k, rows = H // KV, sp.k, sp.rows  # G query heads per key head (GQA)
@@ -206,34 +205,60 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling, 
     scores = torch.cat([by_row(by_prompt(q) @ pk.transpose(-1, -2) + sp.mask), q @ key.transpose(-1, -2)], -1)
     w = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # (L, KV, G, T + S)
     out = by_row(by_prompt(w[..., :T].contiguous()) @ pv) + w[..., T:] @ value  # (L, KV, G, D)
-    return out.reshape(L, 1, H, D), None
+    return out.reshape(L, 1, H, D)
+
+
+def _standard_decoder(model):
+    """The decoder (`<P>Model`) of a SHARED_PREFIX_MODELS model whose decoder, layers and attention modules are
+    transformers' own classes for its model type (their forward is what `_decode_step` replays), else None."""
+    import sys
+
+    cfg, lm = _config(model), _base(model)
+    name, dec = SHARED_PREFIX_MODELS.get(cfg.model_type), getattr(lm, "model", None)
+    mod = sys.modules.get(type(dec).__module__)
+    if name is None or mod is None or type(dec) is not getattr(mod, f"{name}Model", None):
+        return None
+    ok = (hasattr(mod, "apply_rotary_pos_emb") and len(dec.layers) == cfg.num_hidden_layers
+          and all(type(x) is getattr(mod, f"{name}DecoderLayer", None)
+                  and type(x.self_attn) is getattr(mod, f"{name}Attention", None) for x in dec.layers))
+    return dec if ok else None
 
 
 def _can_share_prefix(model, cache) -> bool:
-    """Whether sampling may decode with `shared_prefix_attention`: a model family whose attention is the
-    standard one (SHARED_PREFIX_MODELS), sdpa or eager, full attention in every layer, and float32 activations
-    (its scores come out of a matmul in the activations' dtype; in bf16/fp16 they would be rounded to 8 or 11
-    bits before the softmax, where sdpa keeps them in float32, so low-precision models keep sdpa)."""
+    """Whether sampling may decode with `_decode_step` and `shared_prefix_attention`: transformers' own Llama,
+    Mistral, Qwen2 or Qwen3 modules (`_standard_decoder`), sdpa or eager, full attention in every layer, and float32
+    activations (its scores come out of a matmul in the activations' dtype; in bf16/fp16 they would be rounded to
+    8 or 11 bits before the softmax, where sdpa keeps them in float32, so low-precision models keep sdpa)."""
     cfg = _config(model)
-    return (cache is not None and cfg.model_type in SHARED_PREFIX_MODELS and not any(cache.is_sliding)
+    return (cache is not None and _standard_decoder(model) is not None and not any(cache.is_sliding)
             and cfg._attn_implementation in ("sdpa", "eager")
             and _base(model).get_input_embeddings().weight.dtype == torch.float32)
 
 
-@contextlib.contextmanager
-def _shared_prefix_attention_on(model):
-    """Inside the block the model's attention layers call `shared_prefix_attention` (registered with
-    transformers' AttentionInterface as SHARED_PREFIX); the model's own implementation is restored after."""
-    from transformers import AttentionInterface
+def _decode_step(lm, dec, nxt: torch.Tensor, pos: torch.Tensor, prefix: SharedPrefix) -> torch.Tensor:
+    """One sampling decode step, (L,) next ids at (L,) positions -> (L, V) float32 logits, replaying the
+    decoder layer's forward of transformers' Llama/Mistral/Qwen2/Qwen3 (`_standard_decoder`) op for op, with
+    the model's own modules (so LoRA, merged or not, and biases act as in its forward) and its own rotary
+    function, but `shared_prefix_attention` for the attention and none of the forward's per-call work
+    (mask building, output capture, argument handling), which on a small model is a fifth of a step.
+    `lm`: the causal LM (its `lm_head`); `dec`: its decoder, `_standard_decoder(lm)`."""
+    import sys
 
-    AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
-    cfg = _config(model)
-    before = cfg._attn_implementation
-    cfg._attn_implementation = SHARED_PREFIX
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = before
+    rotary = sys.modules[type(dec).__module__].apply_rotary_pos_emb
+    x = dec.embed_tokens(nxt[:, None])  # (L, 1, E)
+    cos, sin = dec.rotary_emb(x, pos[:, None])
+    for i, layer in enumerate(dec.layers):
+        a, h = layer.self_attn, layer.input_layernorm(x)
+        shape = (len(h), 1, -1, a.head_dim)
+        q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape).transpose(1, 2)
+        if hasattr(a, "q_norm"):  # qwen3: RMSNorm over each head's query and key
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        k, v = prefix.layers[i].update(k, v)
+        o = shared_prefix_attention(q, k, v, a.scaling, prefix, i)
+        x = x + a.o_proj(o.reshape(len(h), 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return lm.lm_head(dec.norm(x))[:, -1].float()
 
 
 def _mergeable_lora(model) -> list:
@@ -352,6 +377,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
             # the 2D one for one query position (the causal part allows every key), handed over to skip that work
     live = torch.arange(n)  # (L,) the original row of each row still in the batch
     if shared:
+        decoder = _standard_decoder(model)
         dtype = cache.layers[0].prefix_keys.dtype
         prefix = SharedPrefix(cache.layers, torch.zeros(B, 1, 1, T, dtype=dtype, device=attn.device).masked_fill(
             attn[::k, None, None] == 0, float("-inf")), k, live)
@@ -386,14 +412,12 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         pos = pos + 1
         if shared:
             prefix.rows = live.to(ids.device)
-            with _shared_prefix_attention_on(model):
-                out = model(input_ids=nxt[:, None], position_ids=pos[:, None], use_cache=True, stepdpo_prefix=prefix,
-                            **{cache_name: cache})
+            logits = _decode_step(_base(model), decoder, nxt, pos, prefix)
         else:
             mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
                         **{cache_name: cache})
-        logits = out.logits[:, -1].float()
+            logits = out.logits[:, -1].float()
     return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
 
 

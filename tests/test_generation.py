@@ -360,14 +360,16 @@ def test_buffered_layer_holds_what_dynamic_layer_holds():
 
 
 @pytest.mark.parametrize("sampling", [False, True], ids=["own_cache", "shared_prefix"])
-@pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3", "qwen2", "mistral"])
 def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, monkeypatch):
     """The logits every sampled token is drawn from, step by step, against the model's forward on that row's
     whole unpadded text (prompt + its tokens so far) without a cache: for left-padded prompts of different
     lengths, k samples each, after rows have ended and been dropped (the cache rows moved around); with each
     row's own cache and with the prompt's keys and values shared by its k samples (shared_prefix_attention,
-    which must then run at every decode step), on grouped-query attention (qwen3) and through a peft model (when
-    sampling: with its LoRA linears merged, as `generate` samples, against the unmerged model's forward)."""
+    which must then run at every decode step, inside `_decode_step`'s replay of the decoder layers), on
+    grouped-query attention with per-head query/key norms (qwen3), q/k/v biases (qwen2) and mistral, and through a
+    peft model (when sampling: with its LoRA linears merged, as `generate` samples, against the unmerged model's
+    forward)."""
     from stepdpo import generation
     from stepdpo.generation import _decode, _merged_lora
 
@@ -385,13 +387,21 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, mo
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                      init_lora_weights=False)).eval()  # B != 0: the adapter acts
     else:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+        import transformers
 
         tok = qwen_tok()
         torch.manual_seed(5)
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, tie_word_embeddings=True)).eval()
+        name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "mistral": "Mistral"}[arch]
+        cfg = getattr(transformers, f"{name}Config")(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, tie_word_embeddings=True, sliding_window=None)
+        model = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+        if arch == "qwen2":  # its q/k/v projections carry biases: make them matter
+            assert model.model.layers[0].self_attn.q_proj.bias is not None
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("proj.bias"):
+                        p.normal_(0, 0.5)
         prompts = chat_prompts(tok)
     k, steps, t = 3, 12, 2.0
     enc, ids, attn = left_padded(tok, prompts)
@@ -434,8 +444,9 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, mo
 
 
 def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
-    """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention: a bf16
-    model (scores would be rounded to bf16 before the softmax) and a sliding-window layer keep sdpa."""
+    """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention, built from
+    transformers' own classes: a bf16 model (scores would be rounded to bf16 before the softmax), a sliding-window
+    layer and a subclassed decoder layer keep the model's forward with sdpa."""
     import transformers
 
     from stepdpo.generation import _can_share_prefix, _new_cache
@@ -445,6 +456,14 @@ def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     assert not _can_share_prefix(model, None)  # transformers < 5: the model's own cache
     half = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)[0].to(torch.bfloat16)
     assert not _can_share_prefix(half, _new_cache(half))
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class MyLayer(LlamaDecoderLayer):  # a user's own layer: _decode_step would replay the wrong forward
+        pass
+
+    custom = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)[0]
+    custom.model.layers[1].__class__ = MyLayer
+    assert not _can_share_prefix(custom, _new_cache(custom))
     sliding = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
