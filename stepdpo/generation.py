@@ -235,13 +235,13 @@ def _can_share_prefix(model, cache) -> bool:
             and _base(model).get_input_embeddings().weight.dtype == torch.float32)
 
 
-def _decode_step(lm, dec, nxt: torch.Tensor, pos: torch.Tensor, prefix: SharedPrefix) -> torch.Tensor:
-    """One sampling decode step, (L,) next ids at (L,) positions -> (L, V) float32 logits, replaying the
-    decoder layer's forward of transformers' Llama/Mistral/Qwen2/Qwen3 (`_standard_decoder`) op for op, with
-    the model's own modules (so LoRA, merged or not, and biases act as in its forward) and its own rotary
-    function, but `shared_prefix_attention` for the attention and none of the forward's per-call work
-    (mask building, output capture, argument handling), which on a small model is a fifth of a step.
-    `lm`: the causal LM (its `lm_head`); `dec`: its decoder, `_standard_decoder(lm)`."""
+def _decode_step(lm, dec, nxt: torch.Tensor, pos: torch.Tensor, cache, attend) -> torch.Tensor:
+    """One decode step, (L,) next ids at (L,) positions -> (L, V) float32 logits, replaying the decoder layer's
+    forward of transformers' Llama/Mistral/Qwen2/Qwen3 (`_standard_decoder`) op for op, with the model's own
+    modules (so LoRA, merged or not, and biases act as in its forward) and its own rotary function, but none of
+    the forward's per-call work (mask building, output capture, argument handling: on a small model a fifth of
+    a step). `lm`: the causal LM (its `lm_head`); `dec`: its decoder; `cache`: the step's cache (its layers'
+    `update`); `attend(module, query, key, value, layer) -> (L, 1, H, D)`: the attention."""
     import sys
 
     rotary = sys.modules[type(dec).__module__].apply_rotary_pos_emb
@@ -254,11 +254,19 @@ def _decode_step(lm, dec, nxt: torch.Tensor, pos: torch.Tensor, prefix: SharedPr
         if hasattr(a, "q_norm"):  # qwen3: RMSNorm over each head's query and key
             q, k = a.q_norm(q), a.k_norm(k)
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        k, v = prefix.layers[i].update(k, v)
-        o = shared_prefix_attention(q, k, v, a.scaling, prefix, i)
-        x = x + a.o_proj(o.reshape(len(h), 1, -1))
+        k, v = cache.layers[i].update(k, v)
+        x = x + a.o_proj(attend(a, q, k, v, i).reshape(len(h), 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return lm.lm_head(dec.norm(x))[:, -1].float()
+
+
+def _sdpa(mask):
+    """`_decode_step`'s attention as the model's forward runs it with implementation "sdpa": transformers' own
+    sdpa function, with the 4D mask `_decode` hands the forward (which passes a 4D mask through as it is)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return lambda a, q, k, v, i: fn(a, q, k, v, mask, dropout=0.0, scaling=a.scaling)[0]
 
 
 def _mergeable_lora(model) -> list:
@@ -376,8 +384,12 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
             full_mask = full_mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
             # the 2D one for one query position (the causal part allows every key), handed over to skip that work
     live = torch.arange(n)  # (L,) the original row of each row still in the batch
-    if shared:
+    # decode steps replay the decoder layers (`_decode_step`) for transformers' own Llama-family modules, sharing the
+    # prompt (sampling) or through sdpa as the forward would (the same numbers: greedy keeps generate's tokens)
+    lm, decoder = _base(model), None
+    if built is not None and not any(cache.is_sliding) and (shared or _config(model)._attn_implementation == "sdpa"):
         decoder = _standard_decoder(model)
+    if shared:
         dtype = cache.layers[0].prefix_keys.dtype
         prefix = SharedPrefix(cache.layers, torch.zeros(B, 1, 1, T, dtype=dtype, device=attn.device).masked_fill(
             attn[::k, None, None] == 0, float("-inf")), k, live)
@@ -412,12 +424,16 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         pos = pos + 1
         if shared:
             prefix.rows = live.to(ids.device)
-            logits = _decode_step(_base(model), decoder, nxt, pos, prefix)
+            attend = lambda a, q, k, v, i: shared_prefix_attention(q, k, v, a.scaling, prefix, i)  # noqa: E731
+            logits = _decode_step(lm, decoder, nxt, pos, cache, attend)
         else:
             mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                        **{cache_name: cache})
-            logits = out.logits[:, -1].float()
+            if decoder is not None:
+                logits = _decode_step(lm, decoder, nxt, pos, cache, _sdpa(mask))
+            else:
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                            **{cache_name: cache})
+                logits = out.logits[:, -1].float()
     return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
 
 

@@ -443,6 +443,60 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, mo
     assert checked > 3 * len(enc) * k
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, monkeypatch):
+    """Greedy decode steps run through `_decode_step` (the decoder layers replayed with transformers' sdpa function)
+    and see exactly the logits the model's own forward gives on the same cache and mask, step after step, with
+    rows ending and being dropped: what keeps greedy decoding token-identical to `model.generate`."""
+    from stepdpo import generation
+    from stepdpo.generation import _decode
+
+    if arch == "llama":
+        model, tok = tiny_fresh
+        prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tok = qwen_tok()
+        torch.manual_seed(5)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, tie_word_embeddings=True)).eval()
+        prompts = chat_prompts(tok)
+    if not padded:
+        prompts = [prompts[0]] * 3
+    enc, ids, attn = left_padded(tok, prompts)
+    assert bool((attn == 0).any()) == padded
+
+    def run():
+        seen, steps = [], []
+        step = generation._decode_step
+        monkeypatch.setattr(generation, "_decode_step", lambda *a: steps.append(1) or step(*a))
+
+        def pick(logits):  # greedy, with rows ending at staggered steps
+            nxt = logits.argmax(-1)
+            if len(seen) in (3, 6):
+                nxt[0] = tok.eos_token_id
+            return nxt
+
+        out = _decode(model, ids, attn, k=1, max_new_tokens=10, eos=torch.tensor([tok.eos_token_id]), pick=pick,
+                      on_logits=lambda rows, logits: seen.append((rows.tolist(), logits.clone())))
+        monkeypatch.setattr(generation, "_decode_step", step)
+        return out, seen, len(steps)
+
+    replayed, seen, n_steps = run()
+    assert n_steps == len(seen) - 1  # every decode step
+    standard = generation._standard_decoder
+    monkeypatch.setattr(generation, "_standard_decoder", lambda m: None)  # the model's forward
+    forward, seen_fwd, n_fwd = run()
+    monkeypatch.setattr(generation, "_standard_decoder", standard)
+    assert n_fwd == 0 and replayed == forward and len(seen) == len(seen_fwd)
+    assert sorted({len(r) for r, _ in seen}) != [len(enc)]  # rows were dropped
+    for (rows, a), (rows_fwd, b) in zip(seen, seen_fwd):
+        assert rows == rows_fwd and torch.equal(a, b)
+
+
 def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention, built from
     transformers' own classes: a bf16 model (scores would be rounded to bf16 before the softmax), a sliding-window
