@@ -243,7 +243,12 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for s, e in chunks:
         w, b = weight[s:e].to(cd), None if bias is None else bias[s:e].to(cd)
         for r in range(0, M, rows):
-            out[r:r + rows, s:e] = F.linear(h[r:r + rows], w, b)
+            if len(chunks) > 1:  # a block of columns: computed, then copied in
+                out[r:r + rows, s:e] = F.linear(h[r:r + rows], w, b)
+            elif b is None:  # whole rows, a contiguous slice: the GEMM writes it (no copy)
+                torch.mm(h[r:r + rows], w.t(), out=out[r:r + rows])
+            else:
+                torch.addmm(b, h[r:r + rows], w.t(), out=out[r:r + rows])
     return out
 
 
