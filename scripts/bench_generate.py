@@ -20,7 +20,7 @@ same EOS list. Both run in the same process, alternating, `--repeats` times; tok
 generated tokens (EOS and padding excluded) over wall time, samples/s the completions; peak_rss_mb is
 the largest resident set seen while that method ran (sampled every 5 ms). greedy_identical: every eval
 problem's greedy ids equal. greedy_forward_share: the share of stepdpo's greedy time spent inside the model's
-forward calls; greedy_speedup_bound: generate's greedy time over the time of those forwards, the most any loop
+forwards (its forward calls and `generation._decode_step`'s replays of them); greedy_speedup_bound: generate's greedy time over the time of those forwards, the most any loop
 around the same forwards (token identity pins the kernels and batches) could gain over generate. Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
 """
 
@@ -219,8 +219,12 @@ def main(argv=None) -> int:
         return hf_generate(model, tok, eval_prompts, k=1, max_new_tokens=g["max_new_tokens"], batch_size=g["batch_size"],
                            do_sample=False)
 
+    from stepdpo import generation
+
     class ForwardClock:
-        """Wall time inside the model's top-level forward calls (prefill and decode steps) during a `with`."""
+        """Wall time inside the model's forwards during a `with`: its top-level forward calls (prefills, and decode
+        steps of models `generation._decode_step` does not cover) and `_decode_step` calls (decode steps replaying
+        the decoder layers, which never enter the top-level forward)."""
 
         def __init__(self):
             self.seconds, self._t = 0.0, None
@@ -229,9 +233,20 @@ def main(argv=None) -> int:
             self._hooks = [model.register_forward_pre_hook(lambda *_: setattr(self, "_t", time.perf_counter())),
                            model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds
                                                                           + time.perf_counter() - self._t))]
+            self._step = step = generation._decode_step
+
+            def timed(*a):
+                t = time.perf_counter()
+                try:
+                    return step(*a)
+                finally:
+                    self.seconds += time.perf_counter() - t
+
+            generation._decode_step = timed
             return self
 
         def __exit__(self, *exc):
+            generation._decode_step = self._step
             for h in self._hooks:
                 h.remove()
 
