@@ -210,7 +210,8 @@ def shared_prefix_attention(query, key, value, scaling: float, prefix: SharedPre
 
 def _standard_decoder(model):
     """The decoder (`<P>Model`) of a SHARED_PREFIX_MODELS model whose decoder, layers and attention modules are
-    transformers' own classes for its model type (their forward is what `_decode_step` replays), else None."""
+    transformers' own classes for its model type (their forward is what `_decode_step` replays) and carry no
+    forward hooks (the replay does not call those modules, so their hooks would not run), else None."""
     import sys
 
     cfg, lm = _config(model), _base(model)
@@ -221,6 +222,9 @@ def _standard_decoder(model):
     ok = (hasattr(mod, "apply_rotary_pos_emb") and len(dec.layers) == cfg.num_hidden_layers
           and all(type(x) is getattr(mod, f"{name}DecoderLayer", None)
                   and type(x.self_attn) is getattr(mod, f"{name}Attention", None) for x in dec.layers))
+    # hooks on the modules whose forward the replay skips (e.g. accelerate's device placement with a device_map)
+    skipped = [lm, dec, *dec.layers, *(x.self_attn for x in dec.layers)] if ok else []
+    ok = ok and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in skipped)
     return dec if ok else None
 
 
@@ -352,7 +356,8 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
     cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
     and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
-    tokens. With `sampling` the computation may round differently from generate's (the same distribution, so
+    tokens. For transformers' own Llama/Mistral/Qwen2/Qwen3 modules (`_standard_decoder`) decode steps replay the
+    decoder layers (`_decode_step`, the same operations and numbers as the forward). With `sampling` the computation may round differently from generate's (the same distribution, so
     not for greedy): a peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model
     `_can_share_prefix` accepts) a prompt's keys and values are kept once for its k samples and decode steps
     attend through `shared_prefix_attention`. `pick`: (N, V) fp32 logits -> (N,) ids.

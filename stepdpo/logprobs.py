@@ -196,8 +196,8 @@ def _frozen_cast(weight: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     """The weight in the compute dtype. A frozen weight (no grad: the LM head under LoRA) is cast once
     and the copy kept on the tensor until the weight changes (its version counter moves): autocast
     caches only casts of weights that require grad, so a bf16 step on fp32 weights would otherwise
-    cast the whole head three times (policy, reference, backward). A trained weight is returned as
-    is and cast chunk by chunk (`_vocab_chunks`)."""
+    cast the whole head three times (policy, reference, backward). The copy costs the memory of the head
+    in the compute dtype. A trained weight is returned as is and cast chunk by chunk (`_vocab_chunks`)."""
     if weight.dtype == cd or weight.requires_grad:
         return weight
     key = (weight._version, weight.data_ptr(), cd)

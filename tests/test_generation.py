@@ -500,7 +500,7 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
 def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention, built from
     transformers' own classes: a bf16 model (scores would be rounded to bf16 before the softmax), a sliding-window
-    layer and a subclassed decoder layer keep the model's forward with sdpa."""
+    layer, a subclassed decoder layer and hooked layers keep the model's forward with sdpa."""
     import transformers
 
     from stepdpo.generation import _can_share_prefix, _new_cache
@@ -518,6 +518,13 @@ def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     custom = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)[0]
     custom.model.layers[1].__class__ = MyLayer
     assert not _can_share_prefix(custom, _new_cache(custom))
+    hooked = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)[0]
+    assert _can_share_prefix(hooked, _new_cache(hooked))
+    handle = hooked.model.layers[0].register_forward_pre_hook(lambda *a: None)  # e.g. accelerate moving devices
+    assert not _can_share_prefix(hooked, _new_cache(hooked))  # the replay would skip the hook: keep the forward
+    handle.remove()
+    hooked.model.layers[1].self_attn._hf_hook = object()  # accelerate's own hook attribute
+    assert not _can_share_prefix(hooked, _new_cache(hooked))
     sliding = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1))
