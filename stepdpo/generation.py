@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -212,8 +213,6 @@ def _standard_decoder(model):
     """The decoder (`<P>Model`) of a SHARED_PREFIX_MODELS model whose decoder, layers and attention modules are
     transformers' own classes for its model type (their forward is what `_decode_step` replays) and carry no
     forward hooks (the replay does not call those modules, so their hooks would not run), else None."""
-    import sys
-
     cfg, lm = _config(model), _base(model)
     name, dec = SHARED_PREFIX_MODELS.get(cfg.model_type), getattr(lm, "model", None)
     mod = sys.modules.get(type(dec).__module__)
@@ -246,8 +245,6 @@ def _decode_step(lm, dec, nxt: torch.Tensor, pos: torch.Tensor, cache, attend) -
     the forward's per-call work (mask building, output capture, argument handling: on a small model a fifth of
     a step). `lm`: the causal LM (its `lm_head`); `dec`: its decoder; `cache`: the step's cache (its layers'
     `update`); `attend(module, query, key, value, layer) -> (L, 1, H, D)`: the attention."""
-    import sys
-
     rotary = sys.modules[type(dec).__module__].apply_rotary_pos_emb
     x = dec.embed_tokens(nxt[:, None])  # (L, 1, E)
     cos, sin = dec.rotary_emb(x, pos[:, None])
@@ -356,9 +353,9 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
     dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
     cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
     and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
-    tokens. For transformers' own Llama/Mistral/Qwen2/Qwen3 modules (`_standard_decoder`) decode steps replay the
-    decoder layers (`_decode_step`, the same operations and numbers as the forward). With `sampling` the computation may round differently from generate's (the same distribution, so
-    not for greedy): a peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model
+    tokens. For transformers' own Llama/Mistral/Qwen2/Qwen3 modules (`_standard_decoder`) decode steps replay
+    the decoder layers (`_decode_step`, the same operations and numbers as the forward). With `sampling` the
+    computation may round differently from generate's (the same distribution, so not for greedy): a peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model
     `_can_share_prefix` accepts) a prompt's keys and values are kept once for its k samples and decode steps
     attend through `shared_prefix_attention`. `pick`: (N, V) fp32 logits -> (N,) ids.
     `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
