@@ -184,11 +184,10 @@ def shared_prefix_attention(query, key, value, scaling: float, prefix: SharedPre
     are laid out k per prompt (a finished sample's slot holds zeros, its result is never read) so that one
     batched product per prompt and key head serves all of them. Decode steps only (one query position).
     query: (L, H, 1, D); key/value: (L, H_kv, S, D), the rows' own positions. Returns (L, 1, H, D)."""
-    sp = prefix
-    pk, pv = sp.layers[layer].prefix_keys, sp.layers[layer].prefix_values
+    pk, pv = prefix.layers[layer].prefix_keys, prefix.layers[layer].prefix_values
     L, H, _, D = query.shape
     P, KV, T, _ = pk.shape
-    G, k, rows = H // KV, sp.k, sp.rows  # G query heads per key head (GQA)
+    G, k, rows = H // KV, prefix.k, prefix.rows  # G query heads per key head (GQA)
     every = L == P * k  # no sample has ended yet: the rows are the slots, in order (the loop drops, never reorders, before)
 
     def by_prompt(x):  # (L, KV, G, X) -> (P, KV, k * G, X): row prompt * k + j -> prompt's query row j * G + g
@@ -203,7 +202,7 @@ def shared_prefix_attention(query, key, value, scaling: float, prefix: SharedPre
         return full if every else full[rows]
 
     q = query.reshape(L, KV, G, D) * scaling
-    scores = torch.cat([by_row(by_prompt(q) @ pk.transpose(-1, -2) + sp.mask), q @ key.transpose(-1, -2)], -1)
+    scores = torch.cat([by_row(by_prompt(q) @ pk.transpose(-1, -2) + prefix.mask), q @ key.transpose(-1, -2)], -1)
     w = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # (L, KV, G, T + S)
     out = by_row(by_prompt(w[..., :T].contiguous()) @ pv) + w[..., T:] @ value  # (L, KV, G, D)
     return out.reshape(L, 1, H, D)
