@@ -549,3 +549,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    from .distributed import exit_worker
+
+    exit_worker()  # torchrun: end the worker without interpreter teardown (see its docstring)

@@ -48,8 +48,9 @@ WORKER = textwrap.dedent('''
     rec = Recorder()
     train(cfg(loss="sft", max_steps=2, batch_size=4), model, tok, make_examples(24), rec)
     res["sft"] = {"rows": [m for _, m in rec.rows], "params": {"lm_head": model.lm_head.weight.detach().tolist()}}
-    json.dump(res, open(f"{out}/rank{rank}.json", "w"))
-    distributed.cleanup()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(res, f)
+    distributed.exit_worker()
 ''')
 
 
@@ -134,3 +135,31 @@ def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch, ref_update):
     assert (one / "pairs_round1.jsonl").read_text() == (two / "pairs_round1.jsonl").read_text()
     # one file per precomputed round, shared by both runs (a policy reference is never written to disk)
     assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == (2 if ref_update == "fixed" else 1)
+
+
+EXIT_SCRIPT = textwrap.dedent('''
+    import logging, sys
+    from stepdpo import distributed
+    logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+    logging.getLogger("t").info("logged before the exit")
+    sys.stdout.write("printed, no newline, still buffered")
+    distributed.exit_worker()
+    print("|after exit_worker")
+''')
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_worker_ends_a_torchrun_worker_with_its_output_flushed(tmp_path, world):
+    """Under torchrun (WORLD_SIZE > 1) `exit_worker` ends the process at once with exit code 0, after
+    flushing stdout (os._exit alone drops a block-buffered pipe's contents) and closing the logging
+    handlers; without torchrun it returns and the program goes on."""
+    env = {**conftest.test_env(), "WORLD_SIZE": world,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTHONUNBUFFERED", None)  # a pipe is block-buffered, as under torchrun
+    log = tmp_path / "run.log"
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(log)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "logged before the exit" in log.read_text()
+    assert proc.stdout.startswith("printed, no newline, still buffered")
+    assert proc.stdout.endswith("|after exit_worker\n") == (world == "1")
