@@ -34,9 +34,11 @@ Log-prob memory (extra memory of the log-prob step relative to the logits tensor
 tokens/s counts non-padding tokens of the chosen and rejected sequences (prompt included, on each
 side, however many of them the model actually runs on: `run_fraction` says that share) over
 the steps after the first (warm-up), so data preparation and reference precomputation are not
-in it (reported as setup_s). TRL runs with its own defaults (DPOConfig: bf16 autocast, gradient
-checkpointing, fused LM head, logging every 10 steps); only batch size, max_length, steps, lr,
-beta and the LoRA config are set, to the same values stepdpo uses; --trl-arg KEY=JSON overrides
+in it (reported as setup_s). TRL runs with its own defaults (DPOConfig: gradient checkpointing,
+fused LM head, logging every 10 steps); only batch size, max_length, steps, lr, beta, the LoRA
+config and the precision are set, to the same values stepdpo uses. The precision is `--precision`
+(auto: bf16 only where bf16 matmuls are native; TRL's own default, bf16 everywhere, runs ~100x
+slower than fp32 on an AVX2-only CPU, which would make a meaningless baseline); --trl-arg KEY=JSON overrides
 any DPOConfig field (including those, e.g. precompute_ref_log_probs or gradient_checkpointing).
 The `bench` extra pins the TRL version these numbers are quoted for (pip install -e '.[bench]').
 """
@@ -422,8 +424,10 @@ def parse(argv=None):
                         "both = stepdpo,trl; all = stepdpo,trl,trl_grouped")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant (interleaved); medians reported")
     p.add_argument("--precompute-ref", action="store_true")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="stepdpo autocast precision (TRL's default on this hardware is bf16)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast precision of both trainers (TRL's `bf16` field too, unless --trl-arg bf16=... "
+                        "sets it): auto = bf16 where bf16 matmuls are native (a GPU, or a CPU with "
+                        "AVX512-BF16/AMX), else fp32 (on an AVX2 CPU bf16 matmuls run ~100x slower)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="stepdpo: recompute activations")
     p.add_argument("--weighting", default="uniform", help="stepdpo token weighting (uniform = standard DPO)")
     p.add_argument("--trl-arg", action="append", default=[], metavar="KEY=JSON",
@@ -444,7 +448,13 @@ def parse(argv=None):
         p.error(f"--impl: unknown {unknown}; choose among {list(VARIANTS)}, both, all")
     if a.repeats < 1:
         p.error("--repeats must be >= 1")
-    a.trl_args = {}
+    if a.precision == "auto":
+        import torch
+
+        from stepdpo.train import native_bf16
+
+        a.precision = "bf16" if native_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "fp32"
+    a.trl_args = {"bf16": a.precision == "bf16"}  # the same precision for both trainers, unless overridden
     for kv in a.trl_arg:
         k, _, v = kv.partition("=")
         a.trl_args[k] = json.loads(v)

@@ -46,6 +46,21 @@ def pick_device(name: str) -> torch.device:
     return distributed.local_device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a GPU, or a CPU with AVX512-BF16 / AMX (oneDNN's check).
+    On other CPUs (e.g. AVX2 only) oneDNN emulates them: measured 0.5 against 82 GFLOP/s in fp32."""
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_for(precision: str, device: torch.device, prefix: str = "train"):
+    """The autocast context of `trainer.precision` (bf16: autocast; fp32: off), with a warning when
+    bf16 would be emulated on this CPU."""
+    if precision == "bf16" and not native_bf16(device):
+        log.warning("%s: trainer.precision=bf16 on a CPU without native bf16 matmuls (no AVX512-BF16/AMX): "
+                    "they run in emulation, about 100x slower than fp32 here; set trainer.precision=fp32", prefix)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay matrices (dim >= 2), not biases/norms. Only parameters that require grad."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -397,7 +412,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
     reference = ModelLogps(ref_model) if ref_model is not None else None
     stream = BatchStream([e.run_len(packs(cfg, policy, reference)) for e in examples],
                          cfg.batch_size * cfg.grad_accum * world, seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = autocast_for(cfg.precision, device, prefix)
     ref_table = None  # trainer.precompute_ref: reference log-probs once, from the on-disk cache if there
     if cfg.precompute_ref and not sft:
         ref_table = precomputed_reference(cfg, policy, reference, ref_weights, tokenizer, examples, device=device,

@@ -51,3 +51,16 @@ def test_logp_memory_mode_meets_the_target(capsys):
             # LM-head GEMM ran in row chunks: a bf16 GEMM's fp32 output buffer)
             assert max(r["nograd"], r["fwd"], r["bwd"]) <= res["target"], (name, dt, r)
     assert res["naive_fp32"]["fwd"] > 1.9  # the contrast: a full fp32 log-softmax
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_native_bf16_or_fp32_for_both_trainers(monkeypatch, native):
+    """--precision auto picks bf16 only where bf16 matmuls are native, and TRL gets the same `bf16`
+    (its own default is bf16 everywhere); an explicit --trl-arg bf16=... still wins."""
+    import stepdpo.train
+
+    monkeypatch.setattr(stepdpo.train, "native_bf16", lambda device: native)
+    _, a = bench.parse(["--model-dir", "m", "--pairs", "p"])
+    assert a.precision == ("bf16" if native else "fp32") and a.trl_args == {"bf16": native}
+    _, a = bench.parse(["--precision", "fp32", "--trl-arg", "bf16=true", "--trl-arg", "gradient_checkpointing=false"])
+    assert a.precision == "fp32" and a.trl_args == {"bf16": True, "gradient_checkpointing": False}

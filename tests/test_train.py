@@ -15,7 +15,7 @@ from stepdpo.config import TrainerConfig
 from stepdpo.logprobs import (ModelLogps, _gemm_rows, flat_logps_from_head, flat_logps_from_logits, logps_from_logits,
                               reference_logps)
 from stepdpo.model import LoraSpec, add_lora, tiny_llama
-from stepdpo.train import BatchStream, train
+from stepdpo.train import BatchStream, native_bf16, train
 
 from conftest import TINY, Recorder, cfg, lora_model, make_examples, token_span_pairs
 
@@ -210,6 +210,30 @@ def test_full_finetune_with_frozen_reference_copy_and_bf16():
     assert torch.equal(ref.lm_head.weight, w0)
     assert not torch.equal(policy.lm_head.weight, w0)
     assert all(torch.isfinite(torch.tensor(m["train/loss"])) for _, m in rec.rows)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native):
+    """trainer.precision=bf16 where oneDNN emulates bf16 matmuls (an AVX2-only CPU: 0.5 against 82 GFLOP/s
+    in fp32) trains, with one warning that names the fix; with native bf16 there is no warning."""
+    import logging
+
+    import stepdpo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: native)
+    torch.manual_seed(0)
+    policy, ref, tok = lora_model()
+    with caplog.at_level(logging.WARNING, logger="stepdpo.train"):
+        train(cfg(max_steps=1, precision="bf16"), policy, tok, make_examples(4), Recorder(), ref_model=ref)
+    warned = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    if warned:
+        assert "trainer.precision=fp32" in warned[0]
+
+
+def test_native_bf16_is_onednns_check_on_cpu():
+    assert native_bf16(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert native_bf16(torch.device("meta")) is True  # not a CPU: autocast's own business
 
 
 def test_sft_stage_runs_on_the_same_loop():
