@@ -201,7 +201,8 @@ def run_stepdpo(a, pack: bool = True) -> dict:
     cfg = TrainerConfig(loss="dpo", weighting=a.weighting, beta=a.beta, lr=a.lr, schedule="linear", warmup_steps=0,
                         min_lr_ratio=0.0, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
                         precision=a.precision, device="cpu", log_every=1, precompute_ref=a.precompute_ref,
-                        ref_cache_dir=cache, gradient_checkpointing=a.gradient_checkpointing, pack=pack)
+                        ref_cache_dir=cache, gradient_checkpointing=a.gradient_checkpointing, pack=pack,
+                        cpu_primitive_cache=a.cpu_primitive_cache, cpu_mmap_threshold_mb=a.cpu_mmap_threshold_mb)
 
     class Recorder:  # the loop logs every step; keep the time and the numbers
         def __init__(self):
@@ -403,6 +404,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def parse(argv=None):
+    from stepdpo.config import TrainerConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--make-model", metavar="DIR", help="write a benchmark model + tokenizer to DIR and exit")
     p.add_argument("--make-pairs", metavar="FILE", help="write GSM8K benchmark pairs to FILE and exit")
@@ -430,6 +433,13 @@ def parse(argv=None):
                         "AVX512-BF16/AMX), else fp32 (on an AVX2 CPU bf16 matmuls run ~100x slower)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="stepdpo: recompute activations")
     p.add_argument("--weighting", default="uniform", help="stepdpo token weighting (uniform = standard DPO)")
+    p.add_argument("--cpu-primitive-cache", type=int, default=TrainerConfig.cpu_primitive_cache,
+                   help="stepdpo: trainer.cpu_primitive_cache (0 = oneDNN's default)")
+    p.add_argument("--cpu-mmap-threshold-mb", type=float, default=TrainerConfig.cpu_mmap_threshold_mb,
+                   help="stepdpo: trainer.cpu_mmap_threshold_mb (0 = glibc's default)")
+    p.add_argument("--bound-trl", action="store_true",
+                   help="run TRL with the same CPU memory bounds (through ONEDNN_PRIMITIVE_CACHE_CAPACITY and "
+                        "MALLOC_MMAP_THRESHOLD_), to see what they do for it")
     p.add_argument("--trl-arg", action="append", default=[], metavar="KEY=JSON",
                    help="override a DPOConfig field (default: none; TRL's defaults are the baseline)")
     p.add_argument("--lr", type=float, default=5e-5)
@@ -495,7 +505,13 @@ def main(argv=None) -> int:
     for _ in range(a.repeats):  # interleaved: a burst of load from other jobs hits every variant alike
         for impl in a.impls:
             cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--impl", impl, "--child"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if a.bound_trl and impl.startswith("trl"):
+                if a.cpu_primitive_cache > 0:
+                    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(a.cpu_primitive_cache)
+                if a.cpu_mmap_threshold_mb > 0:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(int(a.cpu_mmap_threshold_mb * 2**20))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 print(proc.stderr[-3000:], file=sys.stderr)

@@ -105,13 +105,16 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     """Validate the config, seed, join torchrun, build every piece; refuse bad input found for free."""
     import torch
 
-    from . import checkpoint, distributed
+    from . import checkpoint, cpu_memory, distributed
     from .pairs import check_from_split, check_own_scores, score_pairs
+    from .train import pick_device
 
     validate_targets(cfg)  # every key of every group, the trainer's choices, the pairs builder's settings
     progress.quiet_library_bars()  # no transformers tqdm lines in a log file
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)  # before any tensor work; also for jobs a sweep runs in-process
+    if pick_device(cfg.trainer.get("device", "auto")).type == "cpu":  # before any bf16 matmul (eval, sampling)
+        cpu_memory.bound(cfg.trainer.get("cpu_primitive_cache", 0), cfg.trainer.get("cpu_mmap_threshold_mb", 0))
     seed_everything(cfg.seed)
     rank, world = distributed.init()  # torchrun: DDP over `world` processes; rank 0 logs, evaluates, writes
     if world > 1:

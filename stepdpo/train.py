@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint, distributed, progress
+from . import checkpoint, cpu_memory, distributed, progress
 from .batching import IGNORE, Example, collate, length_grouped_batches
 from .config import TrainerConfig
 from .logprobs import ModelLogps, reference_logps
@@ -401,6 +401,8 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
         raise ValueError(f"{prefix}: trainer.rounds={cfg.rounds} can't resume from a checkpoint yet; use rounds=1")
     rank, world = distributed.rank(), distributed.world_size()
     device = pick_device(cfg.device)
+    if device.type == "cpu":  # before the first bf16 matmul: oneDNN reads its cache capacity once
+        cpu_memory.bound(cfg.cpu_primitive_cache, cfg.cpu_mmap_threshold_mb)
     torch.manual_seed(seed)
     _to_device(model, device)
     if ref_model is not None:
