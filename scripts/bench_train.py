@@ -202,7 +202,8 @@ def run_stepdpo(a, pack: bool = True) -> dict:
                         min_lr_ratio=0.0, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
                         precision=a.precision, device="cpu", log_every=1, precompute_ref=a.precompute_ref,
                         ref_cache_dir=cache, gradient_checkpointing=a.gradient_checkpointing, pack=pack,
-                        cpu_primitive_cache=a.cpu_primitive_cache, cpu_mmap_threshold_mb=a.cpu_mmap_threshold_mb)
+                        cpu_primitive_cache=a.cpu_primitive_cache, cpu_mmap_threshold_mb=a.cpu_mmap_threshold_mb,
+                        pad_to_multiple_of=a.pad_to_multiple_of)
 
     class Recorder:  # the loop logs every step; keep the time and the numbers
         def __init__(self):
@@ -437,6 +438,8 @@ def parse(argv=None):
                    help="stepdpo: trainer.cpu_primitive_cache (0 = oneDNN's default)")
     p.add_argument("--cpu-mmap-threshold-mb", type=float, default=TrainerConfig.cpu_mmap_threshold_mb,
                    help="stepdpo: trainer.cpu_mmap_threshold_mb (0 = glibc's default)")
+    p.add_argument("--pad-to-multiple-of", type=int, default=None,
+                   help="stepdpo: trainer.pad_to_multiple_of (default: 32 for bf16 on CPU, else 1)")
     p.add_argument("--bound-trl", action="store_true",
                    help="run TRL with the same CPU memory bounds (through ONEDNN_PRIMITIVE_CACHE_CAPACITY and "
                         "MALLOC_MMAP_THRESHOLD_), to see what they do for it")

@@ -142,7 +142,7 @@ def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
 
 
 def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False,
-            trim_rejected: bool = True, pack: bool = False) -> PreferenceBatch:
+            trim_rejected: bool = True, pack: bool = False, run_multiple: int = 1) -> PreferenceBatch:
     """Right-pad to the longest row in this batch (dynamic padding, never to max_length).
 
     nll_prefix: also label the chosen rows' prefix-step tokens (weight 0, `nll_only` True), so the
@@ -155,6 +155,9 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
     shared tokens once. Without it, each side runs as its own row unless it has no own token.
     The log-probs are the same either way: every label is predicted from the same token ids at the
     same positions.
+    run_multiple: the run rows' length is rounded up to a multiple of this (padding positions, which
+    nothing attends to), so that batches of nearby lengths give the model the same GEMM shapes
+    (`train.run_multiple`: on CPU in bf16, oneDNN compiles a kernel per shape).
     """
     B = len(examples)
     sides = []  # (prompt, side tokens (every one labelled), weights, focus)
@@ -213,6 +216,7 @@ def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_
             pos_rows.append(list(range(len(r_side))))
             places.append((len(rows) - 1, len(r_side), 0))
     R, Lr = len(rows), max(len(r) for r in rows)
+    Lr = -(-Lr // run_multiple) * run_multiple
     run_ids = torch.full((R, Lr), pad_id, dtype=torch.long)
     run_seg = torch.full((R, Lr), PAD, dtype=torch.int8)
     run_pos = torch.zeros((R, Lr), dtype=torch.long) if pack else None

@@ -7,7 +7,8 @@ batch has new shapes (length-grouped, packed batches) and two caches keep someth
   per GEMM shape, up to 1,024 of them (its default), about 0.5 MB each here. A packed training step creates
   about 26 (forward, reference forward, both backward GEMMs, LoRA's) and then finds them ~2,000 times; some
   shapes come back in later steps, and creating one takes ~3.5 ms. A cap of 128 (~5 steps) kept the tokens/s
-  of the default over an epoch and 390 MB less resident; 64 cost 5-12 % of the tokens/s.
+  of the default over an epoch and 390 MB less resident; 64 cost 5-12 % of the tokens/s. Fewer shapes help
+  too: the loop pads its rows to a multiple of 32 in bf16 on CPU (`train.run_multiple`).
 - **glibc's heap.** Tensors up to glibc's mmap threshold come from the heap, and glibc raises that threshold
   (up to 32 MB) every time a larger mmapped block is freed. So after the first big logits buffer, the
   activations of each step are carved out of the heap, and long-lived small allocations between them keep

@@ -106,19 +106,22 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: str, pack: bool = False) -> str:
+def cache_key(ref_model, tokenizer, examples: Sequence[Example], *, precision: str, pack: bool = False,
+              run_multiple: int = 1) -> str:
     """pack: computed on packed pairs (`collate(pack=True)`), which rounds differently from separate rows (in
-    bf16 by up to ~1e-2 per token), so that a run's reference matches its own policy forward at step 0."""
+    bf16 by up to ~1e-2 per token), so that a run's reference matches its own policy forward at step 0; the same
+    for run_multiple (the run rows' padded length changes the GEMM shapes, and with them the rounding)."""
     h = hashlib.blake2b(digest_size=16)
     parts = (f"v{VERSION}", precision, model_fingerprint(ref_model), tokenizer_fingerprint(tokenizer),
-             examples_fingerprint(examples)) + (("packed",) if pack else ())
+             examples_fingerprint(examples)) + (("packed",) if pack else ()) + (
+                 (f"run_multiple{run_multiple}",) if run_multiple != 1 else ())
     for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
 
 def compute(ref_fn: Callable[[PreferenceBatch], torch.Tensor], examples: Sequence[Example], pad_id: int, *,
-            batch_size: int, device: torch.device, pack: bool = False) -> RefLogps:
+            batch_size: int, device: torch.device, pack: bool = False, run_multiple: int = 1) -> RefLogps:
     """Run `ref_fn` (a batch -> (2B, T-1) reference log-probs) over every example, in length order."""
     lengths = [len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
     offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
@@ -127,7 +130,8 @@ def compute(ref_fn: Callable[[PreferenceBatch], torch.Tensor], examples: Sequenc
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]), reverse=True)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = collate([examples[i] for i in idx], pad_id, trim_rejected=False, pack=pack).to(device)  # every token, whatever
+        batch = collate([examples[i] for i in idx], pad_id, trim_rejected=False, pack=pack,
+                        run_multiple=run_multiple).to(device)  # every token, whatever
         # the weights: one file serves every weighting of the same pairs
         lp = ref_fn(batch).float().cpu()  # (2B, T-1)
         B = len(idx)

@@ -133,6 +133,16 @@ class BatchStream:
         self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
 
 
+def run_multiple(cfg: TrainerConfig, device: torch.device) -> int:
+    """What the run rows' length is rounded up to (`batching.collate(run_multiple=)`): trainer.pad_to_multiple_of,
+    or by default 32 where the step's matmuls are bf16 on a CPU (oneDNN compiles a kernel per GEMM shape, ~3.5 ms
+    each, ~26 new shapes a step when every batch has its own length), else 1 (fp32 on CPU goes to BLAS; GPUs
+    compile nothing per shape). docs/experiments/benchmarks.md, session 9."""
+    if cfg.pad_to_multiple_of is not None:
+        return max(1, int(cfg.pad_to_multiple_of))
+    return 32 if device.type == "cpu" and cfg.precision == "bf16" else 1
+
+
 def packs(cfg: TrainerConfig, policy: ModelLogps, reference: ModelLogps | None) -> bool:
     """Whether batches are packed (`batching.collate(pack=True)`): asked for, and every model that runs
     them takes a tree mask."""
@@ -148,11 +158,11 @@ def precomputed_reference(cfg: TrainerConfig, policy: ModelLogps, reference: Mod
         with autocast:
             return refcache.compute(lambda b: reference_logps(policy, reference, b), examples,
                                     tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device,
-                                    pack=packs(cfg, policy, reference))
+                                    pack=packs(cfg, policy, reference), run_multiple=run_multiple(cfg, device))
 
     t = time.perf_counter()
     key = refcache.cache_key(ref_weights, tokenizer, examples, precision=cfg.precision,
-                             pack=packs(cfg, policy, reference))
+                             pack=packs(cfg, policy, reference), run_multiple=run_multiple(cfg, device))
     table, hit = refcache.load_or_compute(cfg.ref_cache_dir, key, len(examples), compute)
     log.info("%s: reference log-probs %s (%s, %.1fs)", prefix, "loaded" if hit else "computed", key,
              time.perf_counter() - t)
@@ -169,7 +179,7 @@ def policy_reference(cfg: TrainerConfig, policy: ModelLogps, tokenizer, examples
     with torch.no_grad(), autocast:
         table = refcache.compute(lambda b: policy(b.input_ids, b.attention_mask, b.labels, b.run), examples,
                                  tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device,
-                                 pack=packs(cfg, policy, None))
+                                 pack=packs(cfg, policy, None), run_multiple=run_multiple(cfg, device))
     log.info("reference := current policy on %d examples (%.1fs)", len(examples), time.perf_counter() - t)
     return table
 
@@ -313,7 +323,8 @@ def optimizer_step(s: Setup, state: TrainState, examples: Sequence[Example], ref
     for a in range(cfg.grad_accum):
         lo = (a * s.world + s.rank) * cfg.batch_size
         idx = global_idx[lo:lo + cfg.batch_size]  # this rank's disjoint shard of the global batch
-        batch = collate([examples[i] for i in idx], s.pad, sft=sft, nll_prefix=s.nll_prefix, pack=s.pack).to(s.device)
+        batch = collate([examples[i] for i in idx], s.pad, sft=sft, nll_prefix=s.nll_prefix, pack=s.pack,
+                        run_multiple=run_multiple(cfg, s.device)).to(s.device)
         labelled = batch.labels[:, 1:] != IGNORE  # (N, T-1): the LM head runs here
         mask = labelled & ~batch.nll_only[:, 1:]  # response tokens
         share = int(mask.sum()) / n_global if sft else len(idx) / len(global_idx)  # of the global mean

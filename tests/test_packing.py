@@ -193,3 +193,39 @@ def test_batches_are_grouped_by_the_packed_row_length():
         for e in exs:
             b = collate([e], 0, pack=True)
             assert e.run_len(True) == int((b.run_seg >= 0).sum())
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_run_rows_padded_to_a_multiple_give_the_same_logps_and_grads(pack):
+    """collate(run_multiple=32): the run rows get padding positions that nothing attends to; every label is still
+    predicted from the same positions, so log-probs and gradients are those of the unpadded batch (fp32)."""
+    model = tiny("qwen3", "sdpa")
+    ex = prefix_pairs(10, seed=4)
+    lp = ModelLogps(model)
+    plain, padded = collate(ex, 0, pack=pack), collate(ex, 0, pack=pack, run_multiple=32)
+    assert padded.run_ids.shape[1] % 32 == 0 and padded.run_ids.shape[1] > plain.run_ids.shape[1]
+    L, L2 = plain.run_ids.shape[1], padded.run_ids.shape[1]
+    assert torch.equal(padded.run_ids[:, :L], plain.run_ids) and (padded.run_seg[:, L:] == PAD).all()
+    # every label reads the same token's position: the same flat index, row by row, in the wider rows
+    on = plain.src >= 0
+    assert torch.equal(padded.src[on] // L2, plain.src[on] // L) and torch.equal(padded.src[on] % L2, plain.src[on] % L)
+    out = {}
+    for name, b in (("plain", plain), ("padded", padded)):
+        model.zero_grad()
+        got = lp(b.input_ids, b.attention_mask, b.labels, b.run)
+        (got * b.token_weights[:, 1:]).sum().backward()
+        out[name] = (got.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out["padded"][0], out["plain"][0], atol=1e-5, rtol=1e-5)
+    assert out["plain"][0].abs().sum() > 10
+    for n, g in out["plain"][1].items():
+        torch.testing.assert_close(out["padded"][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_loop_pads_run_rows_for_bf16_on_cpu_only():
+    from stepdpo.train import run_multiple
+
+    cpu = torch.device("cpu")
+    assert run_multiple(cfg(precision="bf16"), cpu) == 32  # oneDNN: one compiled kernel per GEMM shape
+    assert run_multiple(cfg(precision="fp32"), cpu) == 1  # BLAS: no per-shape kernels, padding would only cost
+    assert run_multiple(cfg(precision="bf16"), torch.device("cuda")) == 1
+    assert run_multiple(cfg(precision="fp32", pad_to_multiple_of=8), cpu) == 8
