@@ -20,8 +20,9 @@ same EOS list. Both run in the same process, alternating, `--repeats` times; tok
 generated tokens (EOS and padding excluded) over wall time, samples/s the completions; peak_rss_mb is
 the largest resident set seen while that method ran (sampled every 5 ms). greedy_identical: every eval
 problem's greedy ids equal. greedy_forward_share: the share of stepdpo's greedy time spent inside the model's
-forwards (its forward calls and `generation._decode_step`'s replays of them); greedy_speedup_bound: generate's greedy time over the time of those forwards, the most any loop
-around the same forwards (token identity pins the kernels and batches) could gain over generate. Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
+forwards (its forward calls, `generation._prefill_in_chunks` and `generation._decode_step`'s replays of them);
+greedy_speedup_bound: generate's greedy time over the time of those forwards, the speedup if everything around
+them cost nothing (token identity pins their arithmetic: the same kernels, rows and padding as generate's). Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
 """
 
 from __future__ import annotations
@@ -223,8 +224,9 @@ def main(argv=None) -> int:
 
     class ForwardClock:
         """Wall time inside the model's forwards during a `with`: its top-level forward calls (prefills, and decode
-        steps of models `generation._decode_step` does not cover) and `_decode_step` calls (decode steps replaying
-        the decoder layers, which never enter the top-level forward)."""
+        steps of models `generation._decode_step` does not cover), `_prefill_in_chunks` calls (CPU prefills of large
+        batches, through the decoder) and `_decode_step` calls (decode steps replaying the decoder layers, which never
+        enter the top-level forward)."""
 
         def __init__(self):
             self.seconds, self._t = 0.0, None
@@ -233,20 +235,24 @@ def main(argv=None) -> int:
             self._hooks = [model.register_forward_pre_hook(lambda *_: setattr(self, "_t", time.perf_counter())),
                            model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds
                                                                           + time.perf_counter() - self._t))]
-            self._step = step = generation._decode_step
+            self._saved = {name: getattr(generation, name) for name in ("_decode_step", "_prefill_in_chunks")}
 
-            def timed(*a):
-                t = time.perf_counter()
-                try:
-                    return step(*a)
-                finally:
-                    self.seconds += time.perf_counter() - t
+            def timed(fn):
+                def call(*a):
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a)
+                    finally:
+                        self.seconds += time.perf_counter() - t
+                return call
 
-            generation._decode_step = timed
+            for name, fn in self._saved.items():
+                setattr(generation, name, timed(fn))
             return self
 
         def __exit__(self, *exc):
-            generation._decode_step = self._step
+            for name, fn in self._saved.items():
+                setattr(generation, name, fn)
             for h in self._hooks:
                 h.remove()
 
@@ -284,8 +290,8 @@ def main(argv=None) -> int:
         "sampling_speedup": speed("sampling_ours", "sampling_hf"), "greedy_speedup": speed("greedy_ours", "greedy_hf"),
         "greedy_identical": identical, "sampling_speedup_per_repeat": ratios("sampling_ours", "sampling_hf"),
         "greedy_speedup_per_repeat": ratios("greedy_ours", "greedy_hf"),
-        # greedy must run generate's forwards (same kernels, same batches; only ended rows dropped), so no loop
-        # around them can beat generate by more than generate's time over the time of those forwards
+        # greedy runs generate's arithmetic (same kernels, same rows and padding; only ended rows dropped): the loop
+        # around those forwards could gain at most generate's time over the time of the forwards
         "greedy_forward_share": round(statistics.median(r["forward_s"] / r["seconds"] for r in runs["greedy_ours"]), 3),
         "greedy_speedup_bound": round(statistics.median(bounds := [
             h["seconds"] / o["forward_s"] for o, h in zip(runs["greedy_ours"], runs["greedy_hf"])]), 2),

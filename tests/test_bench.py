@@ -23,6 +23,7 @@ def run(capsys, *argv: str) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.slow  # a subprocess run: kept out of the fast tier
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), reason="needs ../shared/data/gsm8k")
 def test_stepdpo_side_reports_throughput_memory_and_loss(tmp_path, capsys):
     model, pairs = tmp_path / "model", tmp_path / "pairs.jsonl"

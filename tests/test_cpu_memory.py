@@ -72,6 +72,7 @@ HEAP = """
 """
 
 
+@pytest.mark.slow  # a subprocess run: kept out of the fast tier
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_mmap_threshold_returns_freed_activations_to_the_os():
     out = {}
@@ -84,6 +85,7 @@ def test_mmap_threshold_returns_freed_activations_to_the_os():
     assert out[1]["held_mb"] - out[1]["after_free_mb"] > 150  # fixed 1 MB threshold: unmapped when freed
 
 
+@pytest.mark.slow  # a subprocess run: kept out of the fast tier
 def test_train_sets_the_bounds_from_the_trainer_config():
     """A CPU training run applies trainer.cpu_* before its first bf16 matmul: every primitive it creates is
     created under the capacity it was given (oneDNN reads it once, at its first primitive)."""

@@ -443,18 +443,32 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, mo
     assert checked > 3 * len(enc) * k
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def tiny_lora(model, dropout: float = 0.0):
+    """`model` under a peft LoRA adapter on every linear, with a random B (so that the adapter acts), in eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, monkeypatch):
-    """Greedy decode steps run through `_decode_step` (the decoder layers replayed with transformers' sdpa function)
-    and see exactly the logits the model's own forward gives on the same cache and mask, step after step, with
-    rows ending and being dropped: what keeps greedy decoding token-identical to `model.generate`."""
+    """Greedy decode steps run through `_decode_step` (the decoder layers replayed with transformers' sdpa function,
+    the linears called as `_lean` functions: peft's LoRA linear without its forward) and see exactly the logits the
+    model's own forward gives on the same cache and mask, step after step, with rows ending and being dropped: what
+    keeps greedy decoding token-identical to `model.generate`."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     from stepdpo import generation
     from stepdpo.generation import _decode
 
-    if arch == "llama":
+    if arch.startswith("llama"):
         model, tok = tiny_fresh
         prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
+        if arch == "llama_lora":  # with dropout: inactive in eval, as in peft's forward
+            model = tiny_lora(model, dropout=0.1)
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -485,12 +499,18 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
         monkeypatch.setattr(generation, "_decode_step", step)
         return out, seen, len(steps)
 
+    lora_calls = []
+    lora_forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda *a, **kw: lora_calls.append(1) or lora_forward(*a, **kw))
     replayed, seen, n_steps = run()
     assert n_steps == len(seen) - 1  # every decode step
+    n_lora = 7 * len(generation._base(model).model.layers) if arch == "llama_lora" else 0
+    assert len(lora_calls) == n_lora  # the prefill only: decode steps call the lean linears
     standard = generation._standard_decoder
     monkeypatch.setattr(generation, "_standard_decoder", lambda m: None)  # the model's forward
     forward, seen_fwd, n_fwd = run()
     monkeypatch.setattr(generation, "_standard_decoder", standard)
+    assert len(lora_calls) == n_lora * (1 + len(seen))  # the forward: peft's LoRA linear at every step
     assert n_fwd == 0 and replayed == forward and len(seen) == len(seen_fwd)
     assert sorted({len(r) for r, _ in seen}) != [len(enc)]  # rows were dropped
     for (rows, a), (rows_fwd, b) in zip(seen, seen_fwd):
@@ -566,3 +586,94 @@ def test_lora_merged_only_where_it_is_the_same_function():
         assert n == 0
     with _merged_lora(tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)[0]) as n:
         assert n == 0  # not a peft model
+
+
+def test_lean_linears_fall_back_to_the_module_where_they_would_differ(tiny_fresh):
+    """`_lean` replaces a module call only where it computes what the module's forward computes: a hooked module,
+    a LoRA layer with active dropout, with DoRA, with its adapters off or merged keeps the module itself."""
+    from peft import LoraConfig, get_peft_model
+
+    from stepdpo.generation import _lean, _merged_lora
+
+    model, _ = tiny_fresh
+    plain = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 1, plain.in_features)
+    assert _lean(plain) is not plain and torch.equal(_lean(plain)(x), plain(x))
+    handle = plain.register_forward_hook(lambda *a: None)
+    assert _lean(plain) is plain
+    handle.remove()
+    lora = tiny_lora(model, dropout=0.1)
+    layer = lora.base_model.model.model.layers[0].self_attn.q_proj
+    assert _lean(layer) is not layer and torch.equal(_lean(layer)(x), layer(x))
+    lora.train()  # dropout active: peft's forward draws a mask
+    assert _lean(layer) is layer
+    lora.eval()
+    with lora.disable_adapter():
+        assert _lean(layer) is layer
+    with _merged_lora(lora):
+        merged = _lean(layer)
+        assert merged is vars(layer)["forward"]  # the merged copy's linear
+    layer.merge()
+    assert _lean(layer) is layer
+    layer.unmerge()
+    torch.manual_seed(1)
+    dora = get_peft_model(tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)[0],
+                          LoraConfig(r=4, target_modules="all-linear", use_dora=True)).eval()
+    q = dora.base_model.model.model.layers[0].self_attn.q_proj
+    assert _lean(q) is q
+
+
+@pytest.mark.parametrize("arch", ["llama_lora", "qwen3"])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, groups, monkeypatch):
+    """The CPU prefill over groups of rows (`_prefill_in_chunks`) gives the KV cache and last-position logits of one
+    forward over the whole left-padded batch, bit for bit: in three groups the longest prompt's group has no padding
+    but keeps the batch's mask. Greedy decoding from it keeps its tokens."""
+    from stepdpo import generation
+    from stepdpo.generation import _chunked_prefill, _decode, _new_cache, _prefill_in_chunks
+
+    if arch == "llama_lora":
+        model, tok = tiny_fresh
+        model = tiny_lora(model)
+        prompts = [PROMPTS[0], PROMPTS[2], "Question: a much longer prompt, so that it needs left padding\nAnswer:\n",
+                   PROMPTS[2] * 2, PROMPTS[0], PROMPTS[0] * 2]
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tok = qwen_tok()
+        torch.manual_seed(5)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, tie_word_embeddings=True)).eval()
+        prompts = chat_prompts(tok) + ["What is 17 * 3?", "Hello"] + chat_prompts(tok)[:1]
+    if not padded:
+        prompts = [prompts[1]] * 6
+    enc, ids, attn = left_padded(tok, prompts)
+    assert bool((attn == 0).any()) == padded
+    B, T = ids.shape
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    mask = attn if padded else None
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, cache=_new_cache(model),
+                      logits_to_keep=1)
+        monkeypatch.setattr(generation, "PREFILL_TOKENS", B * T // groups)  # 6 rows: groups of 3 or 2 rows
+        assert _chunked_prefill(model, _new_cache(model), ids)
+        sizes = []
+        embed = generation._standard_decoder(model).embed_tokens  # (hooks on the decoder would turn chunking off)
+        handle = embed.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+        cache, logits = _prefill_in_chunks(model, ids, mask, pos, _new_cache(model), "cache")
+        handle.remove()
+    assert sizes == [B // groups] * groups
+    assert torch.equal(logits, whole.logits[:, -1].float())
+    for ours, ref in zip(cache.layers, whole.cache.layers):
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+
+    def greedy():
+        return _decode(model, ids, attn, k=2, max_new_tokens=8, eos=torch.tensor([tok.eos_token_id]),
+                       pick=lambda lg: lg.argmax(-1))
+
+    chunked = greedy()
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", B * T)  # one forward
+    assert not _chunked_prefill(model, _new_cache(model), ids)
+    assert greedy() == chunked

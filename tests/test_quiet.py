@@ -3,6 +3,8 @@ and only those: the same logger's other records and every other warning still sh
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 import subprocess
 import sys
@@ -27,6 +29,7 @@ def python(code: str) -> str:
     return p.stderr
 
 
+@pytest.mark.slow  # a subprocess run: kept out of the fast tier
 def test_lora_prints_neither_the_bitsandbytes_kernel_message_nor_the_futurewarning():
     err = python(LORA)
     assert BNB_MSG not in err and "FutureWarning" not in err and "is_gradient_checkpointing" not in err, err
