@@ -7,8 +7,9 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 `Completion.finish_reason` says which ("stop" or "length").
 
 The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
-by its k samples, finished rows dropped from the batch, the KV cache written in place (`BufferedLayer`);
-greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
+by its k samples (on the CPU in groups of rows, `_prefill_in_chunks`), finished rows dropped from the batch,
+the KV cache written in place (`BufferedLayer`), decode steps that replay the decoder layers with lean calls of
+their linears (`_decode_step`, `_lean`); greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
 its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
 at every step, and the prompt is most of it) inside `_decode_step`, a replay of the decoder layers without
 the model forward's per-call work, and runs a float32 peft LoRA policy with its adapters merged into copies
