@@ -207,8 +207,13 @@ def test_greedy_token_identical_with_a_lora_adapter(tiny_fresh):
     assert generate(peft_model, tok, PROMPTS, max_new_tokens=16, batch_size=8) != base  # the adapter acts in the loop
 
 
-def test_greedy_token_identical_on_a_4bit_model(tmp_path):
+@pytest.mark.parametrize("prefill", ["one_forward", "row_groups"])
+def test_greedy_token_identical_on_a_4bit_model(tmp_path, prefill, monkeypatch):
+    from stepdpo import generation
     from stepdpo.model import ModelSpec, QuantSpec, load_base
+
+    if prefill == "row_groups":  # the CPU prefill in groups of rows (`_prefill_in_chunks`), here one row each
+        monkeypatch.setattr(generation, "PREFILL_TOKENS", 60)
 
     torch.manual_seed(3)
     model, tok = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -218,6 +223,8 @@ def test_greedy_token_identical_on_a_4bit_model(tmp_path):
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.modules())
+    chunked = generation._chunked_prefill(q4, generation._new_cache(q4), left_padded(tok, PROMPTS)[1])
+    assert chunked == (prefill == "row_groups")
     with_common_eos(q4.eval(), tok, PROMPTS, 16)
     assert_greedy_matches_generate(q4, tok, PROMPTS, max_new_tokens=16)
 
