@@ -37,6 +37,7 @@ def _cache_events(cap: int) -> tuple[int, int, str]:
     return p.stdout.count("cache_hit"), p.stdout.count("cache_miss"), p.stdout.splitlines()[0]
 
 
+@pytest.mark.slow  # builds real-tokenizer models / runs subprocesses: kept out of the fast tier
 def test_primitive_cache_cap_reaches_onednn():
     hits, misses, _ = _cache_events(0)  # 0: oneDNN's own default capacity
     if hits + misses == 0:

@@ -120,6 +120,7 @@ def _lora_grads(policy, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow  # builds real-tokenizer models / runs subprocesses: kept out of the fast tier
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_qlora_gradients_unchanged_by_generation(model_dirs, arch):
     """bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode forward; training
