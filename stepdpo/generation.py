@@ -8,12 +8,12 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 
 The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
 by its k samples (on the CPU in groups of rows, `_prefill_in_chunks`), finished rows dropped from the batch,
-the KV cache written in place (`BufferedLayer`), decode steps that replay the decoder layers with lean calls of
-their linears (`_decode_step`, `_lean`); greedy picks the tokens `model.generate` picks. Sampling also keeps each prompt's keys and values once for
-its k samples and attends to them through `shared_prefix_attention` (decode reads the KV cache from memory
-at every step, and the prompt is most of it) inside `_decode_step`, a replay of the decoder layers without
-the model forward's per-call work, and runs a float32 peft LoRA policy with its adapters merged into copies
-of the weights (`_merged_lora`): the same distribution, rounded differently.
+the KV cache written in place (`BufferedLayer`), decode steps that replay the decoder layers with lean calls
+of their linears (`_decode_step`, `_lean`); greedy picks the tokens `model.generate` picks. Sampling also keeps
+each prompt's keys and values once for its k samples and attends to them through `shared_prefix_attention`
+(decode reads the KV cache from memory at every step, and the prompt is most of it) inside `_decode_step`,
+and runs a float32 peft LoRA policy with its adapters merged into copies of the weights (`_merged_lora`):
+the same distribution, rounded differently.
 Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
@@ -303,7 +303,8 @@ class _Replay:
     def __init__(self, lm, dec):
         mod = sys.modules[type(dec).__module__]
         mlp_type = getattr(mod, f"{SHARED_PREFIX_MODELS[_config(lm).model_type]}MLP", None)
-        self.rotary, self.embed, self.rotary_emb, self.norm = mod.apply_rotary_pos_emb, dec.embed_tokens, dec.rotary_emb, dec.norm
+        self.rotary, self.embed, self.rotary_emb = mod.apply_rotary_pos_emb, dec.embed_tokens, dec.rotary_emb
+        self.norm = dec.norm
         self.head = _lean(lm.lm_head)
         self.layers = []
         for layer in dec.layers:
@@ -420,7 +421,39 @@ def _chunked_prefill(model, cache, ids: torch.Tensor) -> bool:
     and whose causal LM applies its head to the decoder's last hidden states), with a `logits_to_keep` forward."""
     return (cache is not None and _forward_names(model)[1] and ids.device.type == "cpu" and ids.numel() > PREFILL_TOKENS
             and not any(cache.is_sliding) and _config(model)._attn_implementation in ("sdpa", "eager")
-            and _standard_decoder(model) is not None)
+            and _standard_decoder(model) is not None and _mask_arguments() is not None)
+
+
+@functools.cache
+def _mask_arguments() -> tuple[str, str, bool] | None:
+    """How this transformers version's `create_causal_mask` names its embeddings and cache arguments and whether it
+    takes `cache_position` (names changed within 4.x and 5.x), or None when it takes neither known name."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:
+        return None
+    params = inspect.signature(create_causal_mask).parameters
+    embeds = next((n for n in ("inputs_embeds", "input_embeds") if n in params), None)
+    cache = next((n for n in ("cache", "past_key_values") if n in params), None)
+    if embeds is None or cache is None or "position_ids" not in params:
+        return None
+    return embeds, cache, "cache_position" in params
+
+
+def _whole_batch_mask(model, attn: torch.Tensor, pos: torch.Tensor):
+    """The attention mask the causal LM's forward builds for a prefill of the whole left-padded batch (from its 2D
+    mask `attn` and positions `pos`): transformers' own `create_causal_mask` (a 4D mask for sdpa/eager, or None)."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    embeds, cache, takes_position = _mask_arguments()
+    B, T = attn.shape
+    # the embeddings argument is read for its batch size, length, dtype and device only
+    kw = {embeds: _base(model).get_input_embeddings().weight.new_empty(B, T, 1),
+          cache: DynamicCache(config=_config(model))}
+    if takes_position:
+        kw["cache_position"] = torch.arange(T, device=attn.device)
+    return create_causal_mask(config=_config(model), attention_mask=attn, position_ids=pos, **kw)
 
 
 def _prefill_in_chunks(model, ids, attn, pos, cache, cache_name: str):
@@ -429,21 +462,21 @@ def _prefill_in_chunks(model, ids, attn, pos, cache, cache_name: str):
     LM head applied once to every row's last position: the KV cache and last-position logits of one forward over the
     whole batch with `logits_to_keep=1`, with activations a few MB each instead of hundreds (on the CPU each large new
     tensor is fresh pages from the OS: 0.21-0.25 s instead of 0.30-0.42 s for 64 prompts of 90 positions on the
-    benchmark's model). Every row sees the mask the whole batch's forward builds (`create_causal_mask`, sliced): a
-    group without padding keeps the batch's masked kernel. A decoder row's results do not depend on the other rows of
-    its forward when its GEMMs keep hundreds of rows (groups of equal size: more than PREFILL_TOKENS / 2 positions
-    each; a GEMM of a few rows rounds differently on some CPUs); the head's can (the GEMM's row count and layout change its rounding on some CPUs), so it runs once on
-    all rows, laid out as in the forward (tests: logits and cache equal bit for bit). Returns (cache, (B, V) float32 logits)."""
+    benchmark's model).
+    - Every row sees the mask the whole batch's forward builds (`_whole_batch_mask`, sliced): a group without
+      padding keeps the batch's masked kernel.
+    - A decoder row's results do not depend on the other rows of its forward while its GEMMs keep hundreds of rows
+      (the groups are of equal size, more than PREFILL_TOKENS / 2 positions each; a GEMM of a few rows rounds
+      differently on some CPUs).
+    - The head's can (its row count and the memory layout of its input change its rounding on some CPUs), so it
+      runs once on all rows, laid out as in the forward.
+    Tests: logits and cache equal to one forward's bit for bit. Returns (cache, (B, V) float32 logits)."""
     from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import create_causal_mask
 
     lm, dec = _base(model), _standard_decoder(model)
     B, T = ids.shape
-    mask = None
-    if attn is not None:  # the 4D mask of the whole batch (a 4D mask is handed through by the forward as it is)
-        emb = dec.get_input_embeddings().weight
-        mask = create_causal_mask(config=_config(model), inputs_embeds=emb.new_empty(B, T, 1), attention_mask=attn,
-                                  cache=DynamicCache(config=_config(model)), position_ids=pos)
+    # the 4D mask of the whole batch (a 4D mask is handed through by the forward as it is)
+    mask = None if attn is None else _whole_batch_mask(model, attn, pos)
     rows = -(-B // -(-B * T // PREFILL_TOKENS))  # equal groups of at most ~PREFILL_TOKENS positions: no small last one
     keys, values, last = [], [], None
     for s in range(0, B, rows):

@@ -684,3 +684,6 @@ def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, 
     monkeypatch.setattr(generation, "PREFILL_TOKENS", B * T)  # one forward
     assert not _chunked_prefill(model, _new_cache(model), ids)
     assert greedy() == chunked
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(generation, "_mask_arguments", lambda: None)  # a transformers whose mask function we don't know
+    assert not _chunked_prefill(model, _new_cache(model), ids)
