@@ -450,6 +450,18 @@ def test_decode_sees_the_logits_of_a_full_forward(tiny_fresh, arch, sampling, mo
     assert checked > 3 * len(enc) * k
 
 
+def tiny_qwen3():
+    """A random 2-layer Qwen3 (grouped-query attention, per-head q/k norms) with the real Qwen3 tokenizer, in eval mode."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen_tok()
+    torch.manual_seed(5)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         tie_word_embeddings=True)).eval()
+    return model, tok
+
+
 def tiny_lora(model, dropout: float = 0.0):
     """`model` under a peft LoRA adapter on every linear, with a random B (so that the adapter acts), in eval mode."""
     from peft import LoraConfig, get_peft_model
@@ -477,13 +489,7 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
         if arch == "llama_lora":  # with dropout: inactive in eval, as in peft's forward
             model = tiny_lora(model, dropout=0.1)
     else:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        tok = qwen_tok()
-        torch.manual_seed(5)
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, tie_word_embeddings=True)).eval()
+        model, tok = tiny_qwen3()
         prompts = chat_prompts(tok)
     if not padded:
         prompts = [prompts[0]] * 3
@@ -646,13 +652,7 @@ def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, 
         prompts = [PROMPTS[0], PROMPTS[2], "Question: a much longer prompt, so that it needs left padding\nAnswer:\n",
                    PROMPTS[2] * 2, PROMPTS[0], PROMPTS[0] * 2]
     else:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        tok = qwen_tok()
-        torch.manual_seed(5)
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, tie_word_embeddings=True)).eval()
+        model, tok = tiny_qwen3()
         prompts = chat_prompts(tok) + ["What is 17 * 3?", "Hello"] + chat_prompts(tok)[:1]
     if not padded:
         prompts = [prompts[1]] * 6
