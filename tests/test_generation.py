@@ -642,7 +642,7 @@ def test_lean_linears_fall_back_to_the_module_where_they_would_differ(tiny_fresh
 def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, groups, monkeypatch):
     """The CPU prefill over groups of rows (`_prefill_in_chunks`) gives the KV cache and last-position logits of one
     forward over the whole left-padded batch, bit for bit: in three groups the longest prompt's group has no padding
-    but keeps the batch's mask. Greedy decoding from it keeps its tokens."""
+    but keeps the batch's mask. Greedy decoding and seeded sampling from it keep their tokens."""
     from stepdpo import generation
     from stepdpo.generation import _chunked_prefill, _decode, _new_cache, _prefill_in_chunks
 
@@ -676,14 +676,17 @@ def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, 
     for ours, ref in zip(cache.layers, whole.cache.layers):
         assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
 
-    def greedy():
-        return _decode(model, ids, attn, k=2, max_new_tokens=8, eos=torch.tensor([tok.eos_token_id]),
-                       pick=lambda lg: lg.argmax(-1))
+    def decode():  # greedy, and sampled with the prompt's keys shared by its k samples (SharedPrefixLayer)
+        gen = torch.Generator().manual_seed(0)
+        return [_decode(model, ids, attn, k=2, max_new_tokens=8, eos=torch.tensor([tok.eos_token_id]),
+                        pick=lambda lg: lg.argmax(-1)),
+                _decode(model, ids, attn, k=3, max_new_tokens=8, eos=torch.tensor([tok.eos_token_id]), sampling=True,
+                        pick=lambda lg: torch.multinomial(lg.softmax(-1), 1, generator=gen).squeeze(1))]
 
-    chunked = greedy()
+    chunked = decode()
     monkeypatch.setattr(generation, "PREFILL_TOKENS", B * T)  # one forward
     assert not _chunked_prefill(model, _new_cache(model), ids)
-    assert greedy() == chunked
+    assert decode() == chunked  # the same logits, so the same draws from the same generator
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
     monkeypatch.setattr(generation, "_mask_arguments", lambda: None)  # a transformers whose mask function we don't know
     assert not _chunked_prefill(model, _new_cache(model), ids)
