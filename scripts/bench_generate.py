@@ -28,6 +28,7 @@ them cost nothing (token identity pins their arithmetic: the same kernels, rows 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -232,29 +233,28 @@ def main(argv=None) -> int:
             self.seconds, self._t = 0.0, None
 
         def __enter__(self):
-            self._hooks = [model.register_forward_pre_hook(lambda *_: setattr(self, "_t", time.perf_counter())),
-                           model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds
-                                                                          + time.perf_counter() - self._t))]
             self._saved = {name: getattr(generation, name) for name in ("_decode_step", "_prefill_in_chunks")}
 
             def timed(fn):
-                def call(*a):
+                @functools.wraps(fn)  # keeps the signature that generation reads (`cache`, `logits_to_keep`)
+                def call(*a, **kw):
                     t = time.perf_counter()
                     try:
-                        return fn(*a)
+                        return fn(*a, **kw)
                     finally:
                         self.seconds += time.perf_counter() - t
                 return call
 
             for name, fn in self._saved.items():
                 setattr(generation, name, timed(fn))
+            # the forward wrapped per instance, not hooked: hooks on a causal LM turn stepdpo's decoder replay off
+            model.forward = timed(model.forward)
             return self
 
         def __exit__(self, *exc):
             for name, fn in self._saved.items():
                 setattr(generation, name, fn)
-            for h in self._hooks:
-                h.remove()
+            del model.forward
 
     runs: dict[str, list[dict]] = {name: [] for name in ("sampling_ours", "sampling_hf", "greedy_ours", "greedy_hf")}
     fns = {"sampling_ours": ours_sampling, "sampling_hf": hf_sampling, "greedy_ours": ours_greedy, "greedy_hf": hf_greedy}
