@@ -636,7 +636,7 @@ def test_lean_linears_fall_back_to_the_module_where_they_would_differ(tiny_fresh
     assert _lean(q) is q
 
 
-@pytest.mark.parametrize("arch", ["llama_lora", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama_lora", "llama_eager", "qwen3"])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("groups", [2, 3])
 def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, groups, monkeypatch):
@@ -646,9 +646,12 @@ def test_prefill_in_chunks_is_one_forward_bit_for_bit(tiny_fresh, arch, padded, 
     from stepdpo import generation
     from stepdpo.generation import _chunked_prefill, _decode, _new_cache, _prefill_in_chunks
 
-    if arch == "llama_lora":
+    if arch.startswith("llama"):
         model, tok = tiny_fresh
-        model = tiny_lora(model)
+        if arch == "llama_eager":  # eager attention: the mask is an additive float mask
+            model.set_attn_implementation("eager")
+        else:
+            model = tiny_lora(model)
         prompts = [PROMPTS[0], PROMPTS[2], "Question: a much longer prompt, so that it needs left padding\nAnswer:\n",
                    PROMPTS[2] * 2, PROMPTS[0], PROMPTS[0] * 2]
     else:
