@@ -427,7 +427,7 @@ def _chunked_prefill(model, cache, ids: torch.Tensor) -> bool:
 @functools.cache
 def _mask_arguments() -> tuple[str, str, bool] | None:
     """How this transformers version's `create_causal_mask` names its embeddings and cache arguments and whether it
-    takes `cache_position` (names changed within 4.x and 5.x), or None when it takes neither known name."""
+    takes `cache_position` (the names differ between transformers versions), or None when it takes neither known name."""
     try:
         from transformers.masking_utils import create_causal_mask
     except ImportError:
