@@ -342,7 +342,8 @@ def _decode_step(replay: _Replay, nxt: torch.Tensor, pos: torch.Tensor, cache, a
 
 def _sdpa(mask):
     """`_decode_step`'s attention as the model's forward runs it with implementation "sdpa": transformers' own
-    sdpa function, with the 4D mask `_decode` hands the forward (which passes a 4D mask through as it is)."""
+    sdpa function, with `_decode`'s 4D mask: the additive mask sdpa itself makes of the bool mask the forward
+    would pass through as it is (so its kernel sees the same numbers)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -561,6 +562,10 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         decoder = _standard_decoder(model)
     if decoder is not None:
         replay = _Replay(_base(model), decoder)
+        if padded:  # the additive mask sdpa makes of a bool one (0 where True, -inf where False, in the query's dtype:
+            # the cache's, as sdpa requires) and hands its kernel, made once here instead of in every layer's call
+            full_mask = torch.zeros(full_mask.shape, dtype=cache.layers[0].keys.dtype,
+                                    device=full_mask.device).masked_fill_(~full_mask, float("-inf"))
     if shared:
         dtype = cache.layers[0].prefix_keys.dtype
         prefix = SharedPrefix(cache.layers, torch.zeros(B, 1, 1, T, dtype=dtype, device=attn.device).masked_fill(

@@ -7,6 +7,7 @@ The models have random weights; the checks compare against the same model's unco
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -471,13 +472,14 @@ def tiny_lora(model, dropout: float = 0.0):
                                             init_lora_weights=False)).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_lora", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama_lora", "llama_bf16", "qwen3"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, monkeypatch):
-    """Greedy decode steps run through `_decode_step` (the decoder layers replayed with transformers' sdpa function,
-    the linears called as `_lean` functions: peft's LoRA linear without its forward) and see exactly the logits the
-    model's own forward gives on the same cache and mask, step after step, with rows ending and being dropped: what
-    keeps greedy decoding token-identical to `model.generate`."""
+    """Greedy decode steps run through `_decode_step` (the decoder layers replayed with transformers' sdpa function
+    and the additive mask sdpa would make of the forward's bool mask, in the model's dtype; the linears called as
+    `_lean` functions: peft's LoRA linear without its forward) and see exactly the logits the model's own forward
+    gives on the same cache and mask, step after step, with rows ending and being dropped: what keeps greedy
+    decoding token-identical to `model.generate`."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from stepdpo import generation
@@ -488,6 +490,8 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
         prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n"]
         if arch == "llama_lora":  # with dropout: inactive in eval, as in peft's forward
             model = tiny_lora(model, dropout=0.1)
+        if arch == "llama_bf16":  # the mask in bf16, as sdpa converts it for bf16 queries
+            model = copy.deepcopy(model).to(torch.bfloat16)
     else:
         model, tok = tiny_qwen3()
         prompts = chat_prompts(tok)
