@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Benchmark stepdpo's generation (`stepdpo.generation.generate`) against plain `model.generate`.
 
-    python scripts/bench_generate.py [--threads 2] [--repeats 3] [--n-problems 64] [--n-eval 128]
+    python scripts/bench_generate.py [--threads 2] [--repeats 3] [--n-problems 64] [--n-eval N]
                                      [--sft-steps 300] [--model-dir DIR] [--lora] [--k K] [--batch-size N]
 
 Two workloads, at the settings the experiment uses (read from the conf/ files, printed in "settings"):
 (a) on-policy sampling: conf/experiment/stepwise_vs_dpo.yaml's pairs.k / pairs.temperature over
     conf/pairs/on_policy.yaml (top_p, max_new_tokens, batch_size), on `--n-problems` arith train problems;
-(b) greedy evaluation: conf/eval/default.yaml (max_new_tokens, batch_size) on `--n-eval` arith eval problems.
+(b) greedy evaluation: conf/eval/default.yaml (max_new_tokens, batch_size) on `--n-eval` arith eval problems
+(default: conf/dataset/arith.yaml's n_eval, the run's own evaluation: 500 problems, 8 batches of 64).
 The model is conf/model/tiny.yaml's Llama, random init then `--sft-steps` steps of SFT on the arith
 gold solutions (so that samples end at EOS as a trained policy's do), or `--model-dir` (e.g. an
 SFT cache entry) loaded with from_pretrained. `--lora` wraps it in conf/lora/lora.yaml's adapter (peft, as the
@@ -22,7 +23,8 @@ the largest resident set seen while that method ran (sampled every 5 ms). greedy
 problem's greedy ids equal. greedy_forward_share: the share of stepdpo's greedy time spent inside the model's
 forwards (its forward calls, `generation._prefill_in_chunks` and `generation._decode_step`'s replays of them);
 greedy_speedup_bound: generate's greedy time over the time of those forwards, the speedup if everything around
-them cost nothing (token identity pins their arithmetic: the same kernels, rows and padding as generate's). Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
+them cost nothing (token identity pins their arithmetic: the same kernels and padding as generate's).
+Prints ONE JSON line: medians, [min, max] ranges, speedups of the medians.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def settings() -> dict:
     return {"sampling": {k: pairs[k] for k in ("k", "temperature", "top_p", "max_new_tokens", "batch_size")},
             "greedy": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
             "model": dict(OmegaConf.to_container(OmegaConf.load(conf / "model/tiny.yaml").tiny)),
-            "dataset": {k: data[k] for k in ("min_ops", "max_ops", "max_operand", "max_multiplier", "max_value", "ops")}}
+            "dataset": {k: data[k] for k in ("min_ops", "max_ops", "max_operand", "max_multiplier", "max_value", "ops")},
+            "n_eval": data.n_eval}
 
 
 def short_sft(model, tok, problems, steps: int, seed: int) -> float:
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-problems", type=int, default=64, help="problems sampled in workload (a), k samples each")
-    ap.add_argument("--n-eval", type=int, default=128, help="problems decoded greedily in workload (b)")
+    ap.add_argument("--n-eval", type=int,
+                    help="problems decoded greedily in workload (b) (default: the dataset's n_eval)")
     ap.add_argument("--sft-steps", type=int, default=300, help="SFT steps on the random-init tiny model")
     ap.add_argument("--model-dir", help="a saved model + tokenizer (from_pretrained) instead of tiny + short SFT; "
                                         "if DIR does not exist, the SFT'd tiny model is saved there for the next run")
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = settings()
+    if args.n_eval is None:
+        args.n_eval = cfg["n_eval"]
     bundle = load(n_train=2000, n_eval=max(args.n_eval, 1), seed=args.seed, **cfg["dataset"])
     t0 = time.perf_counter()
     if args.model_dir and Path(args.model_dir).is_dir():

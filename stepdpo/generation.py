@@ -6,14 +6,15 @@ instruct models set to a list such as Qwen2.5's `<|im_end|>`/`<|endoftext|>` or 
 128001/128008/128009, and `tokenizer.eos_token_id`), at a stop string, or after `max_new_tokens`;
 `Completion.finish_reason` says which ("stop" or "length").
 
-The decoding itself is a small loop over the model's forward (`_decode`): one prefill per prompt shared
+The decoding itself is a small loop over the model's forward (`_decode_stream`): one prefill per prompt shared
 by its k samples (on the CPU in groups of rows, `_prefill_in_chunks`), finished rows dropped from the batch,
 the KV cache written in place (`BufferedLayer`), decode steps that replay the decoder layers with lean calls
-of their linears (`_decode_step`, `_lean`); greedy picks the tokens `model.generate` picks. Sampling also keeps
-each prompt's keys and values once for its k samples and attends to them through `shared_prefix_attention`
-(decode reads the KV cache from memory at every step, and the prompt is most of it) inside `_decode_step`,
-and runs a float32 peft LoRA policy with its adapters merged into copies of the weights (`_merged_lora`):
-the same distribution, rounded differently.
+of their linears (`_decode_step`, `_lean`), and a batch's last rows joined by the next batch (`_Joined`: the
+two share each step's linears, each attends to its own cache); greedy picks the tokens `model.generate` picks.
+Sampling also keeps each prompt's keys and values once for its k samples and attends to them through
+`shared_prefix_attention` (decode reads the KV cache from memory at every step, and the prompt is most of it)
+inside `_decode_step`, and runs a float32 peft LoRA policy with its adapters merged into copies of the weights
+(`_merged_lora`): the same distribution, rounded differently.
 Cost model and numbers: docs/experiments/benchmarks.md.
 `set_backend` hands the calls to an inference engine instead (`inference.py`, the `generation` group).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -508,25 +510,29 @@ def _compaction(keep: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, eos: torch.Tensor,
-            pick, stop_hit=None, window: int = 0, on_logits=None,
-            sampling: bool = False) -> list[tuple[list[int], bool]]:
-    """Decode a batch of left-padded prompts, k samples each: (ids, ended at an EOS id) per row, rows
-    ordered prompt 0's k samples, then prompt 1's, ...
+class _Batch:
+    """One batch's decoding state in `_decode_stream`, from its prefill (`_start`): its cache, positions and mask
+    for its live rows, how it steps (`replay`, `prefix`), and the tokens its rows have picked. Each batch counts its
+    own steps: batches joined at different steps see only their own keys, mask and positions."""
 
-    Each prompt is prefilled once and its KV cache rows repeated for its k samples; a row that ends is
-    dropped from the batch (and its cache rows) at once, so every forward works on live rows only. The
-    cache writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks
-    and the last-position logits are those of transformers' `generate`, so greedy decoding picks the same
-    tokens. For transformers' own Llama/Mistral/Qwen2/Qwen3 modules (`_standard_decoder`) decode steps replay
-    the decoder layers (`_decode_step`, the same operations and numbers as the forward). With `sampling` the
-    computation may round differently from generate's (the same distribution, so not for greedy): a peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model
-    `_can_share_prefix` accepts) a prompt's keys and values are kept once for its k samples and decode steps
-    attend through `shared_prefix_attention`. `pick`: (N, V) fp32 logits -> (N,) ids.
-    `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
-    strings). `on_logits(rows, logits)` (tests):
-    called before each pick with the original row of each live row and its logits.
-    """
+    def __init__(self, index: int, offset: int, n: int, T: int, cache, mask, pos, replay, prefix, max_new_tokens: int):
+        self.index, self.offset, self.T, self.cache, self.mask, self.pos = index, offset, T, cache, mask, pos
+        self.replay, self.prefix = replay, prefix  # `_Replay` or None (the model's forward); SharedPrefix or None
+        self.live = torch.arange(n)  # (L,) the batch row of each row still decoding
+        self.tokens = torch.zeros(n, max_new_tokens, dtype=torch.long)  # filled up to each row's end
+        self.length, self.hit_eos = [max_new_tokens] * n, [False] * n
+        self.step = 0  # tokens picked so far
+
+    def joinable(self) -> bool:  # decode steps that can share their linears with another batch's (`_Joined`)
+        return self.replay is not None and self.prefix is None
+
+    def rows(self) -> list[tuple[list[int], bool]]:
+        return [(self.tokens[r, :self.length[r]].tolist(), self.hit_eos[r]) for r in range(len(self.tokens))]
+
+
+def _start(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, sampling: bool,
+           index: int = 0, offset: int = 0) -> tuple[_Batch, torch.Tensor]:
+    """A batch's prefill: its `_Batch` and the (B * k, V) float32 logits of its rows' first picks."""
     cache_name, keep_arg = _forward_names(model)
     last_only = {"logits_to_keep": 1} if keep_arg else {}
     B, T = ids.shape
@@ -548,70 +554,178 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tok
         logits, pos, attn = logits.repeat_interleave(k, 0), pos.repeat_interleave(k, 0), attn.repeat_interleave(k, 0)
     n = B * k
     padded = padded and not shared  # shared: the prompt's padding mask lives in `prefix`, the rest needs none
+    mask = None
     if padded:  # (n, T + max_new_tokens): the prompt's mask, then ones; step s attends to the first T + s + 1
-        full_mask = torch.ones(n, T + max_new_tokens, dtype=torch.bool, device=attn.device)
-        full_mask[:, :T] = attn.bool()
+        mask = torch.ones(n, T + max_new_tokens, dtype=torch.bool, device=attn.device)
+        mask[:, :T] = attn.bool()
         if built is not None and _config(model)._attn_implementation == "sdpa" and not any(cache.is_sliding):
-            full_mask = full_mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
+            mask = mask[:, None, None]  # (n, 1, 1, .): the 4D mask create_causal_mask builds for sdpa from
             # the 2D one for one query position (the causal part allows every key), handed over to skip that work
-    live = torch.arange(n)  # (L,) the original row of each row still in the batch
     # decode steps replay the decoder layers (`_decode_step`) for transformers' own Llama-family modules, sharing the
     # prompt (sampling) or through sdpa as the forward would (the same numbers: greedy keeps generate's tokens)
-    decoder = replay = None
+    replay = prefix = None
     if built is not None and not any(cache.is_sliding) and (shared or _config(model)._attn_implementation == "sdpa"):
         decoder = _standard_decoder(model)
-    if decoder is not None:
-        replay = _Replay(_base(model), decoder)
-        if padded:  # the additive mask sdpa makes of a bool one (0 where True, -inf where False, in the query's dtype:
-            # the cache's, as sdpa requires) and hands its kernel, made once here instead of in every layer's call
-            full_mask = torch.zeros(full_mask.shape, dtype=cache.layers[0].keys.dtype,
-                                    device=full_mask.device).masked_fill_(~full_mask, float("-inf"))
+        if decoder is not None:
+            replay = _Replay(_base(model), decoder)
+            if padded and not shared:  # the additive mask sdpa makes of a bool one (0 where True, -inf where False,
+                # in the query's dtype: the cache's, as sdpa requires) and hands its kernel, made once here
+                # instead of in every layer's call
+                mask = torch.zeros(mask.shape, dtype=cache.layers[0].keys.dtype,
+                                   device=mask.device).masked_fill_(~mask, float("-inf"))
     if shared:
         dtype = cache.layers[0].prefix_keys.dtype
         prefix = SharedPrefix(cache.layers, torch.zeros(B, 1, 1, T, dtype=dtype, device=attn.device).masked_fill(
-            attn[::k, None, None] == 0, float("-inf")), k, live)
-    tokens = torch.zeros(n, max_new_tokens, dtype=torch.long)  # (n, max_new_tokens), filled up to each row's end
-    length, hit_eos = [max_new_tokens] * n, [False] * n
-    for step in range(max_new_tokens):
+            attn[::k, None, None] == 0, float("-inf")), k, torch.arange(n))
+    return _Batch(index, offset, n, T, cache, mask, pos, replay, prefix, max_new_tokens), logits
+
+
+class _JoinedLayer:
+    """Layer i of `_Joined`: its update writes each batch's rows into that batch's own cache layer."""
+
+    def __init__(self, joined: "_Joined", i: int):
+        self.joined, self.i = joined, i
+
+    def update(self, key_states, value_states, *args, **kwargs):  # -> ([keys per batch], [values per batch])
+        out = [b.cache.layers[self.i].update(key_states[s:e], value_states[s:e])
+               for b, (s, e) in zip(self.joined.batches, self.joined.bounds)]
+        return [x for x, _ in out], [y for _, y in out]
+
+
+class _Joined:
+    """`_decode_step`'s cache and attention for the live rows of several batches, laid out batch after batch: each
+    layer's update hands every batch's rows to that batch's own cache layer, and the attention runs per batch on its
+    own keys, values and mask, as a step of that batch alone would. The linears work on all rows at once, as they do
+    on the rows left whenever rows are dropped. A GEMM's rounding can depend on its row count when that is small
+    (below 16 rows on some CPUs): a joined row's logits equal its batch's alone up to that (tests: within 2e-6, the
+    same picks), and greedy rows keep `model.generate`'s tokens, whose GEMMs always run over the whole batch."""
+
+    def __init__(self, batches: list[_Batch], masks: list):
+        self.batches, self.attends = batches, [_sdpa(m) for m in masks]
+        ends = list(itertools.accumulate(len(b.live) for b in batches))
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        self.layers = [_JoinedLayer(self, i) for i in range(len(batches[0].cache.layers))]
+
+    def attend(self, a, q, keys, values, i):
+        return torch.cat([f(a, q[s:e], k, v, i) for f, (s, e), k, v in zip(self.attends, self.bounds, keys, values)])
+
+
+def _decode_stream(model, batches, *, k: int, max_new_tokens: int, eos: torch.Tensor, pick, stop_hit=None,
+                   window: int = 0, on_logits=None, sampling: bool = False, join_at: int = 0):
+    """Decode left-padded prompt batches ((ids, attn) pairs, in order), k samples per prompt: yields (batch index,
+    rows) as each batch ends, rows being (ids, ended at an EOS id) per row, ordered prompt 0's k samples, then
+    prompt 1's, ...
+
+    Each prompt is prefilled once and its KV cache rows repeated for its k samples (`_start`); a row that ends is
+    dropped from its batch (and its cache rows) at once, so every forward works on live rows only. The cache
+    writes in place (`BufferedLayer`) and the attention mask is one buffer, sliced. Positions, masks and the
+    last-position logits are those of transformers' `generate`, so greedy decoding picks the same tokens. For
+    transformers' own Llama/Mistral/Qwen2/Qwen3 modules (`_standard_decoder`) decode steps replay the decoder
+    layers (`_decode_step`, the same operations and numbers as the forward); there, once `join_at` rows or fewer
+    are left, the next batch is prefilled and joins the running one (`_Joined`): a batch's last few rows do not
+    take steps of their own (on the benchmark's small model a step of 16 rows costs 40 % of one of 64). With
+    `sampling` the computation may round differently from generate's (the same distribution, so not for greedy): a
+    peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model `_can_share_prefix` accepts)
+    a prompt's keys and values are kept once for its k samples and decode steps attend through
+    `shared_prefix_attention` (such batches do not join). `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last `window` token
+    ids now hold a stop string (None: no stop strings). `on_logits(rows, logits)` (tests): called before each pick
+    with each live row's index among all batches' rows (batch after batch) and its logits."""
+    pending = iter(batches)
+    running: list[_Batch] = []
+    logits: list[torch.Tensor] = []  # per running batch: (L_b, V)
+    admitted = rows_so_far = 0
+
+    def admit() -> bool:
+        nonlocal admitted, rows_so_far
+        nxt_batch = next(pending, None)
+        if nxt_batch is None:
+            return False
+        b, first = _start(model, *nxt_batch, k=k, max_new_tokens=max_new_tokens, sampling=sampling,
+                          index=admitted, offset=rows_so_far)
+        admitted, rows_so_far = admitted + 1, rows_so_far + len(b.live)
+        running.append(b)
+        logits.append(first)
+        return True
+
+    admit()
+    while running:
+        every = torch.cat(logits) if len(logits) > 1 else logits[0]
         if on_logits is not None:
-            on_logits(live, logits)
-        nxt = pick(logits)  # (L,)
-        tokens[live, step] = nxt.cpu()
-        ended = torch.isin(nxt, eos).cpu()  # (L,) bool
-        for r in live[ended].tolist():
-            length[r], hit_eos[r] = step, True  # the EOS itself is not kept
-        if stop_hit is not None:
-            going = (~ended).nonzero().squeeze(1)  # rows not at an EOS: does their text now hold a stop string
-            tails = tokens[live[going], max(0, step + 1 - window):step + 1].tolist()
-            hits = going[torch.tensor(stop_hit(tails), dtype=torch.bool).reshape(-1)]
-            for r in live[hits].tolist():
-                length[r] = step + 1  # kept: _completion cuts the text (and its ids) before the stop string
-            ended[hits] = True
-        if step == max_new_tokens - 1:
-            break
-        if ended.any():
-            keep = (~ended).nonzero().squeeze(1)  # (L',)
-            if keep.numel() == 0:
-                break
-            keep = _compaction(keep)  # the same rows, in the order that moves fewest cache rows
-            cache.batch_select_indices(keep.to(pos.device))
-            live, nxt, pos = live[keep], nxt[keep.to(nxt.device)], pos[keep.to(pos.device)]
-            if padded:
-                full_mask = full_mask[keep.to(full_mask.device)]
-        pos = pos + 1
-        if shared:
-            prefix.rows = live.to(ids.device)
-            attend = lambda a, q, k, v, i: shared_prefix_attention(q, k, v, a.scaling, prefix, i)  # noqa: E731
-            logits = _decode_step(replay, nxt, pos, cache, attend)
+            on_logits(torch.cat([b.offset + b.live for b in running]), every)
+        picked = pick(every).split([len(b.live) for b in running])  # (L_b,) per batch
+        going, nxts = [], []
+        for b, nxt in zip(running, picked):
+            step, live = b.step, b.live
+            b.tokens[live, step] = nxt.cpu()
+            ended = torch.isin(nxt, eos).cpu()  # (L,) bool
+            for r in live[ended].tolist():
+                b.length[r], b.hit_eos[r] = step, True  # the EOS itself is not kept
+            if stop_hit is not None:
+                left = (~ended).nonzero().squeeze(1)  # rows not at an EOS: does their text now hold a stop string
+                tails = b.tokens[live[left], max(0, step + 1 - window):step + 1].tolist()
+                hits = left[torch.tensor(stop_hit(tails), dtype=torch.bool).reshape(-1)]
+                for r in live[hits].tolist():
+                    b.length[r] = step + 1  # kept: _completion cuts the text (and its ids) before the stop string
+                ended[hits] = True
+            b.step += 1
+            if b.step == max_new_tokens or bool(ended.all()):
+                yield b.index, b.rows()
+                continue
+            if ended.any():
+                keep = _compaction((~ended).nonzero().squeeze(1))  # the same rows, in the order that moves fewest
+                b.cache.batch_select_indices(keep.to(b.pos.device))  # cache rows
+                b.live, nxt, b.pos = live[keep], nxt[keep.to(nxt.device)], b.pos[keep.to(b.pos.device)]
+                if b.mask is not None:
+                    b.mask = b.mask[keep.to(b.mask.device)]
+            b.pos = b.pos + 1
+            going.append(b)
+            nxts.append(nxt)
+        running[:] = going
+        if len(running) > 1 and all(b.joinable() for b in running):
+            logits = _joined_step(running, nxts)
         else:
-            mask = full_mask[..., :T + step + 1] if padded else None  # (L, [1, 1,] T + step + 1)
-            if decoder is not None:
-                logits = _decode_step(replay, nxt, pos, cache, _sdpa(mask))
-            else:
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                            **{cache_name: cache})
-                logits = out.logits[:, -1].float()
-    return [(tokens[r, :length[r]].tolist(), hit_eos[r]) for r in range(n)]
+            logits = [_step(model, b, nxt) for b, nxt in zip(running, nxts)]
+        while join_at and running and all(b.joinable() for b in running) \
+                and sum(len(b.live) for b in running) <= join_at and admit():
+            if not running[-1].joinable():  # e.g. its model path differs (it cannot share a step): it runs alone next
+                break
+        if not running:
+            admit()
+
+
+def _step_mask(b: _Batch):
+    """The batch's mask for its next decode step: its keys so far, (L, [1, 1,] T + step) (None: no padding)."""
+    return None if b.mask is None else b.mask[..., :b.T + b.step]
+
+
+def _step(model, b: _Batch, nxt: torch.Tensor) -> torch.Tensor:
+    """One decode step of one batch: (L,) next ids -> (L, V) float32 logits."""
+    if b.prefix is not None:
+        b.prefix.rows = b.live.to(nxt.device)
+        p = b.prefix
+        return _decode_step(b.replay, nxt, b.pos, b.cache,
+                            lambda a, q, k, v, i: shared_prefix_attention(q, k, v, a.scaling, p, i))
+    mask = _step_mask(b)
+    if b.replay is not None:
+        return _decode_step(b.replay, nxt, b.pos, b.cache, _sdpa(mask))
+    cache_name, _ = _forward_names(model)
+    out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=b.pos[:, None], use_cache=True,
+                **{cache_name: b.cache})
+    return out.logits[:, -1].float()
+
+
+def _joined_step(running: list[_Batch], nxts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decode step of several joinable batches at once (`_Joined`): (L_b, V) float32 logits per batch."""
+    joined = _Joined(running, [_step_mask(b) for b in running])
+    logits = _decode_step(running[0].replay, torch.cat(nxts), torch.cat([b.pos for b in running]), joined,
+                          joined.attend)
+    return list(logits.split([len(b.live) for b in running]))
+
+
+def _decode(model, ids: torch.Tensor, attn: torch.Tensor, **kw) -> list[tuple[list[int], bool]]:
+    """One batch through `_decode_stream` (same keywords): its rows."""
+    ((_, rows),) = _decode_stream(model, [(ids, attn)], **kw)
+    return rows
 
 
 def ids_before(tokenizer, ids: list[int], text: str) -> list[int]:
@@ -698,18 +812,22 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     done: dict[int, list[Completion]] = {}
     per = max(1, batch_size // k)
     merged = _merged_lora(model) if do_sample else contextlib.nullcontext()  # sampling: LoRA merged (same function)
-    with merged:
-        for s in range(0, len(order), per):
-            idx = order[s:s + per]
-            T = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
-                attn[r, T - len(enc[i]):] = 1
-            rows = _decode(model, ids.to(device), attn.to(device), k=k, max_new_tokens=max_new_tokens,
-                           eos=torch.tensor(eos, device=device), pick=pick, stop_hit=stop_hit if stop else None,
-                           window=window, sampling=do_sample)
+    batches = []  # (prompt indices, ids, attn) per batch of `per` prompts, left-padded
+    for s in range(0, len(order), per):
+        idx = order[s:s + per]
+        T = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
+            attn[r, T - len(enc[i]):] = 1
+        batches.append((idx, ids.to(device), attn.to(device)))
+    with merged:  # a batch's last rows share their steps with the next batch (`join_at`: half a batch)
+        for b, rows in _decode_stream(model, [(ids, attn) for _, ids, attn in batches], k=k,
+                                      max_new_tokens=max_new_tokens, eos=torch.tensor(eos, device=device), pick=pick,
+                                      stop_hit=stop_hit if stop else None, window=window, sampling=do_sample,
+                                      join_at=per * k // 2):
+            idx = batches[b][0]
             outs = [_completion(tokenizer, r_ids, hit, stop) for r_ids, hit in rows]
             for r, i in enumerate(idx):
                 done[i] = outs[r * k:(r + 1) * k]

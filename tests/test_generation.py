@@ -534,6 +534,87 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
         assert rows == rows_fwd and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ["llama_lora", "qwen3"])
+def test_joined_batches_see_the_logits_of_batches_run_alone(tiny_fresh, arch, monkeypatch):
+    """Once a batch is down to `join_at` rows the next batch is prefilled and joins it (`_Joined`): the rows of both
+    (different padded lengths, masks, positions and step counts) share each step's linears, each batch attends to its
+    own cache. Every row still sees, pick after pick, the logits it sees when the batches run one after the other
+    (up to the rounding of GEMMs over more rows: a GEMM of a few rows rounds differently from one of many, on this
+    CPU below 16 rows), and picks the same tokens."""
+    from stepdpo import generation
+    from stepdpo.generation import _decode_stream
+
+    if arch == "llama_lora":
+        model, tok = tiny_fresh
+        model = tiny_lora(model)
+        prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n", "ab", "7 - 2"]
+    else:
+        model, tok = tiny_qwen3()
+        prompts = chat_prompts(tok) + ["Hello", "What is 12 - 5?"]
+    halves = [left_padded(tok, prompts[:3]), left_padded(tok, prompts[3:])]
+    assert halves[0][1].shape[1] != halves[1][1].shape[1]  # the batches' padded lengths differ
+    eos = tok.eos_token_id
+    joins = []
+    joined_step = generation._joined_step
+    monkeypatch.setattr(generation, "_joined_step", lambda *a: joins.append(len(a[0])) or joined_step(*a))
+
+    def run(join_at):
+        seen, rows_now = {}, []
+
+        def on_logits(rows, logits):
+            rows_now[:] = rows.tolist()
+            for j, r in enumerate(rows_now):
+                seen[(r, seen_count(r))] = logits[j].clone()  # (row, its pick) -> its logits
+
+        def pick(logits):  # greedy; global rows 0 and 1 end after their 2nd token, row 2 after its 5th: batch 0
+            nxt = logits.argmax(-1)  # drops to one row, and the next batch joins it for several steps
+            for j, r in enumerate(rows_now):
+                if (r in (0, 1) and seen_count(r) == 2) or (r == 2 and seen_count(r) == 5):
+                    nxt[j] = eos
+            return nxt
+
+        def seen_count(r):
+            return sum(1 for x in seen if x[0] == r)
+
+        out = dict(_decode_stream(model, [(ids, attn) for _, ids, attn in halves], k=1, max_new_tokens=8,
+                                  eos=torch.tensor([eos]), pick=pick, on_logits=on_logits, join_at=join_at))
+        return out, seen
+
+    with torch.no_grad():
+        alone, seen_alone = run(0)
+        assert joins == []
+        together, seen_together = run(1)
+    assert joins and max(joins) == 2  # steps were shared by both batches
+    assert together == alone and seen_together.keys() == seen_alone.keys()
+    for key, logits in seen_alone.items():  # equal up to the rounding of a GEMM over more rows (a few 1e-8 here)
+        assert (seen_together[key] - logits).abs().max() < 2e-6, key
+
+
+def test_generate_joins_batches_and_keeps_generates_tokens(monkeypatch):
+    """generate() joins a batch's last rows with the next batch (batches of 4 and 2 prompts here, joined once 2 rows
+    are left; a Qwen3 under LoRA with the real tokenizer): each batch keeps `model.generate`'s tokens."""
+    from stepdpo import generation
+
+    model, tok = tiny_qwen3()
+    model = tiny_lora(model)
+    prompts = chat_prompts(tok) + ["Hello", "What is 12 - 5?", "Count to three."]
+    joins = []
+    joined_step = generation._joined_step
+    monkeypatch.setattr(generation, "_joined_step", lambda *a: joins.append(len(a[0])) or joined_step(*a))
+    order = sorted(prompts, key=lambda p: -len(prompt_ids(tok, p)))  # generate's batches: longest first
+    free = [c.token_ids for (c,) in generate(model, tok, order, max_new_tokens=12, batch_size=8)]
+    # EOS ids that end the first batch's rows 0 and 1 after one token, its row 2 after eight and its row 3 never
+    extra = {free[0][1], free[1][1], free[2][8]}
+    end = lambda r: next((j for j, t in enumerate(r) if t in extra), 12)  # noqa: E731  the step a row ends at
+    first_batch, second_batch = sorted(map(end, free[:4])), list(map(end, free[4:]))
+    assert first_batch[1] + 2 <= first_batch[3] and max(second_batch) >= 2  # 2 rows left for 2+ steps: a join
+    model.generation_config.eos_token_id = sorted(set(eos_ids(model, tok)) | extra)
+    ours = generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    assert joins  # batches were joined
+    ref = {p: r for i in (0, 4) for p, r in zip(order[i:i + 4], hf_greedy(model, tok, order[i:i + 4], 12))}
+    assert [tuple(c.token_ids) for (c,) in ours] == [tuple(ref[p]) for p in prompts]
+
+
 def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention, built from
     transformers' own classes: a bf16 model (scores would be rounded to bf16 before the softmax), a sliding-window
