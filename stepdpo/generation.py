@@ -524,7 +524,7 @@ class _Batch:
         self.step = 0  # tokens picked so far
 
     def joinable(self) -> bool:  # decode steps that can share their linears with another batch's (`_Joined`)
-        return self.replay is not None and self.prefix is None
+        return self.replay is not None
 
     def rows(self) -> list[tuple[list[int], bool]]:
         return [(self.tokens[r, :self.length[r]].tolist(), self.hit_eos[r]) for r in range(len(self.tokens))]
@@ -595,13 +595,14 @@ class _JoinedLayer:
 class _Joined:
     """`_decode_step`'s cache and attention for the live rows of several batches, laid out batch after batch: each
     layer's update hands every batch's rows to that batch's own cache layer, and the attention runs per batch on its
-    own keys, values and mask, as a step of that batch alone would. The linears work on all rows at once, as they do
-    on the rows left whenever rows are dropped. A GEMM's rounding can depend on its row count when that is small
-    (below 16 rows on some CPUs): a joined row's logits equal its batch's alone up to that (tests: within 2e-6, the
-    same picks), and greedy rows keep `model.generate`'s tokens, whose GEMMs always run over the whole batch."""
+    own keys, values and mask (or its shared prompts), as a step of that batch alone would. The linears work on all
+    rows at once, as they do on the rows left whenever rows are dropped. A GEMM's rounding can depend on its row
+    count when that is small (below 16 rows on some CPUs): a joined row's logits equal its batch's alone up to that
+    (tests: within 2e-6, the same picks), and greedy rows keep `model.generate`'s tokens, whose GEMMs always run
+    over the whole batch."""
 
-    def __init__(self, batches: list[_Batch], masks: list):
-        self.batches, self.attends = batches, [_sdpa(m) for m in masks]
+    def __init__(self, batches: list[_Batch]):
+        self.batches, self.attends = batches, [_attention(b) for b in batches]
         ends = list(itertools.accumulate(len(b.live) for b in batches))
         self.bounds = list(zip([0] + ends[:-1], ends))
         self.layers = [_JoinedLayer(self, i) for i in range(len(batches[0].cache.layers))]
@@ -627,9 +628,10 @@ def _decode_stream(model, batches, *, k: int, max_new_tokens: int, eos: torch.Te
     `sampling` the computation may round differently from generate's (the same distribution, so not for greedy): a
     peft LoRA model runs with merged weights (`_merged_lora`), and with k > 1 (a model `_can_share_prefix` accepts)
     a prompt's keys and values are kept once for its k samples and decode steps attend through
-    `shared_prefix_attention` (such batches do not join). `pick`: (N, V) fp32 logits -> (N,) ids. `stop_hit(tails)`: which of the live rows' last `window` token
-    ids now hold a stop string (None: no stop strings). `on_logits(rows, logits)` (tests): called before each pick
-    with each live row's index among all batches' rows (batch after batch) and its logits."""
+    `shared_prefix_attention` (a joined batch through its own prompts). `pick`: (N, V) fp32 logits -> (N,) ids.
+    `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
+    strings). `on_logits(rows, logits)` (tests): called before each pick with each live row's index among all
+    batches' rows (batch after batch) and its logits."""
     pending = iter(batches)
     running: list[_Batch] = []
     logits: list[torch.Tensor] = []  # per running batch: (L_b, V)
@@ -698,25 +700,29 @@ def _step_mask(b: _Batch):
     return None if b.mask is None else b.mask[..., :b.T + b.step]
 
 
+def _attention(b: _Batch):
+    """A replayed batch's attention for its next decode step (`_decode_step`'s `attend`): over its shared prompts
+    (`shared_prefix_attention`) or through sdpa with its mask."""
+    if b.prefix is None:
+        return _sdpa(_step_mask(b))
+    b.prefix.rows = b.live.to(b.pos.device)
+    p = b.prefix
+    return lambda a, q, k, v, i: shared_prefix_attention(q, k, v, a.scaling, p, i)
+
+
 def _step(model, b: _Batch, nxt: torch.Tensor) -> torch.Tensor:
     """One decode step of one batch: (L,) next ids -> (L, V) float32 logits."""
-    if b.prefix is not None:
-        b.prefix.rows = b.live.to(nxt.device)
-        p = b.prefix
-        return _decode_step(b.replay, nxt, b.pos, b.cache,
-                            lambda a, q, k, v, i: shared_prefix_attention(q, k, v, a.scaling, p, i))
-    mask = _step_mask(b)
     if b.replay is not None:
-        return _decode_step(b.replay, nxt, b.pos, b.cache, _sdpa(mask))
+        return _decode_step(b.replay, nxt, b.pos, b.cache, _attention(b))
     cache_name, _ = _forward_names(model)
-    out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=b.pos[:, None], use_cache=True,
+    out = model(input_ids=nxt[:, None], attention_mask=_step_mask(b), position_ids=b.pos[:, None], use_cache=True,
                 **{cache_name: b.cache})
     return out.logits[:, -1].float()
 
 
 def _joined_step(running: list[_Batch], nxts: list[torch.Tensor]) -> list[torch.Tensor]:
     """One decode step of several joinable batches at once (`_Joined`): (L_b, V) float32 logits per batch."""
-    joined = _Joined(running, [_step_mask(b) for b in running])
+    joined = _Joined(running)
     logits = _decode_step(running[0].replay, torch.cat(nxts), torch.cat([b.pos for b in running]), joined,
                           joined.attend)
     return list(logits.split([len(b.live) for b in running]))

@@ -534,17 +534,19 @@ def test_decode_step_replays_the_forward_bit_for_bit(tiny_fresh, arch, padded, m
         assert rows == rows_fwd and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("arch", ["llama_lora", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama_lora", "llama_lora_shared_prompts", "qwen3"])
 def test_joined_batches_see_the_logits_of_batches_run_alone(tiny_fresh, arch, monkeypatch):
     """Once a batch is down to `join_at` rows the next batch is prefilled and joins it (`_Joined`): the rows of both
     (different padded lengths, masks, positions and step counts) share each step's linears, each batch attends to its
     own cache. Every row still sees, pick after pick, the logits it sees when the batches run one after the other
     (up to the rounding of GEMMs over more rows: a GEMM of a few rows rounds differently from one of many, on this
-    CPU below 16 rows), and picks the same tokens."""
+    CPU below 16 rows), and picks the same tokens. `llama_lora_shared_prompts`: 2 samples per prompt, each batch's
+    prompts kept once (`shared_prefix_attention`), as sampling runs."""
     from stepdpo import generation
     from stepdpo.generation import _decode_stream
 
-    if arch == "llama_lora":
+    k, shared = (2, True) if arch.endswith("shared_prompts") else (1, False)
+    if arch.startswith("llama_lora"):
         model, tok = tiny_fresh
         model = tiny_lora(model)
         prompts = PROMPTS + ["Question: a much longer prompt, so that it needs left padding\nAnswer:\n", "ab", "7 - 2"]
@@ -576,14 +578,19 @@ def test_joined_batches_see_the_logits_of_batches_run_alone(tiny_fresh, arch, mo
         def seen_count(r):
             return sum(1 for x in seen if x[0] == r)
 
-        out = dict(_decode_stream(model, [(ids, attn) for _, ids, attn in halves], k=1, max_new_tokens=8,
-                                  eos=torch.tensor([eos]), pick=pick, on_logits=on_logits, join_at=join_at))
+        out = dict(_decode_stream(model, [(ids, attn) for _, ids, attn in halves], k=k, max_new_tokens=8,
+                                  eos=torch.tensor([eos]), pick=pick, on_logits=on_logits, join_at=join_at,
+                                  sampling=shared))
         return out, seen
 
+    shares = []
+    attention = generation.shared_prefix_attention
+    monkeypatch.setattr(generation, "shared_prefix_attention", lambda *a: shares.append(1) or attention(*a))
     with torch.no_grad():
         alone, seen_alone = run(0)
         assert joins == []
-        together, seen_together = run(1)
+        together, seen_together = run(1 if k == 1 else 3)  # 1 row of batch 0 left; or 3 of its 6 rows
+    assert bool(shares) == shared
     assert joins and max(joins) == 2  # steps were shared by both batches
     assert together == alone and seen_together.keys() == seen_alone.keys()
     for key, logits in seen_alone.items():  # equal up to the rounding of a GEMM over more rows (a few 1e-8 here)
