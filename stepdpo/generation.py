@@ -632,6 +632,10 @@ def _decode_stream(model, batches, *, k: int, max_new_tokens: int, eos: torch.Te
     `stop_hit(tails)`: which of the live rows' last `window` token ids now hold a stop string (None: no stop
     strings). `on_logits(rows, logits)` (tests): called before each pick with each live row's index among all
     batches' rows (batch after batch) and its logits."""
+    if max_new_tokens < 1:  # nothing to generate: every row is empty
+        for i, (ids, _) in enumerate(batches):
+            yield i, [([], False)] * (len(ids) * k)
+        return
     pending = iter(batches)
     running: list[_Batch] = []
     logits: list[torch.Tensor] = []  # per running batch: (L_b, V)

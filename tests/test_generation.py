@@ -622,6 +622,12 @@ def test_generate_joins_batches_and_keeps_generates_tokens(monkeypatch):
     assert [tuple(c.token_ids) for (c,) in ours] == [tuple(ref[p]) for p in prompts]
 
 
+def test_no_new_tokens_gives_empty_completions(tiny_fresh):
+    model, tok = tiny_fresh
+    out = generate(model, tok, PROMPTS, max_new_tokens=0, batch_size=2, num_return_sequences=2)
+    assert [[(c.text, c.token_ids, c.finish_reason) for c in o] for o in out] == [[("", (), "length")] * 2] * 3
+
+
 def test_shared_prefix_only_where_its_numbers_hold(tiny_fresh):
     """Sampling shares the prompt's keys/values only for float32 Llama-family models with full attention, built from
     transformers' own classes: a bf16 model (scores would be rounded to bf16 before the softmax), a sliding-window
