@@ -692,8 +692,8 @@ def _decode_stream(model, batches, *, k: int, max_new_tokens: int, eos: torch.Te
         else:
             logits = [_step(model, b, nxt) for b, nxt in zip(running, nxts)]
         while join_at and running and all(b.joinable() for b in running) \
-                and sum(len(b.live) for b in running) <= join_at and admit():
-            if not running[-1].joinable():  # e.g. its model path differs (it cannot share a step): it runs alone next
+                and sum(len(b.live) for b in running) <= join_at:
+            if not admit():  # no batch left to join
                 break
         if not running:
             admit()
