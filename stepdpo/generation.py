@@ -344,7 +344,7 @@ def _decode_step(replay: _Replay, nxt: torch.Tensor, pos: torch.Tensor, cache, a
 
 def _sdpa(mask):
     """`_decode_step`'s attention as the model's forward runs it with implementation "sdpa": transformers' own
-    sdpa function, with `_decode`'s 4D mask: the additive mask sdpa itself makes of the bool mask the forward
+    sdpa function, with `_start`'s 4D mask: the additive mask sdpa itself makes of the bool mask the forward
     would pass through as it is (so its kernel sees the same numbers)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -531,7 +531,7 @@ class _Batch:
 
 
 def _start(model, ids: torch.Tensor, attn: torch.Tensor, *, k: int, max_new_tokens: int, sampling: bool,
-           index: int = 0, offset: int = 0) -> tuple[_Batch, torch.Tensor]:
+           index: int, offset: int) -> tuple[_Batch, torch.Tensor]:
     """A batch's prefill: its `_Batch` and the (B * k, V) float32 logits of its rows' first picks."""
     cache_name, keep_arg = _forward_names(model)
     last_only = {"logits_to_keep": 1} if keep_arg else {}
