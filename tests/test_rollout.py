@@ -225,3 +225,36 @@ def test_signed_advantage_refuses_the_mean_reduction():
         validate_trainer(cfg.trainer, "trainer")
     cfg.trainer.token_reduction = "sum"
     validate_trainer(cfg.trainer, "trainer")
+
+
+def test_credit_agreement_script_hand_worked(tmp_path):
+    # scripts/credit_agreement.py: the step weighting=advantage weighs on each rejected side against the rule's
+    # first flagged line, on the same pairs scored twice. Four hand-worked pairs (value before, rollout values):
+    #   (0.75, [0.25, 0, 0])  drops 0.5, 0.25, 0    -> largest at step 0 = the rule's first error
+    #   (0.0,  [0, 0.5, 0])   drops 0, -0.5, 0.5    -> largest at step 2, after the first error (step 0)
+    #   (0.0,  [0, 0, 0])     no drop: no weight    (and the value before is 0)
+    #   (1.0,  [0.5, 0.5, 0]) drops 0.5, 0, 0.5     -> the first of the tie, step 0, before the error (step 1)
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("credit_agreement", ROOT / "scripts" / "credit_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases = [(0.75, [0.25, 0.0, 0.0], [0.0, 0.0, 0.0]), (0.0, [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]),
+             (0.0, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]), (1.0, [0.5, 0.5, 0.0], [1.0, 0.0, 0.0])]
+    rule, roll = tmp_path / "rule", tmp_path / "roll"
+    rule.mkdir(), roll.mkdir()
+    base = {"prefix": [], "chosen": ["a", "b", "c"], "chosen_scores": [1.0, 1.0, 1.0], "rejected": ["x", "y", "z"]}
+    rows_rule = [{**base, "id": f"p{i}", "rejected_scores": rs, "meta": {}} for i, (_, _, rs) in enumerate(cases)]
+    rows_roll = [{**base, "id": f"p{i}", "rejected_scores": vs, "meta": {"value_before": vb}}
+                 for i, (vb, vs, _) in enumerate(cases)]
+    (rule / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_rule))
+    (roll / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_roll))
+    out = mod.main(str(rule), str(roll))
+    assert out == {"pairs": 4, "value_before_0": 0.5, "no_drop": 0.25, "at_first_error": 0.25, "before_it": 0.25,
+                   "after_it": 0.25, "mean_rejected_weight": round((0.5 + 0.5 + 0.0 + 0.5) / 4, 3)}
+    (roll / "pairs.jsonl").write_text(json.dumps({**rows_roll[0], "id": "other"}) + "\n")
+    with pytest.raises(SystemExit, match="not in"):
+        mod.main(str(rule), str(roll))

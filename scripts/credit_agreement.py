@@ -1,0 +1,48 @@
+"""Where Monte-Carlo credit lands on the rejected sides, against the rule checker's first error. Prints ONE JSON line.
+
+    python scripts/credit_agreement.py RULE_RUN_DIR ROLLOUT_RUN_DIR
+
+The two runs are arms of one seed of a credit experiment (`experiment=credit_arith`, `credit_countdown*`): with
+`pairs=outcome` they train on the same pairs, scored once by `reward=rule` and once by `reward=rollout`. For each
+rejected side it takes the step `trainer.weighting=advantage` weighs (the largest value drop, `stepdpo.weights`) and
+reports the shares of pairs where the value before the rejected side is already 0, where no value drops (the side
+gets no weight), and where the largest drop is at, before or after the first line the rule scores below 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from stepdpo.weights import advantage
+
+
+def main(rule_dir: str, rollout_dir: str) -> dict:
+    rule = {r["id"]: r for r in map(json.loads, Path(rule_dir, "pairs.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in Path(rollout_dir, "pairs.jsonl").read_text().splitlines()]
+    counts = dict.fromkeys(("value_before_0", "no_drop", "at_first_error", "before_it", "after_it"), 0)
+    weight = 0.0
+    for r in rows:
+        if r["id"] not in rule:
+            raise SystemExit(f"{rollout_dir}/pairs.jsonl: pair {r['id']} is not in {rule_dir}/pairs.jsonl "
+                             "(compare two arms of the same seed, built with pairs=outcome)")
+        value_before = r["meta"]["value_before"]
+        _, rw = advantage(r["chosen_scores"], r["rejected_scores"], value_before=value_before)
+        first = next((i for i, s in enumerate(rule[r["id"]]["rejected_scores"]) if s < 1), len(rw))
+        counts["value_before_0"] += value_before == 0
+        weight += max(rw, default=0.0)
+        if max(rw, default=0.0) == 0:
+            counts["no_drop"] += 1
+        else:
+            j = rw.index(max(rw))
+            counts["at_first_error" if j == first else "before_it" if j < first else "after_it"] += 1
+    n = max(len(rows), 1)
+    return {"pairs": len(rows), **{k: round(v / n, 3) for k, v in counts.items()},
+            "mean_rejected_weight": round(weight / n, 3)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))
