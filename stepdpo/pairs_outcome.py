@@ -14,7 +14,10 @@ loss) the pairs themselves must not depend on the scorer. Here:
   `align=none` pairs it instead with a correct solution drawn at random (seeded), prefix empty, both
   sides whole. The rejected side then keeps the steps a failed solution got right before it went wrong:
   what signed advantages (`trainer.weighting_kwargs.signed`) push up, and what an aligned pair hides in its
-  prompt.
+  prompt;
+- `reject=answer` keeps only samples with a wrong answer as rejected sides (a right answer with a flagged
+  line is neither side): on tasks graded by the answer (arith, GSM8K), a quarter of arith's incorrect
+  samples state the right answer (docs/experiments/credit_arith.md).
 
 The pairs leave unscored, carrying their problem's meta (what the rule checker needs, e.g. countdown's
 numbers and target); the pipeline scores them with the `reward` group (`finish_pairs`), so
@@ -34,7 +37,7 @@ from .data import Problem, StepPair, format_prompt, response_text
 from .generation import generate
 from .steps import split_steps
 from .outcome import solved
-from .pairs import request_for
+from .pairs import check_reject, request_for
 from .weights import is_wrong
 
 
@@ -48,11 +51,13 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                         use_gold: bool = True, from_split: str = "train", align: str = "shared",
-                        pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
+                        reject: str = "process", pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
     solution sharing most leading steps (`align=shared`) or a random one, whole (`align=none`). Returns
     (unscored pairs, report). `from_split=pool` samples the answer-only `pool` problems instead of `problems`,
-    as pairs=on_policy does."""
+    as pairs=on_policy does. `reject` as in pairs=on_policy: `process`, every incorrect sample may be a rejected
+    side; `answer`, only those with a wrong final answer (a right answer with a flagged line is neither chosen nor
+    rejected, counted as `skipped_right_answer`)."""
     from .rewards.rule import RuleScorer
 
     if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
@@ -60,6 +65,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                          f"{max_pairs_per_problem}")
     if align not in ("shared", "none"):
         raise ValueError(f"pairs.align: {align!r} is not one of ('shared', 'none')")
+    check_reject(reject)
     rng = random.Random(seed)
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
@@ -77,15 +83,19 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     pairs: list[StepPair] = []
     for p, sts in zip(probs, steps_of):
         lines_ok = [not any(is_wrong(s) for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
-        ok = [v and bool(st) and solved(response_text(st), p.answer, p.meta) for st, v in zip(sts, lines_ok)]
+        right = [bool(st) and solved(response_text(st), p.answer, p.meta) for st in sts]
+        ok = [v and r for v, r in zip(lines_ok, right)]
         good = [(st, "sample") for st, o in zip(sts, ok) if o]
         report["correct"] += len(good)
         if use_gold and p.steps:
             good.append((list(p.steps), "gold"))
         seen: set[tuple[str, ...]] = set()
         made = 0
-        for st, o in zip(sts, ok):
+        for st, o, r in zip(sts, ok, right):
             if o or not st or tuple(st) in seen or made >= max_pairs_per_problem:
+                continue
+            if reject == "answer" and r:
+                report["skipped_right_answer"] += 1
                 continue
             seen.add(tuple(st))
             if not good:

@@ -59,3 +59,23 @@ def test_align_none_keeps_both_solutions_whole(monkeypatch):
     assert [q.meta["chosen_from"] for q in again] == [q.meta["chosen_from"] for q in pairs]  # seeded
     with pytest.raises(ValueError, match="pairs.align"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="longest")
+
+
+def test_reject_answer_skips_right_answers_with_a_flagged_line(monkeypatch):
+    """reject=answer (as pairs=on_policy's): on a task graded by its answer, a sample that states the right answer
+    after a wrong line is neither side; reject=process (the default) makes it a rejected side."""
+    meta = {"kind": "arith", "start": 15, "ops": [["-", 6], ["-", 3], ["-", 3]]}
+    gold = ["15 - 6 = 9", "9 - 3 = 6", "6 - 3 = 3", "The answer is 3"]
+    lucky = ["15 - 6 = 8", "8 - 3 = 6", "6 - 3 = 3", "The answer is 3"]  # a wrong first line, the right answer
+    wrong = ["15 - 6 = 8", "8 - 3 = 5", "5 - 3 = 2", "The answer is 2"]
+    p = Problem(id="a0", question="Start with 15, subtract 6, subtract 3, subtract 3. What is the result?",
+                answer="3", steps=list(gold), meta=meta)
+    outs = [Completion("\n".join(s), (), "stop") for s in (lucky, wrong)]
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2)
+    assert [[x.strip() for x in q.rejected] for q in pairs] == [lucky, wrong] and report["correct"] == 0
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, reject="answer")
+    assert [[x.strip() for x in q.rejected] for q in pairs] == [wrong] and report["skipped_right_answer"] == 1
+    assert [x.strip() for x in pairs[0].chosen] == gold and report["correct"] == 0  # the lucky one is not chosen
+    with pytest.raises(ValueError, match="pairs.reject"):
+        mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, reject="lines")
