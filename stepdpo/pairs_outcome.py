@@ -16,8 +16,8 @@ loss) the pairs themselves must not depend on the scorer. Here:
   what signed advantages (`trainer.weighting_kwargs.signed`) push up, and what an aligned pair hides in its
   prompt;
 - `reject=answer` keeps only samples with a wrong answer as rejected sides (a right answer with a flagged
-  line is neither side): on tasks graded by the answer (arith, GSM8K), a quarter of arith's incorrect
-  samples state the right answer (docs/experiments/credit_arith.md).
+  line is neither side): on tasks graded by the answer (arith, GSM8K): 25-30 % of arith's rejected sides
+  state the right answer (docs/experiments/credit_arith.md).
 
 The pairs leave unscored, carrying their problem's meta (what the rule checker needs, e.g. countdown's
 numbers and target); the pipeline scores them with the `reward` group (`finish_pairs`), so
