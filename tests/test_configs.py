@@ -192,3 +192,11 @@ def test_every_experiment_arm_composes_validates_and_has_equal_compute(experimen
     pref = [{k: v for k, v in OmegaConf.to_container(c.trainer).items() if k not in drop}
             for c in cfgs.values() if c.trainer.loss == "dpo"]
     assert len(pref) >= 2 and all(t == pref[0] for t in pref)
+
+
+@pytest.mark.parametrize("pairs", _options("pairs"))
+def test_rollout_arm_continuations_are_as_long_as_eval_allows_with_every_pairs_group(pairs):
+    # conf/arm/stepdpo_rollout.yaml takes its rollout length from eval (one owner of how long a solution may be);
+    # it must resolve whichever pairs group builds the pairs (perturb and llm have no max_new_tokens of their own)
+    cfg = compose_config(f"pairs={pairs}", "+arm=stepdpo_rollout", "eval.max_new_tokens=80")
+    assert cfg.reward.max_new_tokens == 80 and cfg.trainer.weighting == "advantage"
