@@ -19,8 +19,11 @@ from stepdpo.weights import advantage
 
 
 def main(rule_dir: str, rollout_dir: str) -> dict:
-    rule = {r["id"]: r for r in map(json.loads, Path(rule_dir, "pairs.jsonl").read_text().splitlines())}
-    rows = [json.loads(line) for line in Path(rollout_dir, "pairs.jsonl").read_text().splitlines()]
+    def read(d: str) -> list[dict]:
+        return [json.loads(line) for line in Path(d, "pairs.jsonl").read_text().splitlines() if line.strip()]
+
+    rule = {r["id"]: r for r in read(rule_dir)}
+    rows = read(rollout_dir)
     counts = dict.fromkeys(("value_before_0", "no_drop", "at_first_error", "before_it", "after_it"), 0)
     weight = 0.0
     for r in rows:
@@ -31,12 +34,10 @@ def main(rule_dir: str, rollout_dir: str) -> dict:
         _, rw = advantage(r["chosen_scores"], r["rejected_scores"], value_before=value_before)
         first = next((i for i, s in enumerate(rule[r["id"]]["rejected_scores"]) if s < 1), len(rw))
         counts["value_before_0"] += value_before == 0
-        weight += max(rw, default=0.0)
-        if max(rw, default=0.0) == 0:
-            counts["no_drop"] += 1
-        else:
-            j = rw.index(max(rw))
-            counts["at_first_error" if j == first else "before_it" if j < first else "after_it"] += 1
+        weight += sum(rw)  # one step at most carries weight: the largest drop
+        j = next((i for i, w in enumerate(rw) if w > 0), None)
+        counts["no_drop" if j is None else "at_first_error" if j == first else "before_it" if j < first
+               else "after_it"] += 1
     n = max(len(rows), 1)
     return {"pairs": len(rows), **{k: round(v / n, 3) for k, v in counts.items()},
             "mean_rejected_weight": round(weight / n, 3)}
