@@ -18,6 +18,10 @@ loss) the pairs themselves must not depend on the scorer. Here:
 - `reject=answer` keeps only samples with a wrong answer as rejected sides (a right answer with a flagged
   line is neither side): on tasks graded by the answer (arith, GSM8K): 25-30 % of arith's rejected sides
   state the right answer (docs/experiments/credit_arith.md).
+- `chosen=answer` grades by the answer alone: a right answer is correct, flagged lines or not (outcome
+  supervision, the positives of rejection fine-tuning / STaR and of Setlur et al. 2024; no rule checker
+  needed). Such positives can carry wrong lines ("spurious steps"); the report counts them
+  (`correct_flagged`). Every incorrect sample then has a wrong answer, so `reject` changes nothing.
 
 The pairs leave unscored, carrying their problem's meta (what the rule checker needs, e.g. countdown's
 numbers and target); the pipeline scores them with the `reward` group (`finish_pairs`), so
@@ -40,6 +44,8 @@ from .outcome import solved
 from .pairs import check_reject, request_for
 from .weights import is_wrong
 
+CHOSEN_MODES = ("process", "answer")  # pairs.chosen: what makes a sample correct (see the module docstring)
+
 
 def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
     """How many leading steps a and b have in common (compared without their line breaks: sampled steps keep
@@ -51,13 +57,15 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                         use_gold: bool = True, from_split: str = "train", align: str = "shared",
-                        reject: str = "process", pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
+                        reject: str = "process", chosen: str = "process",
+                        pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
     solution sharing most leading steps (`align=shared`) or a random one, whole (`align=none`). Returns
     (unscored pairs, report). `from_split=pool` samples the answer-only `pool` problems instead of `problems`,
     as pairs=on_policy does. `reject` as in pairs=on_policy: `process`, every incorrect sample may be a rejected
     side; `answer`, only those with a wrong final answer (a right answer with a flagged line is neither chosen nor
-    rejected, counted as `skipped_right_answer`)."""
+    rejected, counted as `skipped_right_answer`). `chosen`: `process`, a correct sample has the right answer and no
+    flagged line; `answer`, the right answer alone (flagged lines counted as `correct_flagged`)."""
     from .rewards.rule import RuleScorer
 
     if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
@@ -66,6 +74,8 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     if align not in ("shared", "none"):
         raise ValueError(f"pairs.align: {align!r} is not one of ('shared', 'none')")
     check_reject(reject)
+    if chosen not in CHOSEN_MODES:
+        raise ValueError(f"pairs.chosen={chosen!r}: choose one of {', '.join(CHOSEN_MODES)}")
     rng = random.Random(seed)
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
@@ -84,9 +94,10 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     for p, sts in zip(probs, steps_of):
         lines_ok = [not any(is_wrong(s) for s in next(graded).scores) for _ in sts]  # one grade per sample, in order
         right = [bool(st) and solved(response_text(st), p.answer, p.meta) for st in sts]
-        ok = [v and r for v, r in zip(lines_ok, right)]
+        ok = right if chosen == "answer" else [v and r for v, r in zip(lines_ok, right)]
         good = [(st, "sample") for st, o in zip(sts, ok) if o]
         report["correct"] += len(good)
+        report["correct_flagged"] += sum(o and not v for o, v in zip(ok, lines_ok))
         if use_gold and p.steps:
             good.append((list(p.steps), "gold"))
         seen: set[tuple[str, ...]] = set()

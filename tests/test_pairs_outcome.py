@@ -79,3 +79,24 @@ def test_reject_answer_skips_right_answers_with_a_flagged_line(monkeypatch):
     assert [x.strip() for x in pairs[0].chosen] == gold and report["correct"] == 0  # the lucky one is not chosen
     with pytest.raises(ValueError, match="pairs.reject"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, reject="lines")
+
+
+def test_chosen_answer_grades_by_the_answer_alone(monkeypatch):
+    """chosen=answer (outcome supervision, no checker): a right answer after a wrong line is a correct sample, the
+    chosen side of the wrong one it shares its first line with; it is counted as a flagged positive."""
+    meta = {"kind": "arith", "start": 15, "ops": [["-", 6], ["-", 3], ["-", 3]]}
+    lucky = ["15 - 6 = 8", "8 - 3 = 6", "6 - 3 = 3", "The answer is 3"]  # a wrong first line, the right answer
+    wrong = ["15 - 6 = 8", "8 - 3 = 5", "5 - 3 = 2", "The answer is 2"]
+    p = Problem(id="a1", question="Start with 15, subtract 6, subtract 3, subtract 3. What is the result?",
+                answer="3", steps=[], meta=meta)
+    outs = [Completion("\n".join(s), (), "stop") for s in (lucky, wrong)]
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, chosen="answer", use_gold=False)
+    assert report["correct"] == 1 and report["correct_flagged"] == 1 and len(pairs) == 1
+    q = pairs[0]
+    assert ([x.strip() for x in q.prefix], [x.strip() for x in q.chosen], [x.strip() for x in q.rejected]) == (
+        lucky[:1], lucky[1:], wrong[1:])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, use_gold=False)  # process: no positive
+    assert pairs == [] and report["correct"] == 0 and report["no_chosen"] == 2
+    with pytest.raises(ValueError, match="pairs.chosen"):
+        mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, chosen="lines")
