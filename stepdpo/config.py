@@ -199,11 +199,13 @@ def check_target(node: Any, group: str) -> Any:
 
 def validate_pairs_settings(node: Any) -> None:
     """The `pairs` group's choices, checked by the same functions the builders call (pairs.py owns them)."""
-    from .pairs import check_from_split, check_reject, check_resample
+    from .pairs import check_chosen, check_from_split, check_reject, check_resample
 
     check_from_split(node.get("from_split", "train"))
     if "reject" in node:
         check_reject(node.reject)
+    if "chosen" in node:
+        check_chosen(node.chosen)
     if "resample_k" in node:
         check_resample(node.resample_k, node.get("resample_temperature", 0.7))
 

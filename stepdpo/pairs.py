@@ -38,6 +38,7 @@ from .weights import is_wrong
 log = logging.getLogger(__name__)
 
 REJECT_MODES = ("process", "answer")  # pairs.reject: which incorrect samples become rejected sides
+CHOSEN_MODES = ("process", "answer")  # pairs.chosen (pairs=outcome): what makes a sample correct
 FROM_SPLITS = ("train", "pool")  # pairs.from_split: which problems on-policy pairs are sampled on
 RUNTIME_INPUTS = ("pool", "model", "tokenizer", "scorer", "seed")  # what the pipeline can hand a builder
 
@@ -66,6 +67,12 @@ def check_from_split(split: str, pool: Sequence[Problem] | None = None, *, datas
 def check_reject(reject: str) -> None:
     if reject not in REJECT_MODES:
         raise ValueError(f"pairs.reject={reject!r}: choose one of {', '.join(REJECT_MODES)}")
+
+
+def check_chosen(chosen: str) -> None:
+    if chosen not in CHOSEN_MODES:
+        raise ValueError(f"pairs.chosen={chosen!r}: choose one of {', '.join(CHOSEN_MODES)} (answer: the right answer "
+                         "alone makes a sample correct; process: also no line reward=rule flags)")
 
 
 def check_resample(k: int, temperature: float) -> None:

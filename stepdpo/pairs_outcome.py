@@ -41,10 +41,8 @@ from .data import Problem, StepPair, format_prompt, response_text
 from .generation import generate
 from .steps import split_steps
 from .outcome import solved
-from .pairs import check_reject, request_for
+from .pairs import check_chosen, check_reject, request_for
 from .weights import is_wrong
-
-CHOSEN_MODES = ("process", "answer")  # pairs.chosen: what makes a sample correct (see the module docstring)
 
 
 def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
@@ -74,8 +72,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     if align not in ("shared", "none"):
         raise ValueError(f"pairs.align: {align!r} is not one of ('shared', 'none')")
     check_reject(reject)
-    if chosen not in CHOSEN_MODES:
-        raise ValueError(f"pairs.chosen={chosen!r}: choose one of {', '.join(CHOSEN_MODES)}")
+    check_chosen(chosen)
     rng = random.Random(seed)
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)

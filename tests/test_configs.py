@@ -108,6 +108,17 @@ def test_bad_choice_names_allowed_values(key, value):
         validate_targets(cfg)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (("pairs.reject=outcome",), r"pairs\.reject='outcome': choose one of process, answer"),
+    (("pairs=outcome", "pairs.chosen=lines"), r"pairs\.chosen='lines': choose one of process, answer"),
+])
+def test_pairs_choices_are_checked_with_the_config(overrides, match):
+    """The builders' own checks (stepdpo/pairs.py) run when the config is validated, before the warm-up."""
+    cfg = compose_config(*overrides)
+    with pytest.raises(ValueError, match=match):
+        validate_targets(cfg)
+
+
 @pytest.mark.parametrize("override,expect", [
     ("+trainer.bogus=1", "trainer.bogus: unknown key"),  # typed schema: unknown key
     ("trainer=nope", "trainer/nope"),         # unknown group option (Hydra lists the available ones)
