@@ -95,6 +95,8 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
         good = [(st, "sample") for st, o in zip(sts, ok) if o]
         report["correct"] += len(good)
         report["correct_flagged"] += sum(o and not v for o, v in zip(ok, lines_ok))
+        if reject == "answer":  # right answers with a flagged line: never a side (counted here, cap or not)
+            report["skipped_right_answer"] += sum(r and not o for o, r in zip(ok, right))
         if use_gold and p.steps:
             good.append((list(p.steps), "gold"))
         seen: set[tuple[str, ...]] = set()
@@ -103,7 +105,6 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
             if o or not st or tuple(st) in seen or made >= max_pairs_per_problem:
                 continue
             if reject == "answer" and r:
-                report["skipped_right_answer"] += 1
                 continue
             seen.add(tuple(st))
             if not good:

@@ -77,6 +77,10 @@ def test_reject_answer_skips_right_answers_with_a_flagged_line(monkeypatch):
     pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, reject="answer")
     assert [[x.strip() for x in q.rejected] for q in pairs] == [wrong] and report["skipped_right_answer"] == 1
     assert [x.strip() for x in pairs[0].chosen] == gold and report["correct"] == 0  # the lucky one is not chosen
+    outs[:] = [Completion("\n".join(s), (), "stop") for s in (wrong, lucky, lucky)]
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, reject="answer",
+                                            max_pairs_per_problem=1)
+    assert len(pairs) == 1 and report["skipped_right_answer"] == 2  # every one counted, after the cap too
     with pytest.raises(ValueError, match="pairs.reject"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, reject="lines")
 
