@@ -177,6 +177,20 @@ def prompt_text(question: str, prefix: list[str] | tuple[str, ...] = (), tokeniz
     return format_prompt(question, tokenizer) + prefix_text(prefix)
 
 
+def prefix_tokens(tokenizer, prefix: list[str] | tuple[str, ...]) -> int:
+    """How many tokens of a solution its prefix steps are, encoded as training encodes them (`pair_prompt_ids`);
+    0 without a tokenizer (a stub generate function in tests)."""
+    return len(encode_text(tokenizer, prefix_text(prefix))["input_ids"]) if prefix and tokenizer is not None else 0
+
+
+def continuation_fits(completion, used: int, max_new_tokens: int) -> bool:
+    """The length rule for a continuation sampled after `used` tokens of prefix steps: prefix + continuation must
+    be a whole solution that ends within `max_new_tokens` (eval's limit, which every sample of a solution obeys),
+    its end-of-sequence token included. A continuation its generate call cut off ("length") never fits. With
+    used = 0 this is exactly "not cut off"."""
+    return completion.finish_reason != "length" and used + len(completion.token_ids) < max_new_tokens
+
+
 def pair_prompt_ids(tokenizer, question: str, prefix: list[str] | tuple[str, ...] = ()) -> tuple[list[int], int]:
     """(ids of `prompt_text(question, prefix)`, how many of them are the prefix steps): the template
     part through `prompt_ids`, the model-written prefix through `encode_text`. The cut sits after the

@@ -29,7 +29,7 @@ from typing import Sequence
 
 from . import progress
 from .answers import answers_match, extract_answer
-from .data import Problem, StepPair, format_prompt, prompt_text, response_text
+from .data import Problem, StepPair, continuation_fits, format_prompt, prefix_tokens, prompt_text, response_text
 from .generation import generate
 from .steps import split_steps
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer, value_before
@@ -233,11 +233,14 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     """Step-DPO's chosen sides: for each (problem, rejected steps, their scores, first error fe),
     sample k continuations of the correct prefix steps[:fe] and pair the first one graded correct."""
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
+    used = [prefix_tokens(tokenizer, st[:fe]) for _, st, _, fe in orphans]
     with progress.bar("resampling", len(prompts) * k, unit="sample", gen=True):
-        conts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
-                         temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed)
-    fulls = [[None if c.finish_reason == "length" else st[:fe] + split_steps(c.text) for c in outs]
-             for (p, st, _, fe), outs in zip(orphans, conts)]  # cut-off continuations: counted, never chosen
+        conts = generate(model, tokenizer, prompts, max_new_tokens=max(1, max_new_tokens - min(used, default=0)),
+                         batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
+                         num_return_sequences=k, seed=seed)
+    # prefix + continuation is a whole solution within max_new_tokens, or it is counted and never chosen
+    fulls = [[st[:fe] + split_steps(c.text) if continuation_fits(c, u, max_new_tokens) else None for c in outs]
+             for (p, st, _, fe), u, outs in zip(orphans, used, conts)]
     results = iter(scorer.score([request_for(p.question, f, p.answer, p.meta)
                                  for (p, *_), fs in zip(orphans, fulls) for f in fs if f is not None]))
     report["resample_prefixes"] += len(orphans)

@@ -70,7 +70,9 @@ def run_cli(tmp_path: Path, *overrides: str, fast: bool = True, multirun: bool =
     else:
         args += [f"hydra.run.dir={run_dir}"]
     args += (FAST if fast else []) + list(overrides)
-    proc = subprocess.run(args, cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    env = test_env()  # caches (rollout values, reference log-probs) stay in the test's dir unless the test shares one
+    env.setdefault("STEPDPO_CACHE_DIR", str(tmp_path / "cache"))
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"stepdpo.run failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc, (tmp_path / "sweep" if multirun else run_dir)
@@ -82,6 +84,7 @@ def _offline(monkeypatch):
         if k.startswith(("WANDB", "HF_", "TRANSFORMERS", "TOKENIZERS")):
             monkeypatch.setenv(k, v)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("STEPDPO_CACHE_DIR", raising=False)  # a developer's sweep cache never reaches a test
 
 
 @pytest.fixture(scope="module")

@@ -206,8 +206,14 @@ def test_every_experiment_arm_composes_validates_and_has_equal_compute(experimen
 
 
 @pytest.mark.parametrize("pairs", _options("pairs"))
-def test_rollout_arm_continuations_are_as_long_as_eval_allows_with_every_pairs_group(pairs):
-    # conf/arm/stepdpo_rollout.yaml takes its rollout length from eval (one owner of how long a solution may be);
-    # it must resolve whichever pairs group builds the pairs (perturb and llm have no max_new_tokens of their own)
-    cfg = compose_config(f"pairs={pairs}", "+arm=stepdpo_rollout", "eval.max_new_tokens=80")
-    assert cfg.reward.max_new_tokens == 80 and cfg.trainer.weighting == "advantage"
+def test_rollout_continuations_are_as_long_as_eval_allows_with_every_pairs_group(pairs):
+    # reward=rollout takes its length from eval (one owner of how long a solution may be), with or without the
+    # experiment arm, whichever pairs group builds the pairs (perturb and llm have no max_new_tokens of their own)
+    for extra in (["reward=rollout"], ["+arm=stepdpo_rollout"]):
+        cfg = compose_config(f"pairs={pairs}", *extra, "eval.max_new_tokens=80")
+        assert cfg.reward.max_new_tokens == 80
+    assert cfg.trainer.weighting == "advantage"
+    if "max_new_tokens" in cfg.pairs:  # samplers: the same limit
+        assert cfg.pairs.max_new_tokens == 80
+    gsm8k = compose_config("dataset=gsm8k", f"pairs={pairs}", "reward=rollout")
+    assert gsm8k.reward.max_new_tokens == gsm8k.eval.max_new_tokens == 512  # the dataset's preset reaches them

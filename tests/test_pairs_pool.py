@@ -146,6 +146,20 @@ def test_resample_continues_the_correct_prefix_for_a_chosen_side(bundle, monkeyp
         assert pr.source == "on_policy_resampled" and pr.prefix == gold[:1] and pr.chosen == gold[1:]
         assert pr.rejected == split_steps(solution(p, wrong_at=1))[1:]
         assert pr.rejected_scores[0] == 0.0 and all(s == 1.0 for s in pr.chosen_scores)
+    # the whole solution's limit (data.continuation_fits): completions carry one token per character; a budget of 40
+    # holds the right continuations after a prefix counted as 0 tokens (no tokenizer), not after one of 30 tokens
+    def counted(model, tok, prompts, **kw):
+        return [[Completion(c.text, (0,) * len(c.text), "stop") for c in row] for row in gen(model, tok, prompts, **kw)]
+
+    monkeypatch.setattr(pairs_mod, "generate", counted)
+    for used, made in ((0, 3), (30, 0)):
+        calls.clear()
+        monkeypatch.setattr(pairs_mod, "prefix_tokens", lambda tok, prefix: used * bool(prefix))
+        pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                        n_problems=6, min_pairs=0, resample_k=3, max_new_tokens=40)
+        assert report["pairs_resampled"] == made, used
+    assert min(len("\n".join(solution(p).split("\n")[1:])) for p in pool[:3]) + 30 >= 40  # why none fits at 30
+    monkeypatch.setattr(pairs_mod, "generate", gen)
     # off (the default): the same samples give no pairs and nothing is re-sampled
     calls.clear()
     pairs, report = pairs_mod.build_on_policy_pairs(pool, model=None, tokenizer=None, scorer=RuleScorer(), k=2,

@@ -505,3 +505,28 @@ def test_llama3_response_ends_with_eot_even_when_eos_is_end_of_text():
                               rejected=["The final answer is 2."]), tok)
     assert tok.convert_ids_to_tokens(ex.chosen_ids[-1]) == "<|eot_id|>"
     assert ex.prompt_ids.count(tok.bos_token_id) == 1 and ex.prompt_ids[0] == tok.bos_token_id
+
+
+@pytest.mark.slow
+def test_e2e_rollout_values_on_gsm8k_with_the_chat_template(model_dirs, tmp_path):
+    """reward=rollout on a real tokenizer, chat format and GSM8K (no judge, no labels): the pairs are valued by the
+    policy's own continuations under eval's length limit (one owner: pairs and reward follow eval.max_new_tokens),
+    and stepwise DPO trains on the advantage weights."""
+    proc, run_dir = run_cli(tmp_path, "model=local", f"model.path={model_dirs['qwen2_speaks']}", "model.prompt_format=chat",
+                            "dataset=gsm8k", "dataset.n_train=4", "pairs=outcome", "pairs.n_problems=4", "pairs.k=2",
+                            "reward=rollout", "reward.k=2", "trainer=stepdpo", "trainer.weighting=advantage", *E2E,
+                            fast=False)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    assert cfg.reward.max_new_tokens == cfg.pairs.max_new_tokens == cfg.eval.max_new_tokens == 16
+    summary = json.loads((run_dir / "summary.json").read_text())
+    judge = summary["judge"]
+    assert judge["prefixes"] > 0 and judge["samples"] == 2 * judge["generated_prefixes"] > 0
+    pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    assert pairs and all(p["meta"]["scored_by"] == "rollout" for p in pairs)
+    for p in pairs:  # V_n is the solution's own outcome: the gold chosen side reaches the answer, a rejected one not
+        assert p["chosen_scores"][-1] == 1.0 and p["rejected_scores"][-1] == 0.0
+        assert all(v in (0.0, 0.5, 1.0) for v in p["chosen_scores"] + p["rejected_scores"])
+    steps = _train_steps(run_dir)
+    assert len(steps) == 2 and all(s["dpo/tokens/weighted_chosen"] > 0 for s in steps)

@@ -98,6 +98,46 @@ def test_chunks_split_generation_and_no_answer_fails_the_request():
         RolloutScorer().score([req(STEPS)])
 
 
+def test_a_continuation_counts_only_within_the_whole_solutions_limit():
+    """max_new_tokens is a whole solution's limit (eval's): after a prefix of u tokens a continuation of n tokens
+    counts only if u + n < max_new_tokens (room for its end-of-sequence token). Hand-worked with a tokenizer that
+    makes one token per character; the stub policy cuts at the call's max_new_tokens as generate does."""
+    from stepdpo.data import continuation_fits, prefix_text, prefix_tokens
+
+    class CharTok:
+        def __call__(self, text, add_special_tokens=False, split_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    tok = CharTok()
+    assert prefix_tokens(tok, [STEPS[0]]) == len(prefix_text([STEPS[0]])) == 10 and prefix_tokens(tok, []) == 0
+    assert prefix_tokens(tok, STEPS[:2]) == 20 and prefix_tokens(None, STEPS[:2]) == 0
+    assert continuation_fits(Completion("x", (1,) * 5, "stop"), 0, 6)  # 5 + EOS = 6
+    assert not continuation_fits(Completion("x", (1,) * 6, "stop"), 0, 6)
+    assert continuation_fits(Completion("x", (1,) * 5, "stop"), 3, 9) and not continuation_fits(
+        Completion("x", (1,) * 5, "stop"), 4, 9)
+    assert not continuation_fits(Completion("x", (), "length"), 0, 6)  # cut off by its own call
+
+    calls = []
+
+    def policy(model, tokenizer, prompts, *, num_return_sequences, max_new_tokens, **kw):
+        calls.append(max_new_tokens)  # RIGHT (15 tokens) from every prefix, cut at the call's limit
+        c = (Completion(RIGHT, (0,) * 15, "stop") if 15 < max_new_tokens else
+             Completion(RIGHT[:max_new_tokens], (0,) * max_new_tokens, "length"))
+        return [[c] * num_return_sequences for _ in prompts]
+
+    def values(limit, **kw):
+        calls.clear()
+        s = RolloutScorer(k=2, temperature=0.7, max_new_tokens=limit, cache_key="stub", **kw)
+        s.bind(None, tok, generate_fn=policy)
+        (r,) = s.score([req(STEPS)])
+        return [r.prompt_value] + r.scores
+
+    # prefixes of 0, 10 and 20 tokens, then 15: fits at 24 after the prompt only; at 30 after one step too
+    assert values(24) == [1.0, 0.0, 0.0, 1.0] and calls == [24]  # one call: what the prompt alone leaves
+    assert values(30, chunk=1) == [1.0, 1.0, 0.0, 1.0] and calls == [30, 20, 10]  # shortest prefix first
+    assert values(36) == [1.0, 1.0, 1.0, 1.0]  # 20 + 15 < 36
+
+
 def test_fingerprint_follows_the_trainable_weights():
     import torch
 

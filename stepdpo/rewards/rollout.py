@@ -8,7 +8,8 @@ that ends with step i is estimated by sampling k continuations of it from the *c
     V_0  = the same for the prompt alone (no step yet): the problem's value under the policy
     V_n  = 1 if the solution's own final answer matches a, else 0 (exact: nothing left to sample)
 
-where "reach a" is `stepdpo.outcome.solved` (the final answer matches a; on countdown, whose
+where a continuation counts only when prefix + continuation is a whole solution within `max_new_tokens` (eval's
+limit: `data.continuation_fits`; a prefix's tokens leave that much less room), "reach a" is `stepdpo.outcome.solved` (the final answer matches a; on countdown, whose
 question states the target, every line must also be valid), and step i's score is V_i; its advantage is A_i = V_i - V_{i-1} (`advantages`). A step that keeps
 the target reachable keeps V; a step that dooms the solution drops it (the critical step); a step
 that fixes a mistake raises it. `ScoreResult.scores` are V_1..V_n (in [0, 1]; "wrong" = V_i < 0.5,
@@ -17,10 +18,11 @@ keep as `meta["value_before"]` (the value of the shared prefix) for `trainer.wei
 
 Cost and sharing:
 - Generation is batched: every missing prefix of every request of one `score()` call goes through
-  `chunk` prefixes x k samples per generate call (`stepdpo.generation.generate`, left-padded, seeded).
+  `chunk` prefixes x k samples per generate call (`stepdpo.generation.generate`, left-padded, seeded),
+  prefixes of similar length together; a call generates at most what its shortest prefix leaves.
 - Values are cached by content in SQLite (`JudgeCache`: WAL, safe for parallel sweep jobs). A key
   is the sha256 of (model fingerprint or `cache_key`, prompt text incl. the prefix, reference answer,
-  k, temperature, top_p, max_new_tokens, seed). The model fingerprint hashes the trainable weights
+  k, temperature, top_p, max_new_tokens, seed, the length rule). The model fingerprint hashes the trainable weights
   (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
   the policy does (each training round) and is shared by sweep arms that start from the same SFT
   warm-up and adapter init. The stored value is the hit count, so soft and hard share entries.
@@ -41,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..data import response_text
+from ..data import continuation_fits, prefix_tokens, response_text
 from .base import ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -131,21 +133,23 @@ class RolloutScorer:
         self.stats.requests += len(requests)
         fp = self.cache_key or model_fingerprint(self.model)
         key_of: dict[tuple[int, int], str] = {}  # (request, prefix length) -> cache key
-        todo: dict[str, tuple[str, ScoreRequest, int]] = {}  # key -> (prompt, request, prefix length)
+        todo: dict[str, tuple[str, ScoreRequest, int, int]] = {}  # key -> (prompt, request, steps, their tokens)
         for r_i, r in enumerate(requests):
             if not r.answer or not r.steps:
                 continue
             for i in range(len(r.steps)):  # prefixes s_1..s_i for i < n; V_n is exact
                 prompt = prompt_text(r.question, list(r.steps[:i]), self.tokenizer)
                 key = hashlib.sha256(json.dumps(
-                    [fp, prompt, r.answer, self.k, self.temperature, self.top_p, self.max_new_tokens, self.seed]
+                    [fp, prompt, r.answer, self.k, self.temperature, self.top_p, self.max_new_tokens, self.seed,
+                     "whole-solution budget"]
                 ).encode()).hexdigest()
                 key_of[(r_i, i)] = key
-                todo.setdefault(key, (prompt, r, i))
+                if key not in todo:
+                    todo[key] = (prompt, r, i, prefix_tokens(self.tokenizer, r.steps[:i]))
         hits = self.cache.get_many(todo)
         self.stats.prefixes += len(todo)
         self.stats.cache_hits += len(hits)
-        missing = [k for k in todo if k not in hits]
+        missing = sorted((k for k in todo if k not in hits), key=lambda k: todo[k][3])  # similar lengths together
         for s in range(0, len(missing), self.chunk):
             keys = missing[s:s + self.chunk]
             hits.update(self._sample(keys, todo))
@@ -174,19 +178,20 @@ class RolloutScorer:
         fn = self.generate_fn or generate
         t = time.perf_counter()
         self._calls += 1
-        outs = fn(self.model, self.tokenizer, [todo[k][0] for k in keys], max_new_tokens=self.max_new_tokens,
+        room = max(1, self.max_new_tokens - min(todo[k][3] for k in keys))  # longer never fits (continuation_fits)
+        outs = fn(self.model, self.tokenizer, [todo[k][0] for k in keys], max_new_tokens=room,
                   batch_size=self.batch_size, do_sample=True, temperature=self.temperature, top_p=self.top_p,
                   num_return_sequences=self.k, seed=self.seed * 1_000_003 + self._calls)
         self.stats.seconds += time.perf_counter() - t
         self.stats.generate_calls += 1
         res = {}
         for key, conts in zip(keys, outs):
-            _, r, i = todo[key]
+            _, r, i, used = todo[key]
             if len(conts) != self.k:
                 raise RuntimeError(f"rollout: asked for {self.k} continuations, got {len(conts)}")
-            # a continuation cut off at max_new_tokens is a miss: its text is never read for an answer
-            h = sum(c.finish_reason != "length" and reaches(list(r.steps[:i]) + split_steps(c.text), r.answer,
-                                                            r.meta_dict()) for c in conts)
+            # a continuation past the whole solution's limit is a miss: its text is never read for an answer
+            h = sum(continuation_fits(c, used, self.max_new_tokens)
+                    and reaches(list(r.steps[:i]) + split_steps(c.text), r.answer, r.meta_dict()) for c in conts)
             self.cache.put(key, h, model="rollout")
             res[key] = h
         self.stats.generated_prefixes += len(keys)
