@@ -8,10 +8,11 @@ that ends with step i is estimated by sampling k continuations of it from the *c
     V_0  = the same for the prompt alone (no step yet): the problem's value under the policy
     V_n  = 1 if the solution's own final answer matches a, else 0 (exact: nothing left to sample)
 
-where a continuation counts only when prefix + continuation is a whole solution within `max_new_tokens` (eval's
-limit: `data.continuation_fits`; a prefix's tokens leave that much less room), "reach a" is `stepdpo.outcome.solved` (the final answer matches a; on countdown, whose
-question states the target, every line must also be valid), and step i's score is V_i; its advantage is A_i = V_i - V_{i-1} (`advantages`). A step that keeps
-the target reachable keeps V; a step that dooms the solution drops it (the critical step); a step
+where a continuation counts only when prefix + continuation is a whole solution within `max_new_tokens`
+(eval's limit, `data.continuation_fits`: a prefix's tokens leave that much less room), "reach a" is
+`stepdpo.outcome.solved` (the final answer matches a; on countdown, whose question states the target, every
+line must also be valid), and step i's score is V_i; its advantage is A_i = V_i - V_{i-1} (`advantages`).
+A step that keeps the target reachable keeps V; a step that dooms the solution drops it (the critical step); a step
 that fixes a mistake raises it. `ScoreResult.scores` are V_1..V_n (in [0, 1]; "wrong" = V_i < 0.5,
 so first_error weighting reads them too) and `ScoreResult.prompt_value` is V_0, which the pairs
 keep as `meta["value_before"]` (the value of the shared prefix) for `trainer.weighting=advantage`.
@@ -22,8 +23,8 @@ Cost and sharing:
   prefixes of similar length together; a call generates at most what its shortest prefix leaves.
 - Values are cached by content in SQLite (`JudgeCache`: WAL, safe for parallel sweep jobs). A key
   is the sha256 of (model fingerprint or `cache_key`, prompt text incl. the prefix, reference answer,
-  k, temperature, top_p, max_new_tokens, seed, the length rule). The model fingerprint hashes the trainable weights
-  (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
+  k, temperature, top_p, max_new_tokens, seed, the length rule). The model fingerprint hashes the trainable
+  weights (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
   the policy does (each training round) and is shared by sweep arms that start from the same SFT
   warm-up and adapter init. The stored value is the hit count, so soft and hard share entries.
 - `summary()` (like the judge's) reports prefixes valued, cache hits, samples drawn and seconds;
