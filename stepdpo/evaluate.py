@@ -87,7 +87,11 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
         hits = 0
         for p, r, outs_k in zip(problems, records, samples):
             maj = majority_vote([answer_of(c) for c in outs_k])
-            r["maj_pred"], r["maj_correct"] = maj, answers_match(maj, p.answer)
+            # the majority answer, right by the task's own rule in at least one sample that gives it (countdown:
+            # a valid solution, not the copied target; elsewhere the same as the answer matching)
+            r["maj_pred"] = maj
+            r["maj_correct"] = answers_match(maj, p.answer) and any(
+                answers_match(answer_of(c), maj) and solved(c.text, p.answer, p.meta) for c in outs_k)
             hits += r["maj_correct"]
         metrics[f"maj@{maj_k}"] = hits / n
     for key in ("level", "subject"):

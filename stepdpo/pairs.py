@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Sequence
 
 from . import progress
-from .answers import answers_match, extract_answer
+from .outcome import solved
 from .data import Problem, StepPair, continuation_fits, format_prompt, prefix_tokens, prompt_text, response_text
 from .generation import generate
 from .steps import split_steps
@@ -82,8 +82,10 @@ def check_resample(k: int, temperature: float) -> None:
         raise ValueError(f"pairs.resample_temperature={temperature}: must be > 0 (continuations are sampled)")
 
 
-def answer_right(steps: Sequence[str], answer: str) -> bool:
-    return bool(steps) and answers_match(extract_answer(response_text(steps)), answer)
+def answer_right(steps: Sequence[str], answer: str, meta: dict | None = None) -> bool:
+    """Is the sampled solution right: `outcome.solved`, the check evaluation and rollouts use (on countdown, whose
+    question states the target, its lines must be valid too)."""
+    return bool(steps) and solved(response_text(steps), answer, meta)
 
 
 def request_for(problem_question: str, steps: Sequence[str], answer: str, meta: dict) -> ScoreRequest:
@@ -148,7 +150,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     rng.shuffle(probs)
     probs = probs[:n_problems]
     bar = progress.bar("sampling", len(probs) * k, unit="sample", on_outputs=progress.samples_so_far(
-        [p.answer for p in probs], lambda t, gold: answer_right(split_steps(t), gold), max_pairs_per_problem))
+        [(p.answer, p.meta) for p in probs], lambda t, gold: answer_right(split_steps(t), *gold), max_pairs_per_problem))
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
                        num_return_sequences=k, seed=seed)
@@ -171,7 +173,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
             if r.scores is None:
                 report["score_failed"] += 1
                 continue
-            ok = answer_right(st, p.answer)
+            ok = answer_right(st, p.answer, p.meta)
             if ok and reject == "answer" and any(is_wrong(s) for s in r.scores):
                 report["skipped_right_answer"] += 1
                 continue
@@ -254,7 +256,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
                 continue
             res = next(results)
             if (chosen is None and res.scores is not None and len(f) > fe and f[fe:] != st[fe:]
-                    and answer_right(f, p.answer) and res.first_error is None):
+                    and answer_right(f, p.answer, p.meta) and res.first_error is None):
                 chosen, cs = f[fe:], res.scores[fe:]
         if chosen is None:
             continue

@@ -222,7 +222,7 @@ def accuracy_so_far(golds: Sequence, right: Callable[[Any, Any], bool]):
     return cb
 
 
-def samples_so_far(golds: Sequence[str], right: Callable[[str, str], bool], cap: int):
+def samples_so_far(golds: Sequence, right: Callable[[str, Any], bool], cap: int):
     """An `on_outputs` for on-policy sampling: {"right": share of samples with the right answer,
     "wrong": distinct wrong-answer samples, at most `cap` per problem}: the rejected sides found so
     far before step grading (grading adds right answers reached through a wrong step)."""

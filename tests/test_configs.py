@@ -217,3 +217,20 @@ def test_rollout_continuations_are_as_long_as_eval_allows_with_every_pairs_group
         assert cfg.pairs.max_new_tokens == 80
     gsm8k = compose_config("dataset=gsm8k", f"pairs={pairs}", "reward=rollout")
     assert gsm8k.reward.max_new_tokens == gsm8k.eval.max_new_tokens == 512  # the dataset's preset reaches them
+
+
+@pytest.mark.parametrize("dataset", ["step_dpo", "prm800k"])
+def test_math_pair_datasets_get_maths_lengths(dataset):
+    """dataset=step_dpo|prm800k hold MATH problems and evaluate on MATH-500: MATH's lengths (96 new tokens would cut
+    nearly every solution), with their own one round and whole-step error span."""
+    c, m = compose_config(f"dataset={dataset}"), compose_config("dataset=math")
+    for key in ("eval.max_new_tokens", "trainer.max_length", "sft.max_length", "pairs.max_new_tokens"):
+        assert OmegaConf.select(c, key) == OmegaConf.select(m, key), key
+    assert c.eval.max_new_tokens == 1024 and c.trainer.rounds == 1 and c.trainer.weighting_kwargs.error_span == "step"
+
+
+@pytest.mark.parametrize("pairs", ["on_policy", "outcome"])
+def test_generation_batch_follows_eval(pairs):
+    """model=qwen|llama size eval's generate calls for the KV cache; on-policy sampling and rollouts follow."""
+    c = compose_config("model=qwen", f"pairs={pairs}", "reward=rollout")
+    assert c.eval.batch_size == 32 and c.pairs.batch_size == 32 and c.reward.batch_size == 32

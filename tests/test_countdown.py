@@ -144,6 +144,25 @@ def test_a_right_answer_is_not_enough_when_the_question_states_it():
     assert solved("12 - 5 = 7\nThe answer is 7", "7", {"kind": "arith"})  # other tasks: the answer decides
 
 
+def test_on_policy_pairs_grade_a_copied_target_as_wrong(monkeypatch):
+    """pairs=on_policy grades with outcome.solved, as eval does: a sample that copies the target after an invalid
+    line is a rejected side, never a "right answer" that pairs.reject=answer would skip."""
+    import stepdpo.pairs as pairs_mod
+    from stepdpo.data import Problem
+    from stepdpo.generation import Completion
+
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    right = ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"]
+    cheat = ["7 * 7 = 49", "49 - 3 = 46", "The answer is 46"]  # 7 used twice, the target copied
+    p = Problem(id="c0", question="Make 46 from 3, 7, 25.", answer="46", steps=list(right), meta=meta)
+    outs = [Completion("\n".join(s), (), "stop") for s in (right, cheat)]
+    monkeypatch.setattr(pairs_mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = pairs_mod.build_on_policy_pairs([p], model=None, tokenizer=None, scorer=RuleScorer(), k=2,
+                                                    n_problems=1, min_pairs=0, reject="answer")
+    assert report["correct"] == 1 and "skipped_right_answer" not in report
+    assert len(pairs) == 1 and [x.strip() for x in pairs[0].prefix + pairs[0].rejected] == cheat
+
+
 def test_eval_accuracy_on_countdown_needs_valid_lines():
     from stepdpo.evaluate import math_accuracy
     import stepdpo.evaluate as ev
@@ -213,3 +232,24 @@ def test_error_mix_script_rollout_critical_line_needs_a_drop(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = mod.main(str(path))
     assert out["doomed"] == 2 and out["doomed/rollout_no_drop"] == 1 and out["doomed/rollout_critical_at_that_line"] == 1
+
+
+def test_maj_at_k_on_countdown_needs_a_valid_solution_behind_the_majority(monkeypatch):
+    """maj@k applies the task's rule too: the majority answer counts when a sample that gives it is solved;
+    k samples that all copy the target are not a right majority."""
+    import stepdpo.evaluate as ev
+    from stepdpo.generation import Completion
+
+    b = load(n_train=10, n_eval=2, seed=0)
+    p, q = b.eval
+    copy = lambda x: f"1 + 1 = 2\nThe answer is {x.answer}"  # noqa: E731  (invalid line, the target copied)
+    sampled = {p.question: [copy(p), copy(p), "\n".join(p.steps)], q.question: [copy(q)] * 3}
+
+    def fake(model, tok, prompts, *, num_return_sequences=1, **kw):
+        pick = lambda pr: next(v for k, v in sampled.items() if k in pr)  # noqa: E731
+        return [[Completion(t, (), "stop") for t in pick(pr)[:num_return_sequences]] for pr in prompts]
+
+    monkeypatch.setattr(ev, "generate", fake)
+    metrics, records = ev.math_accuracy(None, None, b.eval, maj_k=3)
+    assert [r["maj_pred"] for r in records] == [p.answer, q.answer]
+    assert [r["maj_correct"] for r in records] == [True, False] and metrics["maj@3"] == 0.5
