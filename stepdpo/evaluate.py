@@ -15,19 +15,10 @@ from . import progress
 from .answers import answers_match, extract_answer
 from .outcome import solved
 from .data import Problem, format_prompt
-from .generation import generate
+from .generation import generate, stop_from_config  # noqa: F401  (re-exported)
 from .steps import split_steps  # noqa: F401  (sampled text -> exact steps; re-exported)
 
 
-
-
-def stop_from_config(strings: Sequence[str]) -> list[str]:
-    """`eval.stop` as given on the command line: the two characters `\\n` / `\\t` mean newline / tab.
-
-    Hydra keeps backslashes in override values, so `'eval.stop=["\\n\\nQuestion:"]'` arrives as a
-    literal backslash-n; a YAML double-quoted "\\n" is already a newline and passes through.
-    """
-    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in strings if s]
 
 
 def majority_vote(answers: Sequence[str | None]) -> str | None:

@@ -51,6 +51,16 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
+def stop_from_config(strings: Sequence[str]) -> list[str]:
+    """Stop strings as the config gives them (`eval.stop`; on-policy sampling and rollouts follow it): the two
+    characters `\\n` / `\\t` mean newline / tab.
+
+    Hydra keeps backslashes in override values, so `'eval.stop=["\\n\\nQuestion:"]'` arrives as a
+    literal backslash-n; a YAML double-quoted "\\n" is already a newline and passes through.
+    """
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in strings if s]
+
+
 def truncate_at_stop(text: str, stop: Sequence[str] = ()) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))

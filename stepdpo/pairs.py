@@ -30,7 +30,7 @@ from typing import Sequence
 from . import progress
 from .outcome import solved
 from .data import Problem, StepPair, continuation_fits, format_prompt, prefix_tokens, prompt_text, response_text
-from .generation import generate
+from .generation import generate, stop_from_config
 from .steps import split_steps
 from .rewards.base import ScoreRequest, ScoreResult, StepScorer, value_before
 from .weights import is_wrong
@@ -123,8 +123,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
                           n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                           max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                           min_pairs: int = 0, topup_problems: Sequence[Problem] | None = None,
-                          reject: str = "process", resample_k: int = 0,
-                          resample_temperature: float = 0.7) -> tuple[list[StepPair], dict]:
+                          reject: str = "process", resample_k: int = 0, resample_temperature: float = 0.7,
+                          stop: Sequence[str] = ()) -> tuple[list[StepPair], dict]:
     """Sample k solutions per problem from `model`, grade them, pair correct against incorrect.
 
     A sample is correct when its final answer matches and no step is flagged. `reject` says which
@@ -153,7 +153,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
         [(p.answer, p.meta) for p in probs], lambda t, gold: answer_right(split_steps(t), *gold), max_pairs_per_problem))
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
-                       num_return_sequences=k, seed=seed)
+                       num_return_sequences=k, seed=seed, stop=stop_from_config(stop) or None)
     # a sample cut off at max_new_tokens is never graded, chosen or rejected: it is counted (`samples_truncated`)
     steps_of = [[None if c.finish_reason == "length" else split_steps(c.text) for c in outs] for outs in samples]
     reqs = [request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of) for st in sts
@@ -211,7 +211,7 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     if orphans:
         pairs += resample_chosen(orphans, model=model, tokenizer=tokenizer, scorer=scorer, k=resample_k,
                                  temperature=resample_temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, seed=seed + 7919, report=report)
+                                 batch_size=batch_size, seed=seed + 7919, report=report, stop=stop)
     if len(pairs) < min_pairs:
         gold = [p for p in (problems if topup_problems is None else topup_problems) if p.steps]
         want = min_pairs - len(pairs)
@@ -231,7 +231,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
 
 
 def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, temperature: float, top_p: float,
-                    max_new_tokens: int, batch_size: int, seed: int, report: Counter) -> list[StepPair]:
+                    max_new_tokens: int, batch_size: int, seed: int, report: Counter,
+                    stop: Sequence[str] = ()) -> list[StepPair]:
     """Step-DPO's chosen sides: for each (problem, rejected steps, their scores, first error fe),
     sample k continuations of the correct prefix steps[:fe] and pair the first one graded correct."""
     prompts = [prompt_text(p.question, st[:fe], tokenizer) for p, st, _, fe in orphans]
@@ -239,7 +240,7 @@ def resample_chosen(orphans, *, model, tokenizer, scorer: StepScorer, k: int, te
     with progress.bar("resampling", len(prompts) * k, unit="sample", gen=True):
         conts = generate(model, tokenizer, prompts, max_new_tokens=max(1, max_new_tokens - min(used, default=0)),
                          batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
-                         num_return_sequences=k, seed=seed)
+                         num_return_sequences=k, seed=seed, stop=stop_from_config(stop) or None)
     # prefix + continuation is a whole solution within max_new_tokens, or it is counted and never chosen
     fulls = [[st[:fe] + split_steps(c.text) if continuation_fits(c, u, max_new_tokens) else None for c in outs]
              for (p, st, _, fe), u, outs in zip(orphans, used, conts)]

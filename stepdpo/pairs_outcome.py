@@ -38,7 +38,7 @@ from collections import Counter
 from typing import Sequence
 
 from .data import Problem, StepPair, format_prompt, response_text
-from .generation import generate
+from .generation import generate, stop_from_config
 from .steps import split_steps
 from .outcome import solved
 from .pairs import check_chosen, check_reject, request_for
@@ -55,7 +55,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                         use_gold: bool = True, from_split: str = "train", align: str = "shared",
-                        reject: str = "process", chosen: str = "process",
+                        reject: str = "process", chosen: str = "process", stop: Sequence[str] = (),
                         pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
     solution sharing most leading steps (`align=shared`) or a random one, whole (`align=none`). Returns
@@ -79,7 +79,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     probs = probs[:n_problems]
     samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True, temperature=temperature,
-                       top_p=top_p, num_return_sequences=k, seed=seed)
+                       top_p=top_p, num_return_sequences=k, seed=seed, stop=stop_from_config(stop) or None)
     # a sample cut off at max_new_tokens is never graded into a pair side (counted, then dropped)
     steps_of = [[split_steps(c.text) for c in outs if c.finish_reason != "length"] for outs in samples]
     rule = RuleScorer(unknown_score=1.0)

@@ -234,3 +234,9 @@ def test_generation_batch_follows_eval(pairs):
     """model=qwen|llama size eval's generate calls for the KV cache; on-policy sampling and rollouts follow."""
     c = compose_config("model=qwen", f"pairs={pairs}", "reward=rollout")
     assert c.eval.batch_size == 32 and c.pairs.batch_size == 32 and c.reward.batch_size == 32
+
+
+def test_sampling_and_rollouts_stop_where_eval_stops():
+    for pairs in ("on_policy", "outcome"):
+        c = compose_config(f"pairs={pairs}", "reward=rollout", "eval.stop=[\"\\n\\nQuestion:\"]")
+        assert list(c.pairs.stop) == list(c.reward.stop) == list(c.eval.stop) == ["\\n\\nQuestion:"]

@@ -104,3 +104,18 @@ def test_chosen_answer_grades_by_the_answer_alone(monkeypatch):
     assert pairs == [] and report["correct"] == 0 and report["no_chosen"] == 2
     with pytest.raises(ValueError, match="pairs.chosen"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, chosen="lines")
+
+
+def test_sampling_stops_where_eval_stops(monkeypatch):
+    """pairs.stop (= eval.stop) reaches generate, with the config's backslash escapes read as eval reads them."""
+    seen = []
+
+    def gen(m, t, prompts, num_return_sequences, stop=None, **_):
+        seen.append(stop)
+        return [[Completion("\n".join(RIGHT), (), "stop")] * num_return_sequences for _ in prompts]
+
+    monkeypatch.setattr(mod, "generate", gen)
+    p = Problem(id="c3", question="q", answer="46", steps=list(RIGHT), meta=META)
+    mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, stop=["\\n\\nQuestion:"])
+    mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1)
+    assert seen == [["\n\nQuestion:"], None]

@@ -88,6 +88,20 @@ def test_one_generate_call_for_all_prefixes_and_the_cache_serves_the_second_call
     assert len(stub3.calls) == 1 and r3.prompt_value == 0.5 and r3.scores == [0.5, 0.0, 1.0]  # first 2 of each row
 
 
+def test_continuations_stop_where_eval_stops():
+    seen = []
+
+    def policy(model, tokenizer, prompts, *, num_return_sequences, stop=None, **kw):
+        seen.append(stop)
+        return [[Completion(RIGHT, (), "stop")] * num_return_sequences for _ in prompts]
+
+    for stop in (["\\n\\nQuestion:"], []):
+        s = RolloutScorer(k=2, temperature=0.7, cache_key="stub", stop=stop)
+        s.bind(None, None, generate_fn=policy)
+        s.score([req(STEPS)])
+    assert seen == [["\n\nQuestion:"], None]
+
+
 def test_chunks_split_generation_and_no_answer_fails_the_request():
     s, stub = scorer(chunk=2)
     s.score([req(STEPS)])

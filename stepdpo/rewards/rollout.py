@@ -23,7 +23,7 @@ Cost and sharing:
   prefixes of similar length together; a call generates at most what its shortest prefix leaves.
 - Values are cached by content in SQLite (`JudgeCache`: WAL, safe for parallel sweep jobs). A key
   is the sha256 of (model fingerprint or `cache_key`, prompt text incl. the prefix, reference answer,
-  k, temperature, top_p, max_new_tokens, seed, the length rule). The model fingerprint hashes the trainable
+  k, temperature, top_p, max_new_tokens, seed, the length rule, stop strings). The model fingerprint hashes the trainable
   weights (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
   the policy does (each training round) and is shared by sweep arms that start from the same SFT
   warm-up and adapter init. The stored value is the hit count, so soft and hard share entries.
@@ -96,7 +96,7 @@ class RolloutScorer:
 
     def __init__(self, k: int = 4, estimate: str = "soft", temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 96, chunk: int = 64, batch_size: int = 64, seed: int = 0,
-                 cache_path: str | None = None, cache_key: str | None = None):
+                 cache_path: str | None = None, cache_key: str | None = None, stop: Sequence[str] = ()):
         if k < 1:
             raise ValueError(f"reward.k={k}: must be >= 1 (continuations per step prefix)")
         if estimate not in ESTIMATES:
@@ -111,6 +111,9 @@ class RolloutScorer:
         self.max_new_tokens, self.chunk, self.batch_size, self.seed = max_new_tokens, chunk, batch_size, seed
         self.cache = JudgeCache(cache_path)
         self.cache_key = cache_key
+        from ..generation import stop_from_config
+
+        self.stop = stop_from_config(stop)  # eval.stop: a continuation ends there, as a sampled solution does
         self.model = self.tokenizer = None
         self.generate_fn: Callable | None = None
         self.stats = RolloutStats()
@@ -142,7 +145,7 @@ class RolloutScorer:
                 prompt = prompt_text(r.question, list(r.steps[:i]), self.tokenizer)
                 key = hashlib.sha256(json.dumps(
                     [fp, prompt, r.answer, self.k, self.temperature, self.top_p, self.max_new_tokens, self.seed,
-                     "whole-solution budget"]
+                     "whole-solution budget", *(["stop", *self.stop] if self.stop else [])]
                 ).encode()).hexdigest()
                 key_of[(r_i, i)] = key
                 if key not in todo:
@@ -182,7 +185,7 @@ class RolloutScorer:
         room = max(1, self.max_new_tokens - min(todo[k][3] for k in keys))  # longer never fits (continuation_fits)
         outs = fn(self.model, self.tokenizer, [todo[k][0] for k in keys], max_new_tokens=room,
                   batch_size=self.batch_size, do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                  num_return_sequences=self.k, seed=self.seed * 1_000_003 + self._calls)
+                  num_return_sequences=self.k, seed=self.seed * 1_000_003 + self._calls, stop=self.stop or None)
         self.stats.seconds += time.perf_counter() - t
         self.stats.generate_calls += 1
         res = {}
