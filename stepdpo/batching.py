@@ -135,10 +135,26 @@ def encode_pair(pair: StepPair, tokenizer, *, weighting: str = "uniform", weight
     return Example(p_ids, c_ids, r_ids, w.chosen, w.rejected, w.chosen_focus, w.rejected_focus, n_prefix)
 
 
-def encode_sft(question: str, steps: list[str], tokenizer) -> Example:
-    """An SFT example as a degenerate pair: only the chosen side is used (weights 1)."""
+def encode_sft(question: str, steps: list[str], tokenizer, max_length: int | None = None) -> Example:
+    """An SFT example as a degenerate pair: only the chosen side is used (weights 1). Longer than `max_length`:
+    the question's oldest tokens go, as for a pair; a ValueError when the solution itself does not fit."""
     pair = StepPair(id="", question=question, answer="", prefix=[], chosen=steps, rejected=steps)
-    return encode_pair(pair, tokenizer)
+    return encode_pair(pair, tokenizer, max_length=max_length)
+
+
+def encode_sft_all(solutions, tokenizer, max_length: int | None, *, where: str) -> tuple[list[Example], int]:
+    """SFT examples of (question, steps) pairs under `max_length` (sft.max_length or trainer.max_length, named by
+    `where`): (examples, how many solutions were too long even with the question cut and were dropped). Every one
+    dropped: a ValueError naming the knob, since there is nothing to train on."""
+    examples, dropped = [], 0
+    for q, steps in solutions:
+        try:
+            examples.append(encode_sft(q, list(steps), tokenizer, max_length))
+        except ValueError:
+            dropped += 1
+    if dropped and not examples:
+        raise ValueError(f"{where}={max_length}: every one of the {dropped} SFT solutions is longer; raise it")
+    return examples, dropped
 
 
 def collate(examples: Sequence[Example], pad_id: int, *, sft: bool = False, nll_prefix: bool = False,

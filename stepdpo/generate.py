@@ -1,5 +1,9 @@
 """Generate from a trained run: `python -m stepdpo.generate RUN_DIR "question" [--max-new-tokens N]`.
 
+Generation ends where the run's evaluation ended it: at most its `eval.max_new_tokens` new tokens (unless
+`--max-new-tokens` says otherwise) and at its `eval.stop` strings, both read from the run's config_resolved.yaml;
+an answer cut off at the limit is marked as such.
+
 Loads the run's base model (the SFT checkpoint or hub model it recorded in adapter/stepdpo.json,
 in 4-bit again if it was trained with qlora, with the prompt format it was trained with) and the LoRA adapter with
 `peft.PeftModel.from_pretrained`, or the fully fine-tuned model (`lora=none`), then decodes.
@@ -42,11 +46,25 @@ def load_trained(run_dir: str | Path):
     return model.eval(), tok
 
 
+def eval_settings(run_dir: str | Path) -> tuple[int, list[str]]:
+    """(max_new_tokens, stop strings) the run evaluated with, from its config_resolved.yaml; (128, []) for a run
+    directory without one."""
+    from .generation import stop_from_config
+
+    path = Path(run_dir) / "config_resolved.yaml"
+    if not path.is_file():
+        return 128, []
+    from omegaconf import OmegaConf
+
+    e = OmegaConf.load(path).get("eval") or {}
+    return int(e.get("max_new_tokens", 128)), stop_from_config(e.get("stop") or [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stepdpo.generate", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="a run directory written by python -m stepdpo.run")
     ap.add_argument("question", nargs="+", help="one or more questions")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
@@ -59,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    outs = generate(model, tok, [format_prompt(q, tok) for q in args.question], max_new_tokens=args.max_new_tokens,
-                    do_sample=args.sample, temperature=args.temperature, seed=args.seed)
+    limit, stop = eval_settings(args.run_dir)
+    limit = args.max_new_tokens or limit
+    outs = generate(model, tok, [format_prompt(q, tok) for q in args.question], max_new_tokens=limit,
+                    do_sample=args.sample, temperature=args.temperature, seed=args.seed, stop=stop or None)
     for q, (c,) in zip(args.question, outs):
-        print(f"{format_prompt(q, tok)}{c.text}\n")
+        cut = f"\n[cut off at {limit} new tokens: --max-new-tokens raises the limit]" if c.finish_reason == "length" else ""
+        print(f"{format_prompt(q, tok)}{c.text}{cut}\n")
     return 0
 
 

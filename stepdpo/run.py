@@ -201,7 +201,7 @@ def sft_warmup(s: Run, model, tok):
     """Full fine-tune on the gold solutions; or the resumed run's, or a cached one. Returns the model, its
     tokenizer and the path of the base the adapter goes on (saved as base_model when it exists only in memory)."""
     from . import checkpoint, distributed, sft_cache
-    from .batching import encode_sft
+    from .batching import encode_sft_all
     from .model import load_base
     from .train import train
 
@@ -220,7 +220,12 @@ def sft_warmup(s: Run, model, tok):
             s.summary["sft_cached"] = str(cached)
         elif cfg.sft.max_steps > 0:
             t = time.perf_counter()
-            sft_ex = [encode_sft(p.question, p.steps, tok) for p in s.bundle.train if p.steps]
+            sft_ex, dropped = encode_sft_all([(p.question, p.steps) for p in s.bundle.train if p.steps], tok,
+                                             cfg.sft.max_length, where="sft.max_length")
+            if dropped:
+                log.warning("sft: %d gold solutions longer than sft.max_length=%d were left out (%d kept)", dropped,
+                            cfg.sft.max_length, len(sft_ex))
+                s.summary["sft_dropped_too_long"] = dropped
             train(cfg.sft, model, tok, sft_ex, s.tracker, seed=cfg.seed, prefix="sft",
                   ckpt_dir=s.out / "checkpoints" / "sft", resume_from=resume.checkpoint("sft") if resume else None)
             s.summary["time/sft_s"] = time.perf_counter() - t
@@ -313,21 +318,28 @@ def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:
     """Pairs -> token-weighted preference examples; trainer=sft: SFT examples (the gold solutions when
     `pairs` is None, else each distinct chosen solution once). With `report` (the first round's), log
     the token-weight histogram and the report."""
-    from .batching import encode_pair, encode_sft
+    from .batching import encode_pair, encode_sft_all
 
     cfg = s.cfg
+    dropped = 0
     if pairs is None:
-        examples = [encode_sft(p.question, p.steps, tok) for p in s.bundle.train if p.steps]
+        examples, dropped = encode_sft_all([(p.question, p.steps) for p in s.bundle.train if p.steps], tok,
+                                           cfg.trainer.max_length, where="trainer.max_length")
     elif cfg.trainer.loss == "sft":  # sft_data=chosen: each distinct correct solution once
         sols = {(p.question, tuple(p.prefix) + tuple(p.chosen)): None for p in pairs}
-        examples = [encode_sft(q, list(steps), tok) for q, steps in sols]
+        examples, dropped = encode_sft_all(sols, tok, cfg.trainer.max_length, where="trainer.max_length")
     else:
         kwargs = OmegaConf.to_container(cfg.trainer.weighting_kwargs)
         examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting, weighting_kwargs=kwargs,
                                 max_length=cfg.trainer.max_length) for p in pairs]
+    if dropped:
+        log.warning("trainer.max_length=%d: %d SFT solutions longer than it were left out (%d kept)",
+                    cfg.trainer.max_length, dropped, len(examples))
     if report is not None:
         if pairs is not None and cfg.trainer.loss == "sft":
             report["sft_examples"] = len(examples)
+            if dropped:
+                report["sft_dropped_too_long"] = dropped
         elif pairs is not None and (weights := [w for e in examples for w in e.chosen_w + e.rejected_w]):
             s.tracker.log_histogram("pairs/token_weights", weights, s.step)
         log.info("pairs: %s", report)

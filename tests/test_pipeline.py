@@ -101,6 +101,15 @@ def test_generate_from_run(default_run, capsys):
         pos = out.index(want, pos) + len(want)
 
 
+def test_generate_ends_where_the_runs_eval_ended(tmp_path):
+    """stepdpo.generate's defaults are the run's eval.max_new_tokens and eval.stop (escapes read as eval reads them)."""
+    from stepdpo.generate import eval_settings
+
+    assert eval_settings(tmp_path) == (128, [])  # no config_resolved.yaml
+    (tmp_path / "config_resolved.yaml").write_text('eval:\n  max_new_tokens: 512\n  stop: ["\\\\n\\\\nQuestion:"]\n')
+    assert eval_settings(tmp_path) == (512, ["\n\nQuestion:"])
+
+
 def test_generate_names_bad_run_dir(tmp_path, capsys):
     from stepdpo.generate import main
 

@@ -502,3 +502,24 @@ def test_rejected_rows_stay_separate_when_a_later_token_is_weighted():
     n_c = p + len(step.chosen_ids)  # the whole chosen side first
     assert packed.run_ids[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == step.rejected_ids[j:-1]
     assert packed.run_pos[1, n_c:n_c + len(step.rejected_ids) - 1 - j].tolist() == list(range(p + j, p + len(step.rejected_ids) - 1))
+
+
+def test_sft_examples_obey_max_length():
+    """sft.max_length / trainer.max_length bound SFT examples as they bound pairs: the question's oldest tokens go
+    first; a solution that can't fit even so is left out and counted; none left is an error naming the knob."""
+    from stepdpo.batching import encode_sft, encode_sft_all
+    from stepdpo.model import char_tokenizer
+
+    tok = char_tokenizer()
+    short, long_ = ["1 + 1 = 2", "The answer is 2"], ["9 - 1 = 8"] * 30 + ["The answer is 8"]
+    q = "Start with 1, add 1. What is the result? " * 3
+    full = encode_sft(q, short, tok)
+    cap = len(full.prompt_ids) + len(full.chosen_ids) - 20  # the question must lose 20 tokens
+    cut = encode_sft(q, short, tok, max_length=cap)
+    assert cut.chosen_ids == full.chosen_ids and len(cut.prompt_ids) + len(cut.chosen_ids) <= cap
+    assert len(cut.prompt_ids) < len(full.prompt_ids)
+    examples, dropped = encode_sft_all([(q, short), (q, long_)], tok, cap, where="sft.max_length")
+    assert dropped == 1 and len(examples) == 1 and examples[0].chosen_ids == full.chosen_ids
+    with pytest.raises(ValueError, match=r"sft.max_length=\d+: every one of the 1 SFT solutions is longer"):
+        encode_sft_all([(q, long_)], tok, cap, where="sft.max_length")
+    assert encode_sft_all([(q, long_)], tok, None, where="sft.max_length")[1] == 0  # no limit
