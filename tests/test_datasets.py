@@ -270,6 +270,8 @@ def test_prm800k_rating_scores_mapping():
     assert b.pairs[-2].chosen_scores == [0.4, 0.9, 0.9, 0.9] and b.pairs[-2].rejected_scores == [0.4, 0.1]
     for bad, msg in (({-1: 0.0, 1: 1.0}, r"missing ratings \[0\]"), ({-1: 0.0, 0: 0.5, 1: 2.0}, r"rating_scores\[1\]"),
                      ({-1: 1.0, 0: 0.5, 1: 0.0}, "must be below"), ({-2: 0, -1: 0, 0: 0, 1: 1}, "key -2"),
+                     ({-1: 0.6, 0: 0.8, 1: 1.0}, r"-1 must score below 0.5"),  # no step would be wrong (is_wrong)
+                     ({-1: 0.0, 0: 0.2, 1: 0.4}, r"\+1 at least 0.5"),
                      ([0, 1], "must be a mapping")):
         with pytest.raises(ValueError, match=msg):
             _prm(rating_scores=bad)
@@ -377,6 +379,8 @@ def test_step_dpo_pairs_and_problems():
     assert len(step_dpo.load(path=str(FIX / "step_dpo"), eval_fraction=0.34, eval_path=None).eval) == 1
     with pytest.raises(ValueError, match="dataset.chosen_score"):
         step_dpo.load(path=str(FIX / "step_dpo"), eval_path=None, chosen_score=2)
+    with pytest.raises(ValueError, match=r"dataset.rejected_score must be below 0.5"):  # weights.is_wrong's line
+        step_dpo.load(path=str(FIX / "step_dpo"), eval_path=None, rejected_score=0.5)
 
 
 def test_step_dpo_bad_rows(tmp_path):

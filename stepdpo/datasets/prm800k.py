@@ -76,6 +76,11 @@ def rating_map(rating_scores: dict | None) -> dict[int, float]:
                          f"give a score for each of {RATINGS}")
     if not out[-1] < out[1]:
         raise ValueError(f"dataset.rating_scores: the score of -1 ({out[-1]}) must be below that of +1 ({out[1]})")
+    from ..weights import WRONG, is_wrong
+
+    if not is_wrong(out[-1]) or is_wrong(out[1]):  # else first_error finds no wrong step, or every step wrong
+        raise ValueError(f"dataset.rating_scores: -1 must score below {WRONG} (a wrong step) and +1 at least {WRONG}; "
+                         f"got {out[-1]} and {out[1]}")
     return out
 
 

@@ -148,6 +148,11 @@ def load(*, path: str | None = "???", hub_id: str = HUB_ID, eval_path: str | Non
     for key, s in (("chosen_score", chosen_score), ("rejected_score", rejected_score)):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
             raise ValueError(f"dataset.{key}: must be a number in [0, 1], got {s!r}")
+    from ..weights import WRONG, is_wrong
+
+    if not is_wrong(rejected_score) or is_wrong(chosen_score):  # else the pairs' first error is lost
+        raise ValueError(f"dataset.rejected_score must be below {WRONG} (a wrong step) and dataset.chosen_score at "
+                         f"least {WRONG}; got {rejected_score} and {chosen_score}")
     if eval_path is not None and eval_fraction is not None:
         raise ValueError("dataset.eval_path and dataset.eval_fraction both set: keep one")
     rows = _read(path, hub_id, on_invalid, {"full_continuation": full_continuation, "chosen_score": float(chosen_score),
