@@ -68,7 +68,7 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_toke
                         "correct": right(c, p), "steps": split_steps(c.text),
                         "meta": p.meta,
                         "finish_reason": c.finish_reason})
-    n = max(1, len(records))
+    n = len(records) or float("nan")  # no held-out problem: every share is NaN, not 0 %
     metrics = {"acc": sum(r["correct"] for r in records) / n, "n": len(records),
                "no_answer": sum(r["pred"] is None for r in records) / n,
                "truncated": sum(r["finish_reason"] == "length" for r in records) / n}

@@ -58,6 +58,8 @@ def stop_from_config(strings: Sequence[str]) -> list[str]:
     Hydra keeps backslashes in override values, so `'eval.stop=["\\n\\nQuestion:"]'` arrives as a
     literal backslash-n; a YAML double-quoted "\\n" is already a newline and passes through.
     """
+    if isinstance(strings, str):  # `pairs.stop=Question:` is one stop string, not one per character
+        strings = [strings]
     return [s.replace("\\n", "\n").replace("\\t", "\t") for s in strings if s]
 
 

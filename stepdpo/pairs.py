@@ -75,6 +75,26 @@ def check_chosen(chosen: str) -> None:
                          "alone makes a sample correct; process: also no line reward=rule flags)")
 
 
+ALIGN_MODES = ("shared", "none")  # pairs.align (pairs=outcome)
+_COUNT = (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+SAMPLING_RULES = {  # the on-policy samplers' settings (pairs=on_policy|outcome), checked with the config and by them
+    "k": _COUNT, "n_problems": _COUNT, "max_pairs_per_problem": _COUNT, "max_new_tokens": _COUNT, "batch_size": _COUNT,
+    "temperature": (lambda v: v > 0, "> 0 (pairs are sampled)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_sampling(**settings) -> None:
+    """`pairs.<key>=value` is refused, naming the key, unless SAMPLING_RULES allow it; `align` must be ALIGN_MODES."""
+    for key, v in settings.items():
+        if key == "align":
+            if v not in ALIGN_MODES:
+                raise ValueError(f"pairs.align={v!r}: choose one of {', '.join(ALIGN_MODES)}")
+            continue
+        ok, want = SAMPLING_RULES[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"pairs.{key}={v!r}: must be {want}")
+
+
 def check_resample(k: int, temperature: float) -> None:
     if k < 0:
         raise ValueError(f"pairs.resample_k={k}: must be >= 0 (0 = off; e.g. 4 continuations per rejected prefix)")
@@ -145,6 +165,8 @@ def build_on_policy_pairs(problems: Sequence[Problem], *, model, tokenizer, scor
     check_from_split(from_split, pool if from_split == "pool" else None)
     check_reject(reject)
     check_resample(resample_k, resample_temperature)
+    check_sampling(k=k, n_problems=n_problems, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, max_pairs_per_problem=max_pairs_per_problem)
     rng = random.Random(seed)
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)

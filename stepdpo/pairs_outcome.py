@@ -41,7 +41,7 @@ from .data import Problem, StepPair, format_prompt, response_text
 from .generation import generate, stop_from_config
 from .steps import split_steps
 from .outcome import solved
-from .pairs import check_chosen, check_reject, request_for
+from .pairs import check_chosen, check_reject, check_sampling, request_for
 from .weights import is_wrong
 
 
@@ -66,11 +66,8 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     flagged line; `answer`, the right answer alone (flagged lines counted as `correct_flagged`)."""
     from .rewards.rule import RuleScorer
 
-    if k < 1 or n_problems < 0 or max_pairs_per_problem < 1:
-        raise ValueError(f"pairs: need k >= 1, n_problems >= 0, max_pairs_per_problem >= 1; got {k}, {n_problems}, "
-                         f"{max_pairs_per_problem}")
-    if align not in ("shared", "none"):
-        raise ValueError(f"pairs.align: {align!r} is not one of ('shared', 'none')")
+    check_sampling(k=k, n_problems=n_problems, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, max_pairs_per_problem=max_pairs_per_problem, align=align)
     check_reject(reject)
     check_chosen(chosen)
     rng = random.Random(seed)

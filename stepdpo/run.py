@@ -332,6 +332,11 @@ def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:
         kwargs = OmegaConf.to_container(cfg.trainer.weighting_kwargs)
         examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting, weighting_kwargs=kwargs,
                                 max_length=cfg.trainer.max_length) for p in pairs]
+    if report is not None and pairs is not None and cfg.trainer.loss != "sft" and examples and not any(
+            w for e in examples for w in (*e.chosen_w, *e.rejected_w)):
+        raise ValueError(f"trainer.weighting={cfg.trainer.weighting}: every token weight of the {len(examples)} pairs "
+                         f"is 0, so the preference loss has nothing to train on (reward={group_choice(cfg, 'reward')}; "
+                         "weighting=advantage needs step values: reward=rollout)")
     if dropped:
         log.warning("trainer.max_length=%d: %d SFT solutions longer than it were left out (%d kept)",
                     cfg.trainer.max_length, dropped, len(examples))
@@ -451,7 +456,8 @@ def finish_pairs(pairs, report: dict, scorer, tok, cfg, path: Path) -> tuple[lis
     pairs, score_report = score_pairs(pairs, scorer)
     report.update(score_report)
     report["pairs"] = len(pairs)
-    write_jsonl(path, (p.to_dict() for p in pairs))
+    if pairs:  # none: require_pairs stops the run, and no empty pairs.jsonl is left for a resume to take as done
+        write_jsonl(path, (p.to_dict() for p in pairs))
     return pairs, report
 
 

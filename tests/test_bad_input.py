@@ -220,3 +220,29 @@ def test_cli_judge_is_not_called_when_lengths_fail(tmp_path):
     assert line.startswith(f"error: {FIXTURE}:1: pair is ") and "> max_length=24" in line
     assert sum(requests.values()) == 0, requests
     assert not (run_dir / "base_model").exists() and not (run_dir / "eval_before.json").exists()
+
+
+def test_no_pairs_leave_no_pairs_file(tmp_path):
+    """A round with no usable pair writes no pairs.jsonl (require_pairs then stops the run): an empty file would be
+    taken as that round's finished pairs by trainer.resume=auto after the config is fixed."""
+    from conftest import compose_config
+    from stepdpo.model import char_tokenizer
+    from stepdpo.rewards.rule import RuleScorer
+    from stepdpo.run import finish_pairs, require_pairs
+
+    cfg = compose_config()
+    path = tmp_path / "pairs.jsonl"
+    pairs, report = finish_pairs([], {"source": "pairs=outcome"}, RuleScorer(), char_tokenizer(), cfg, path)
+    assert pairs == [] and report["pairs"] == 0 and not path.exists()
+    with pytest.raises(ValueError, match="no usable pairs"):
+        require_pairs(cfg, False, pairs, report)
+
+
+@pytest.mark.slow
+def test_cli_all_zero_token_weights_is_an_error(tmp_path):
+    """weighting=advantage reads step values; reward=none gives none, so every token weight is 0: the run stops
+    before training with the reason, instead of training a constant preference loss."""
+    proc, run_dir = run_cli(tmp_path, "trainer=stepdpo", "trainer.weighting=advantage", "reward=none", check=False)
+    line = one_error_line(proc)
+    assert "trainer.weighting=advantage: every token weight of the" in line and "reward=none" in line
+    assert "reward=rollout" in line and not (run_dir / "adapter").exists()

@@ -240,3 +240,17 @@ def test_sampling_and_rollouts_stop_where_eval_stops():
     for pairs in ("on_policy", "outcome"):
         c = compose_config(f"pairs={pairs}", "reward=rollout", "eval.stop=[\"\\n\\nQuestion:\"]")
         assert list(c.pairs.stop) == list(c.reward.stop) == list(c.eval.stop) == ["\\n\\nQuestion:"]
+
+
+@pytest.mark.parametrize("pairs,override,match", [
+    ("outcome", "pairs.align=shred", r"pairs\.align='shred': choose one of shared, none"),
+    ("outcome", "pairs.k=0", r"pairs\.k=0: must be an integer >= 1"),
+    ("outcome", "pairs.n_problems=0", r"pairs\.n_problems=0: must be an integer >= 1"),
+    ("on_policy", "pairs.temperature=0", r"pairs\.temperature=0(\.0)?: must be > 0"),
+    ("on_policy", "pairs.top_p=1.5", r"pairs\.top_p=1\.5: must be in \(0, 1\]"),
+])
+def test_sampler_settings_are_checked_with_the_config(pairs, override, match):
+    """On-policy samplers' settings are refused, by key, before the warm-up (the builders run the same check)."""
+    with pytest.raises(ValueError, match=match):
+        validate_targets(compose_config(f"pairs={pairs}", override))
+    validate_targets(compose_config("pairs=llm", "pairs.engine.temperature=0.0"))  # another group's knobs: its own

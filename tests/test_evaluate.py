@@ -78,6 +78,7 @@ def test_truncate_and_stop_config():
     assert truncate_at_stop(text, []) == text
     # Hydra keeps `\n` from the command line as two characters; the config edge turns them into a newline
     assert stop_from_config(["\\n\\nQuestion:", "\n\nQ:", ""]) == ["\n\nQuestion:", "\n\nQ:"]
+    assert stop_from_config("Question:") == ["Question:"]  # a plain string (an untyped group's key): one stop string
 
 
 def test_majority_vote_pools_equivalent_answers():
@@ -164,3 +165,14 @@ def test_math_accuracy_end_to_end_tiny(tiny):
     assert metrics["n"] == 3 and 0 <= metrics["acc"] <= 1
     assert [r["id"] for r in records] == ["p0", "p1", "p2"]
     assert all("\n\n" not in r["output"] and "maj_pred" in r for r in records)
+
+
+def test_no_held_out_problem_is_not_zero_accuracy(monkeypatch):
+    import math
+
+    import stepdpo.evaluate as ev
+
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, **kw: [[] for _ in prompts])
+    metrics, records = ev.math_accuracy(None, None, [], maj_k=2)
+    assert records == [] and metrics["n"] == 0
+    assert all(math.isnan(metrics[k]) for k in ("acc", "no_answer", "truncated", "maj@2"))

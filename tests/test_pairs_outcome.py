@@ -57,7 +57,7 @@ def test_align_none_keeps_both_solutions_whole(monkeypatch):
     assert all([x.strip() for x in q.chosen] == RIGHT and q.prefix == [] for q in pairs)  # sample or gold: both RIGHT
     again, _ = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="none", seed=3)
     assert [q.meta["chosen_from"] for q in again] == [q.meta["chosen_from"] for q in pairs]  # seeded
-    with pytest.raises(ValueError, match="pairs.align"):
+    with pytest.raises(ValueError, match="pairs.align=.longest.: choose one of shared, none"):
         mod.build_outcome_pairs([p], model=None, tokenizer=None, k=3, align="longest")
 
 

@@ -312,3 +312,28 @@ def test_credit_agreement_script_hand_worked(tmp_path):
     (roll / "pairs.jsonl").write_text(json.dumps({**rows_roll[0], "id": "other"}) + "\n")
     with pytest.raises(SystemExit, match="not in"):
         mod.main(str(rule), str(roll))
+
+
+def test_rollouts_advance_their_own_bar_not_the_stage_that_asked():
+    """Rollout generation inside an open generation bar (on-policy sampling's, whose callback indexes its own
+    problems) advances a bar of its own: the outer count stays the stage's samples, and its callback never sees
+    the rollout prompts."""
+    from stepdpo import progress
+
+    seen = []
+
+    def policy(model, tokenizer, prompts, *, num_return_sequences, **kw):
+        outs = [[Completion(RIGHT, (), "stop")] * num_return_sequences for _ in prompts]
+        progress.advance(len(prompts) * num_return_sequences, dict(enumerate(outs)))  # as generation.generate does
+        return outs
+
+    def outer_cb(outputs):
+        seen.append(sorted(outputs))
+        assert max(outputs) < 1, "the sampling bar's callback got the rollout batch"  # it has one problem
+        return {}
+
+    s = RolloutScorer(k=2, temperature=0.7, cache_key="stub")
+    s.bind(None, None, generate_fn=policy)
+    with progress.bar("sampling", 2, unit="sample", on_outputs=outer_cb) as outer:
+        s.score([req(STEPS)])  # three prefixes
+        assert outer.n == 0 and seen == []

@@ -157,8 +157,8 @@ class RolloutScorer:
         for s in range(0, len(missing), self.chunk):
             keys = missing[s:s + self.chunk]
             hits.update(self._sample(keys, todo))
-            log.info("rollout: %d/%d prefixes sampled (%d cached), %d samples, %.1fs", s + len(keys), len(missing),
-                     len(todo) - len(missing), self.stats.samples, self.stats.seconds)
+            log.info("rollout: %d/%d prefixes sampled (%d cached); run total %d continuations in %.1fs", s + len(keys),
+                     len(missing), len(todo) - len(missing), self.stats.samples, self.stats.seconds)
         out = []
         for r_i, r in enumerate(requests):
             if not r.answer:
@@ -182,10 +182,15 @@ class RolloutScorer:
         fn = self.generate_fn or generate
         t = time.perf_counter()
         self._calls += 1
+        from .. import progress
+
         room = max(1, self.max_new_tokens - min(todo[k][3] for k in keys))  # longer never fits (continuation_fits)
-        outs = fn(self.model, self.tokenizer, [todo[k][0] for k in keys], max_new_tokens=room,
-                  batch_size=self.batch_size, do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                  num_return_sequences=self.k, seed=self.seed * 1_000_003 + self._calls, stop=self.stop or None)
+        # its own generation bar: the continuations advance it, never a bar of the stage that asked for the values
+        # (on-policy sampling's bar counts that stage's samples, per problem)
+        with progress.bar("rollout", len(keys) * self.k, unit="sample", gen=True):
+            outs = fn(self.model, self.tokenizer, [todo[k][0] for k in keys], max_new_tokens=room,
+                      batch_size=self.batch_size, do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                      num_return_sequences=self.k, seed=self.seed * 1_000_003 + self._calls, stop=self.stop or None)
         self.stats.seconds += time.perf_counter() - t
         self.stats.generate_calls += 1
         res = {}
