@@ -153,12 +153,28 @@ def validate_trainer(node: Any, group: str) -> None:
         raise ValueError(f"{group}.beta: must be > 0, got {node.beta}")
     if node.lr <= 0:
         raise ValueError(f"{group}.lr: must be > 0, got {node.lr}")
-    from .weights import get_scheme
+    from .weights import SCHEMES, get_scheme
 
     try:
-        get_scheme(node.weighting)
+        scheme = get_scheme(node.weighting)
     except ValueError as e:
         raise ValueError(f"{group}.weighting: {e}") from None
+    kwargs = dict(node.weighting_kwargs or {})
+    # every built-in scheme's options (conf/trainer/stepdpo.yaml lists them all) and token_weights' error_span:
+    # a name outside them is a typo that no scheme would read
+    known = {"error_span"} | {n for fn in SCHEMES.values() for n, p in inspect.signature(fn).parameters.items()
+                              if p.kind == p.KEYWORD_ONLY} - {"value_before"}  # value_before: each pair's own
+    if node.weighting in SCHEMES and (unknown := sorted(set(kwargs) - known)):
+        raise ValueError(f"{group}.weighting_kwargs: unknown option(s) {unknown}; the built-in schemes read "
+                         f"{sorted(known)}")
+    for key in ("signed", "all_drops"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise ValueError(f"{group}.weighting_kwargs.{key}={kwargs[key]!r}: must be true or false")
+    if node.weighting in SCHEMES:  # the scheme's own checks on its options (e.g. signed with all_drops), now
+        try:
+            scheme([1.0], [0.0], **{k: v for k, v in kwargs.items() if k != "error_span"})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{group}.weighting={node.weighting}: {e}") from None
     from .weights import ERROR_SPANS
 
     span = (node.weighting_kwargs or {}).get("error_span", "step")

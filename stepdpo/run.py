@@ -136,6 +136,11 @@ def setup(cfg: DictConfig, out: Path) -> Run:
         check_from_split(split, bundle.pool, dataset=cfg.dataset._target_.rsplit(".", 2)[-2])
     elif uses_pairs:
         check_own_scores(bundle.pairs, scorer, reward=group_choice(cfg, "reward"))
+        if getattr(scorer, "needs_answers", False) and (bad := [p for p in bundle.pairs if not p.answer]):
+            where = bad[0].meta.get("where") or str(cfg.dataset.get("path") or cfg.dataset._target_)
+            raise ValueError(f"{where}: field 'answer' is empty ({len(bad)} of {len(bundle.pairs)} pairs): "
+                             f"{group_choice(cfg, 'reward')} scores a step by how often continuations reach "
+                             "the reference answer; add answers or choose another reward")
         if getattr(scorer, "uses_labels", False):  # the pairs it keeps are known now: those with scores
             require_pairs(cfg, True, *score_pairs(bundle.pairs, scorer))
     return Run(cfg=cfg, out=out, rank=rank, world=world, resume=resume, model_spec=model_spec, lora_spec=lora_spec,
@@ -335,7 +340,7 @@ def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:
     if report is not None and pairs is not None and cfg.trainer.loss != "sft" and examples and not any(
             w for e in examples for w in (*e.chosen_w, *e.rejected_w)):
         raise ValueError(f"trainer.weighting={cfg.trainer.weighting}: every token weight of the {len(examples)} pairs "
-                         f"is 0, so the preference loss has nothing to train on (reward={group_choice(cfg, 'reward')}; "
+                         f"is 0, so the preference loss has nothing to train on ({group_choice(cfg, 'reward')}; "
                          "weighting=advantage needs step values: reward=rollout)")
     if dropped:
         log.warning("trainer.max_length=%d: %d SFT solutions longer than it were left out (%d kept)",

@@ -244,5 +244,18 @@ def test_cli_all_zero_token_weights_is_an_error(tmp_path):
     before training with the reason, instead of training a constant preference loss."""
     proc, run_dir = run_cli(tmp_path, "trainer=stepdpo", "trainer.weighting=advantage", "reward=none", check=False)
     line = one_error_line(proc)
-    assert "trainer.weighting=advantage: every token weight of the" in line and "reward=none" in line
+    assert "trainer.weighting=advantage: every token weight of the" in line and "(reward=none;" in line
     assert "reward=rollout" in line and not (run_dir / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_cli_rollout_on_pairs_without_answers(tmp_path):
+    """reward=rollout values a step by reaching the reference answer: a pairs file without answers is refused,
+    naming the row, before the model is built (not after the warm-up, as "every pair failed to score")."""
+    rows = [{k: v for k, v in ROW.items() if k != "answer"} | {"prompt": f"What is 2 + {i}?"} for i in range(3)]
+    f = write(tmp_path / "no_answers.jsonl", *rows)
+    proc, run_dir = run_cli(tmp_path, "dataset=pairs", f"dataset.path={f}", "dataset.eval_fraction=null",
+                            "reward=rollout", "trainer=stepdpo", "trainer.weighting=advantage", check=False)
+    line = one_error_line(proc)
+    assert f"{f}:1: field 'answer' is empty (3 of 3 pairs): reward=rollout" in line
+    assert not (run_dir / "config_resolved.yaml").exists()

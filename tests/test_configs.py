@@ -254,3 +254,19 @@ def test_sampler_settings_are_checked_with_the_config(pairs, override, match):
     with pytest.raises(ValueError, match=match):
         validate_targets(compose_config(f"pairs={pairs}", override))
     validate_targets(compose_config("pairs=llm", "pairs.engine.temperature=0.0"))  # another group's knobs: its own
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (("+trainer.weighting_kwargs.sined=true",), r"weighting_kwargs: unknown option\(s\) \['sined'\]"),
+    (("+trainer.weighting_kwargs.value_before=0.3",), r"unknown option\(s\) \['value_before'\]"),
+    (("trainer.weighting=advantage", "trainer.weighting_kwargs.signed=yes"), r"signed='yes': must be true or false"),
+    (("trainer.weighting=advantage", "trainer.weighting_kwargs.signed=true", "trainer.weighting_kwargs.all_drops=true"),
+     r"weighting=advantage: .*signed=true already weighs every step"),
+])
+def test_weighting_options_are_checked_with_the_config(overrides, match):
+    """A scheme option no scheme reads (a typo), a non-boolean switch, or options the scheme refuses together are
+    errors before any work, not silently ignored or found after the rollouts."""
+    with pytest.raises(ValueError, match=match):
+        validate_targets(compose_config("trainer=stepdpo", *overrides))
+    validate_targets(compose_config("trainer=stepdpo", "trainer.weighting=advantage",
+                                    "trainer.weighting_kwargs.signed=true"))  # fine on its own

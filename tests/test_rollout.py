@@ -337,3 +337,13 @@ def test_rollouts_advance_their_own_bar_not_the_stage_that_asked():
     with progress.bar("sampling", 2, unit="sample", on_outputs=outer_cb) as outer:
         s.score([req(STEPS)])  # three prefixes
         assert outer.n == 0 and seen == []
+
+
+def test_a_bad_cache_path_fails_when_the_scorer_is_built(tmp_path):
+    bad = tmp_path / "not_a_db.sqlite"
+    bad.write_text("this is not SQLite " * 100)
+    with pytest.raises(ValueError, match=r"not a usable SQLite database .*point reward\.cache_path somewhere else"):
+        RolloutScorer(cache_path=str(bad))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"can't create its directory .*set reward\.cache_path"):
+        RolloutScorer(cache_path=str(tmp_path / "file" / "sub" / "r.sqlite"))

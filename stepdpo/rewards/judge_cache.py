@@ -57,8 +57,10 @@ _CHUNK = 500  # keys per SELECT ... IN (...), well under SQLite's variable limit
 class JudgeCache:
     """Key -> JSON value store. `path=None` keeps it in memory (tests, `cache_path: null`)."""
 
-    def __init__(self, path: str | os.PathLike | None, *, busy_timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike | None, *, busy_timeout: float = 60.0,
+                 key: str = "reward.engine.cache_path"):
         self.path = None if path is None else Path(os.path.expanduser(str(path)))
+        self.key = key  # the config key that sets `path`, for error messages
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -79,7 +81,7 @@ class JudgeCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cache_path {self.path}: can't create its directory ({e}); "
-                                 "set reward.engine.cache_path or STEPDPO_CACHE_DIR to a writable place") from None
+                                 f"set {self.key} or STEPDPO_CACHE_DIR to a writable place") from None
             target = str(self.path)
         try:
             conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
@@ -90,7 +92,7 @@ class JudgeCache:
             self._retry_locked(lambda: conn.executescript(_SCHEMA))
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cache_path {self.path}: not a usable SQLite database ({e}); "
-                             "point reward.engine.cache_path somewhere else or delete the file") from None
+                             f"point {self.key} somewhere else or delete the file") from None
         self._conn, self._pid = conn, os.getpid()
         return conn
 

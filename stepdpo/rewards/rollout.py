@@ -93,6 +93,7 @@ class RolloutStats:
 
 class RolloutScorer:
     name = "rollout"
+    needs_answers = True  # every value is a rate of reaching the reference answer (run.setup checks pairs files)
 
     def __init__(self, k: int = 4, estimate: str = "soft", temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 96, chunk: int = 64, batch_size: int = 64, seed: int = 0,
@@ -109,7 +110,8 @@ class RolloutScorer:
 
         self.k, self.estimate, self.temperature, self.top_p = k, estimate, temperature, top_p
         self.max_new_tokens, self.chunk, self.batch_size, self.seed = max_new_tokens, chunk, batch_size, seed
-        self.cache = JudgeCache(cache_path)
+        self.cache = JudgeCache(cache_path, key="reward.cache_path")
+        self.cache._connect()  # a bad path fails here, when the config is built, not at the first values
         self.cache_key = cache_key
         from ..generation import stop_from_config
 
