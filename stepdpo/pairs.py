@@ -354,6 +354,10 @@ def no_pairs_message(report: dict, *, source: str | None, builder: str, reward: 
         fix = f"{reward} failed to score every pair (see the log for reasons)"
     elif source:
         fix = "the file has no pair rows; add one JSON object per line with prompt, chosen, rejected"
+    elif builder == "pairs=outcome":  # its knobs: no min_pairs top-up
+        fix = "sample more (pairs.k, pairs.n_problems, pairs.temperature)" + (
+            "; no problem had a correct sample to pair with: pairs.use_gold=true, or pairs.chosen=answer"
+            if report.get("no_chosen") else "")
     else:
         fix = "sample more (pairs.k, pairs.n_problems) or top up with rule-based pairs (pairs.min_pairs)"
     return f"{head} ({counts or 'nothing read'}): {fix}"

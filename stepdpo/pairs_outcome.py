@@ -37,6 +37,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
+from . import progress
 from .data import Problem, StepPair, format_prompt, response_text
 from .generation import generate, stop_from_config
 from .steps import split_steps
@@ -74,9 +75,11 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
     probs = list(pool if from_split == "pool" else problems)
     rng.shuffle(probs)
     probs = probs[:n_problems]
-    samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True, temperature=temperature,
-                       top_p=top_p, num_return_sequences=k, seed=seed, stop=stop_from_config(stop) or None)
+    with progress.bar("sampling", len(probs) * k, unit="sample", gen=True):
+        samples = generate(model, tokenizer, [format_prompt(p.question, tokenizer) for p in probs],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                           temperature=temperature, top_p=top_p, num_return_sequences=k, seed=seed,
+                           stop=stop_from_config(stop) or None)
     # a sample cut off at max_new_tokens is never graded into a pair side (counted, then dropped)
     steps_of = [[split_steps(c.text) for c in outs if c.finish_reason != "length"] for outs in samples]
     rule = RuleScorer(unknown_score=1.0)

@@ -94,6 +94,9 @@ def test_no_pairs_message_says_where_and_the_fix():
     assert msg.endswith("first: my.jsonl:4: pair is 99 tokens")
     msg = no_pairs_message({"problems": 4, "samples": 8}, source=None, builder="pairs=on_policy", reward="reward=rule")
     assert msg.startswith("pairs=on_policy: no usable pairs were built (problems=4, samples=8)") and "pairs.k" in msg
+    msg = no_pairs_message({"problems": 4, "samples": 8, "no_chosen": 5}, source=None, builder="pairs=outcome",
+                           reward="reward=rollout")
+    assert "pairs.use_gold=true, or pairs.chosen=answer" in msg and "min_pairs" not in msg  # outcome's own knobs
 
 
 def test_call_builder_passes_only_what_a_builder_names_and_checks_the_return():
