@@ -303,9 +303,13 @@ def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list
             else:
                 pairs, report = call_builder(s.pair_fn, s.bundle.train, pool=s.bundle.pool, model=policy,
                                              tokenizer=tok, scorer=s.scorer, seed=s.cfg.seed + r)
+            before = s.scorer.summary() if hasattr(s.scorer, "summary") else None
             pairs, report = finish_pairs(pairs, report, s.scorer, tok, s.cfg, path)
-            if hasattr(s.scorer, "summary"):
-                s.summary["judge"] = s.scorer.summary()
+            if before is not None:
+                s.summary["judge"] = s.scorer.summary()  # the run's total so far (eval samples are scored too)
+                spent = s.summary.setdefault("judge_pairs", {})  # what scoring the pairs alone cost, every round
+                for k, v in cost_since(before, s.summary["judge"]).items():
+                    spent[k] = round(spent.get(k, 0) + v, 3)
                 s.tracker.log({f"judge/{k}": v for k, v in s.summary["judge"].items() if isinstance(v, (int, float))},
                               at_step)
         distributed.barrier()  # torchrun: rank 0 has written them
@@ -448,6 +452,12 @@ def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Pa
     tracker.log_table(f"samples/{name}", [{k: r.get(k) for k in ("question", "output", "pred", "gold", "correct", "step_scores")} for r in keep])
     log.info("eval %s: acc=%.4f (n=%d, %.1fs)", name, metrics["acc"], metrics["n"], metrics["seconds"])
     return metrics
+
+
+def cost_since(before: dict, after: dict) -> dict:
+    """The counts a scorer's summary() accumulates (requests, samples, seconds, tokens, cost), `after` - `before`."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return {k: v - before[k] for k, v in after.items() if k != "k" and num(v) and num(before.get(k))}
 
 
 def finish_pairs(pairs, report: dict, scorer, tok, cfg, path: Path) -> tuple[list, dict]:

@@ -244,8 +244,11 @@ def test_cli_countdown_outcome_pairs_with_rollout_advantages(tmp_path):
                         "reward.max_new_tokens=48", f"reward.cache_path={tmp_path / 'rollout.sqlite'}",
                         "trainer=stepdpo", "trainer.weighting=advantage", "threads=1", fast=False)
     summary = json.loads((run / "summary.json").read_text())
-    j = summary["judge"]
+    j, jp = summary["judge"], summary["judge_pairs"]
     assert j["samples"] == 2 * j["generated_prefixes"] > 0 and j["seconds"] > 0
+    # the pairs' own cost: part of the run's total, which also values the saved eval samples (before and after)
+    assert 0 < jp["samples"] == 2 * jp["generated_prefixes"] <= j["samples"] and jp["requests"] == 2 * len(
+        (run / "pairs.jsonl").read_text().splitlines())  # a chosen and a rejected request per pair
     pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["meta"]["provenance"] == "rollout:soft@2" and "value_before" in p["meta"] for p in pairs)
     assert all(v in (0, 0.5, 1) for p in pairs for v in p["rejected_scores"] + [p["meta"]["value_before"]])

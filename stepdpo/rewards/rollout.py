@@ -28,7 +28,8 @@ Cost and sharing:
   the policy does (each training round) and is shared by sweep arms that start from the same SFT
   warm-up and adapter init. The stored value is the hit count, so soft and hard share entries.
 - `summary()` (like the judge's) reports prefixes valued, cache hits, samples drawn and seconds;
-  the run's summary.json has it under "judge", and each chunk is logged.
+  the run's summary.json has the run's total under "judge" (the saved eval samples are valued too) and the pairs'
+  own cost under "judge_pairs"; each chunk is logged.
 
 A Monte-Carlo value is an estimate: with k samples it moves in steps of 1/k, and which continuation
 was drawn depends on the batch it was drawn in (one seeded RNG stream per generate call). A cached
