@@ -244,6 +244,7 @@ def validate_targets(cfg: DictConfig) -> None:
         check_target(cfg[g], g)
     validate_pairs_settings(cfg.pairs)
     validate_quantized_tiny(cfg.model, cfg.lora)
+
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")

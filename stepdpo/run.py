@@ -134,6 +134,10 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     split = cfg.pairs.get("from_split", "train")
     if bundle.pairs is None:
         check_from_split(split, bundle.pool, dataset=cfg.dataset._target_.rsplit(".", 2)[-2])
+        sampled = cfg.pairs.get("max_new_tokens")  # sampled pairs: a prompt + a whole sampled solution must fit
+        if uses_pairs and cfg.trainer.loss != "sft" and sampled is not None and cfg.trainer.max_length <= sampled:
+            raise ValueError(f"trainer.max_length={cfg.trainer.max_length} <= pairs.max_new_tokens={sampled} "
+                             "(eval's): no sampled pair fits with its prompt; raise trainer.max_length")
     elif uses_pairs:
         check_own_scores(bundle.pairs, scorer, reward=group_choice(cfg, "reward"))
         if getattr(scorer, "needs_answers", False) and (bad := [p for p in bundle.pairs if not p.answer]):

@@ -128,6 +128,7 @@ def test_pairs_choices_are_checked_with_the_config(overrides, match):
     ("threads=0", "threads=0: must be >= 1"),
     ("sft.sft_data=chosen", "the warm-up trains on gold solutions"),
     ("trainer.sft_data=chosen", "use trainer=sft_control"),  # trainer=stepdpo has no SFT data
+    ("trainer.max_length=48", "trainer.max_length=48 <= pairs.max_new_tokens=48"),  # no sampled pair could fit
 ])
 @pytest.mark.slow
 def test_cli_fails_fast_naming_the_problem(tmp_path, override, expect):

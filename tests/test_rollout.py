@@ -350,3 +350,9 @@ def test_a_bad_cache_path_fails_when_the_scorer_is_built(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"can't create its directory .*set reward\.cache_path"):
         RolloutScorer(cache_path=str(tmp_path / "file" / "sub" / "r.sqlite"))
+
+
+@pytest.mark.parametrize("key,value", [("k", 2.5), ("chunk", "8"), ("seed", True)])
+def test_rollout_counts_must_be_integers(key, value):
+    with pytest.raises(ValueError, match=rf"reward\.{key}=.*: must be an integer"):
+        RolloutScorer(**{key: value})

@@ -99,6 +99,10 @@ class RolloutScorer:
     def __init__(self, k: int = 4, estimate: str = "soft", temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 96, chunk: int = 64, batch_size: int = 64, seed: int = 0,
                  cache_path: str | None = None, cache_key: str | None = None, stop: Sequence[str] = ()):
+        for key, v in (("k", k), ("chunk", chunk), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                       ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"reward.{key}={v!r}: must be an integer")
         if k < 1:
             raise ValueError(f"reward.k={k}: must be >= 1 (continuations per step prefix)")
         if estimate not in ESTIMATES:
