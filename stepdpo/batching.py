@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,6 +12,8 @@ import torch
 from .data import StepPair, encode_text, end_of_response_id, pair_prompt_ids, response_text, truncated_prompt_ids
 from .loss import IGNORE  # the label of prompt/pad positions
 from .weights import token_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,8 +147,8 @@ def encode_sft(question: str, steps: list[str], tokenizer, max_length: int | Non
 
 def encode_sft_all(solutions, tokenizer, max_length: int | None, *, where: str) -> tuple[list[Example], int]:
     """SFT examples of (question, steps) pairs under `max_length` (sft.max_length or trainer.max_length, named by
-    `where`): (examples, how many solutions were too long even with the question cut and were dropped). Every one
-    dropped: a ValueError naming the knob, since there is nothing to train on."""
+    `where`): (examples, how many solutions were too long even with the question cut and were dropped, with a
+    warning). Every one dropped: a ValueError naming the knob, since there is nothing to train on."""
     examples, dropped = [], 0
     for q, steps in solutions:
         try:
@@ -154,6 +157,9 @@ def encode_sft_all(solutions, tokenizer, max_length: int | None, *, where: str) 
             dropped += 1
     if dropped and not examples:
         raise ValueError(f"{where}={max_length}: every one of the {dropped} SFT solutions is longer; raise it")
+    if dropped:
+        log.warning("%s=%d: %d SFT solutions longer than it were left out (%d kept)", where, max_length, dropped,
+                    len(examples))
     return examples, dropped
 
 

@@ -177,7 +177,7 @@ def validate_trainer(node: Any, group: str) -> None:
             raise ValueError(f"{group}.weighting={node.weighting}: {e}") from None
     from .weights import ERROR_SPANS
 
-    span = (node.weighting_kwargs or {}).get("error_span", "step")
+    span = kwargs.get("error_span", "step")
     if span not in ERROR_SPANS:
         raise ValueError(f"{group}.weighting_kwargs.error_span={span!r}: choose one of {list(ERROR_SPANS)} "
                          f"(token = only the token where the first wrong step departs from the chosen one)")
@@ -244,7 +244,6 @@ def validate_targets(cfg: DictConfig) -> None:
         check_target(cfg[g], g)
     validate_pairs_settings(cfg.pairs)
     validate_quantized_tiny(cfg.model, cfg.lora)
-
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")

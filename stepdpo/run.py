@@ -232,8 +232,6 @@ def sft_warmup(s: Run, model, tok):
             sft_ex, dropped = encode_sft_all([(p.question, p.steps) for p in s.bundle.train if p.steps], tok,
                                              cfg.sft.max_length, where="sft.max_length")
             if dropped:
-                log.warning("sft: %d gold solutions longer than sft.max_length=%d were left out (%d kept)", dropped,
-                            cfg.sft.max_length, len(sft_ex))
                 s.summary["sft_dropped_too_long"] = dropped
             train(cfg.sft, model, tok, sft_ex, s.tracker, seed=cfg.seed, prefix="sft",
                   ckpt_dir=s.out / "checkpoints" / "sft", resume_from=resume.checkpoint("sft") if resume else None)
@@ -345,20 +343,18 @@ def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:
         kwargs = OmegaConf.to_container(cfg.trainer.weighting_kwargs)
         examples = [encode_pair(p, tok, weighting=cfg.trainer.weighting, weighting_kwargs=kwargs,
                                 max_length=cfg.trainer.max_length) for p in pairs]
-    if report is not None and pairs is not None and cfg.trainer.loss != "sft" and examples and not any(
-            w for e in examples for w in (*e.chosen_w, *e.rejected_w)):
+    first_pairs = report is not None and pairs is not None and cfg.trainer.loss != "sft"  # the first round's pairs
+    weights = [w for e in examples for w in (*e.chosen_w, *e.rejected_w)] if first_pairs else []
+    if first_pairs and examples and not any(weights):
         raise ValueError(f"trainer.weighting={cfg.trainer.weighting}: every token weight of the {len(examples)} pairs "
                          f"is 0, so the preference loss has nothing to train on ({group_choice(cfg, 'reward')}; "
                          "weighting=advantage needs step values: reward=rollout)")
-    if dropped:
-        log.warning("trainer.max_length=%d: %d SFT solutions longer than it were left out (%d kept)",
-                    cfg.trainer.max_length, dropped, len(examples))
     if report is not None:
         if pairs is not None and cfg.trainer.loss == "sft":
             report["sft_examples"] = len(examples)
             if dropped:
                 report["sft_dropped_too_long"] = dropped
-        elif pairs is not None and (weights := [w for e in examples for w in e.chosen_w + e.rejected_w]):
+        elif weights:
             s.tracker.log_histogram("pairs/token_weights", weights, s.step)
         log.info("pairs: %s", report)
     return examples

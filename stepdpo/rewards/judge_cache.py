@@ -66,6 +66,11 @@ class JudgeCache:
         self._pid = -1
         self._lock = threading.Lock()
 
+    def open(self) -> "JudgeCache":
+        """Connect now (creating the file), so that a bad path fails where the cache is set up."""
+        self._connect()
+        return self
+
     def __repr__(self) -> str:
         return f"JudgeCache({str(self.path) if self.path else ':memory:'})"
 

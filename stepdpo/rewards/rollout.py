@@ -23,8 +23,8 @@ Cost and sharing:
   prefixes of similar length together; a call generates at most what its shortest prefix leaves.
 - Values are cached by content in SQLite (`JudgeCache`: WAL, safe for parallel sweep jobs). A key
   is the sha256 of (model fingerprint or `cache_key`, prompt text incl. the prefix, reference answer,
-  k, temperature, top_p, max_new_tokens, seed, the length rule, stop strings). The model fingerprint hashes the trainable
-  weights (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
+  k, temperature, top_p, max_new_tokens, seed, the length rule, stop strings). The model fingerprint hashes
+  the trainable weights (the LoRA adapter) in full and a strided sample of every frozen tensor, so it changes whenever
   the policy does (each training round) and is shared by sweep arms that start from the same SFT
   warm-up and adapter init. The stored value is the hit count, so soft and hard share entries.
 - `summary()` (like the judge's) reports prefixes valued, cache hits, samples drawn and seconds;
@@ -115,8 +115,7 @@ class RolloutScorer:
 
         self.k, self.estimate, self.temperature, self.top_p = k, estimate, temperature, top_p
         self.max_new_tokens, self.chunk, self.batch_size, self.seed = max_new_tokens, chunk, batch_size, seed
-        self.cache = JudgeCache(cache_path, key="reward.cache_path")
-        self.cache._connect()  # a bad path fails here, when the config is built, not at the first values
+        self.cache = JudgeCache(cache_path, key="reward.cache_path").open()  # a bad path fails when the config is built
         self.cache_key = cache_key
         from ..generation import stop_from_config
 
