@@ -81,14 +81,20 @@ SAMPLING_RULES = {  # the on-policy samplers' settings (pairs=on_policy|outcome)
     "k": _COUNT, "n_problems": _COUNT, "max_pairs_per_problem": _COUNT, "max_new_tokens": _COUNT, "batch_size": _COUNT,
     "temperature": (lambda v: v > 0, "> 0 (pairs are sampled)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
+SAMPLING_FLAGS = ("use_gold", "check_annotations")  # switches: true or false (a string "no" would read as true)
 
 
 def check_sampling(**settings) -> None:
-    """`pairs.<key>=value` is refused, naming the key, unless SAMPLING_RULES allow it; `align` must be ALIGN_MODES."""
+    """`pairs.<key>=value` is refused, naming the key, unless SAMPLING_RULES allow it; `align` must be ALIGN_MODES;
+    SAMPLING_FLAGS must be booleans."""
     for key, v in settings.items():
         if key == "align":
             if v not in ALIGN_MODES:
                 raise ValueError(f"pairs.align={v!r}: choose one of {', '.join(ALIGN_MODES)}")
+            continue
+        if key in SAMPLING_FLAGS:
+            if not isinstance(v, bool):
+                raise ValueError(f"pairs.{key}={v!r}: must be true or false")
             continue
         ok, want = SAMPLING_RULES[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):

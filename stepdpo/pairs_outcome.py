@@ -57,18 +57,21 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                         use_gold: bool = True, from_split: str = "train", align: str = "shared",
                         reject: str = "process", chosen: str = "process", stop: Sequence[str] = (),
-                        pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
+                        check_annotations: bool = True, pool: Sequence[Problem] = ()) -> tuple[list[StepPair], dict]:
     """Sample, grade by outcome (answer + rule-valid lines), pair each incorrect sample with the correct
     solution sharing most leading steps (`align=shared`) or a random one, whole (`align=none`). Returns
     (unscored pairs, report). `from_split=pool` samples the answer-only `pool` problems instead of `problems`,
     as pairs=on_policy does. `reject` as in pairs=on_policy: `process`, every incorrect sample may be a rejected
     side; `answer`, only those with a wrong final answer (a right answer with a flagged line is neither chosen nor
     rejected, counted as `skipped_right_answer`). `chosen`: `process`, a correct sample has the right answer and no
-    flagged line; `answer`, the right answer alone (flagged lines counted as `correct_flagged`)."""
+    flagged line; `answer`, the right answer alone (flagged lines counted as `correct_flagged`).
+    `check_annotations`: the rule checker's GSM8K `<<a=b>>` check (`reward.check_annotations` when reward=rule, so
+    the pairs and their scores call the same lines wrong)."""
     from .rewards.rule import RuleScorer
 
     check_sampling(k=k, n_problems=n_problems, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, max_pairs_per_problem=max_pairs_per_problem, align=align)
+                   batch_size=batch_size, max_pairs_per_problem=max_pairs_per_problem, align=align,
+                   use_gold=use_gold, check_annotations=check_annotations)
     check_reject(reject)
     check_chosen(chosen)
     rng = random.Random(seed)
@@ -82,7 +85,7 @@ def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer
                            stop=stop_from_config(stop) or None)
     # a sample cut off at max_new_tokens is never graded into a pair side (counted, then dropped)
     steps_of = [[split_steps(c.text) for c in outs if c.finish_reason != "length"] for outs in samples]
-    rule = RuleScorer(unknown_score=1.0)
+    rule = RuleScorer(unknown_score=1.0, check_annotations=check_annotations)  # lines it can't judge are not wrong
     graded = iter(rule.score([request_for(p.question, st, p.answer, p.meta) for p, sts in zip(probs, steps_of)
                               for st in sts]))
     report: Counter = Counter(problems=len(probs), samples=len(probs) * k,

@@ -249,6 +249,8 @@ def test_sampling_and_rollouts_stop_where_eval_stops():
     ("outcome", "pairs.n_problems=0", r"pairs\.n_problems=0: must be an integer >= 1"),
     ("on_policy", "pairs.temperature=0", r"pairs\.temperature=0(\.0)?: must be > 0"),
     ("on_policy", "pairs.top_p=1.5", r"pairs\.top_p=1\.5: must be in \(0, 1\]"),
+    ("outcome", "pairs.use_gold=no", r"pairs\.use_gold='no': must be true or false"),
+    ("outcome", "pairs.check_annotations=1", r"pairs\.check_annotations=1: must be true or false"),
 ])
 def test_sampler_settings_are_checked_with_the_config(pairs, override, match):
     """On-policy samplers' settings are refused, by key, before the warm-up (the builders run the same check)."""

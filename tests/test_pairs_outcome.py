@@ -119,3 +119,27 @@ def test_sampling_stops_where_eval_stops(monkeypatch):
     mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1, stop=["\\n\\nQuestion:"])
     mod.build_outcome_pairs([p], model=None, tokenizer=None, k=1)
     assert seen == [["\n\nQuestion:"], None]
+
+
+def test_gsm8k_annotations_are_graded_as_reward_rule_grades_them(monkeypatch):
+    """A GSM8K sample with the right answer after a <<a=b>> annotation that does not recompute: a rejected side while
+    the rule checks annotations (the default), a correct sample (the chosen side) with check_annotations=false; the
+    config ties pairs.check_annotations to reward.check_annotations when reward=rule."""
+    from conftest import compose_config
+
+    gold = ["She has 3 + 4 = <<3+4=7>>7 apples.", "Then 7 * 2 = <<7*2=14>>14.", "The answer is 14"]
+    slip = ["She has 3 + 4 = <<3+4=8>>8 apples.", "Then 7 * 2 = <<7*2=14>>14.", "The answer is 14"]
+    wrong = ["She has 3 + 4 = <<3+4=7>>7 apples.", "Then 7 * 2 = <<7*2=15>>15.", "The answer is 15"]
+    p = Problem(id="g0", question="q", answer="14", steps=list(gold), meta={})
+    outs = [Completion("\n".join(s), (), "stop") for s in (slip, wrong)]
+    monkeypatch.setattr(mod, "generate", lambda m, t, prompts, num_return_sequences, **_: [outs for _ in prompts])
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, use_gold=False)
+    assert report["correct"] == 0 and pairs == []  # both flagged, nothing to pair with
+    pairs, report = mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, use_gold=False,
+                                            check_annotations=False)
+    assert report["correct"] == 1 and len(pairs) == 1
+    assert [x.strip() for x in pairs[0].chosen] == slip and [x.strip() for x in pairs[0].rejected] == wrong
+    with pytest.raises(ValueError, match="pairs.check_annotations='no': must be true or false"):
+        mod.build_outcome_pairs([p], model=None, tokenizer=None, k=2, check_annotations="no")
+    assert compose_config("pairs=outcome", "reward.check_annotations=false").pairs.check_annotations is False
+    assert compose_config("pairs=outcome", "reward=rollout").pairs.check_annotations is True
