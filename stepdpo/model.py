@@ -216,6 +216,11 @@ def _device_index():
     return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
+# torch's non-reentrant checkpointing for every path: peft's prepare_model_for_kbit_training passes {} on (not None),
+# which transformers would turn into torch's reentrant default, with a warning
+CHECKPOINTING = {"use_reentrant": False}
+
+
 def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
     """Wrap `model` for training according to the lora group. Returns (model, ref_model).
 
@@ -228,15 +233,16 @@ def add_lora(model, spec: LoraSpec, *, gradient_checkpointing: bool = False):
         ref.requires_grad_(False)
         model.requires_grad_(True)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         return model, ref
     with peft_quietly():
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if spec.quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=CHECKPOINTING)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     tm = spec.target_modules
     if not isinstance(tm, str):

@@ -523,3 +523,40 @@ def test_sft_examples_obey_max_length():
     with pytest.raises(ValueError, match=r"sft.max_length=\d+: every one of the 1 SFT solutions is longer"):
         encode_sft_all([(q, long_)], tok, cap, where="sft.max_length")
     assert encode_sft_all([(q, long_)], tok, None, where="sft.max_length")[1] == 0  # no limit
+
+
+@pytest.mark.parametrize("kind", ["none", "lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients_without_warnings(tmp_path, kind):
+    """trainer.gradient_checkpointing on every lora path (qlora through peft's prepare_model_for_kbit_training):
+    the trainable parameters' gradients equal those without checkpointing, and torch's non-reentrant mode is asked
+    for explicitly (no use_reentrant warning)."""
+    import warnings
+
+    from stepdpo.model import ModelSpec, QuantSpec, load_base
+
+    torch.manual_seed(0)
+    base, tok = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    base.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ids = torch.randint(3, base.config.vocab_size, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        m, _ = load_base(ModelSpec(name="local", path=str(tmp_path / "m")),
+                         quant=QuantSpec() if kind == "qlora" else None)
+        spec = LoraSpec(name=kind, r=4, alpha=8, quant=QuantSpec() if kind == "qlora" else None)
+        torch.manual_seed(1)  # the same adapter init
+        m, _ = add_lora(m, spec, gradient_checkpointing=ckpt)
+        if kind != "none":  # B starts at 0: make the adapter's own gradients depend on its path too
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        m.train()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            F.cross_entropy(m(input_ids=ids).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        assert not [w for w in seen if "reentrant" in str(w.message)], [str(w.message) for w in seen]
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
