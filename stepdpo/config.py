@@ -239,11 +239,21 @@ def validate_quantized_tiny(model: Any, lora: Any) -> None:
                              "use a multiple of 64")
 
 
+def validate_engine_lora(generation: Any, lora: Any) -> None:
+    """generation=vllm serves the policy's adapter: vLLM refuses one of a higher rank than max_lora_rank."""
+    rank = generation.get("max_lora_rank")
+    if rank is not None and lora.get("name") != "none" and lora.get("r") is not None and rank < lora.r:
+        raise ValueError(f"generation.max_lora_rank={rank} is below lora.r={lora.r}: vLLM would refuse the adapter; "
+                         f"set generation.max_lora_rank to a rank vLLM accepts that is >= {lora.r} (e.g. 8, 16, 32, "
+                         "64, 128, 256)")
+
+
 def validate_targets(cfg: DictConfig) -> None:
     for g in TARGET_GROUPS:
         check_target(cfg[g], g)
     validate_pairs_settings(cfg.pairs)
     validate_quantized_tiny(cfg.model, cfg.lora)
+    validate_engine_lora(cfg.generation, cfg.lora)
     validate_trainer(cfg.sft, "sft")
     validate_trainer(cfg.trainer, "trainer")
     check_keys(cfg.eval, EvalConfig, "eval")

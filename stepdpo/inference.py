@@ -10,6 +10,7 @@ the EOS ids are the model's list (`generation.eos_ids`), and the answers come ba
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import tempfile
 import weakref
@@ -20,29 +21,69 @@ from .data import prompt_ids
 from .generation import Completion, eos_ids, ids_before
 
 
+def prompt_seed(seed: int, i: int, n: int) -> int:
+    """The engine seed of prompt i of a generate call seeded `seed` that asks n samples per prompt. vLLM seeds
+    sample j of a request seeded s with s + j, so plain `seed + i` would give prompt i's sample j + 1 the stream of
+    prompt i + 1's sample j (the same text when the prompts are equal, as a resampled problem's twin prefixes are).
+    A hash of (seed, i) spreads the requests over [0, 2^31) with room for their n samples; callers' seeds that
+    differ by 1 (rollout calls) get unrelated streams too."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big")
+    return h % (2**31 - max(n, 1))
+
+
+# what a sampling request sets besides temperature and top_p: vLLM's server otherwise fills these from the model's
+# generation_config.json (top_k, min_p, repetition_penalty...), which the local loop and vLLM's offline LLM do not
+# apply: every backend samples the policy's own distribution at the configured temperature and top_p
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+
+
 class AdapterVersions:
-    """Saves the policy's LoRA adapter as `root/v1`, `root/v2`, ... (each written to a temp dir, then renamed).
-    Without a `root` they go to a temporary dir, removed with this object (or at exit)."""
+    """Saves the policy's LoRA adapter as `root/v1`, `root/v2`, ... (each written to a temp dir, then renamed):
+    a new version only when the adapter's weights changed since the last one, and the one before it is removed
+    once a newer one is served (`prune`). Without a `root` they go to a temporary dir, removed with this object
+    (or at exit)."""
 
     def __init__(self, root: str | None, where: str):
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="stepdpo-adapters-"))
         if not root:
             weakref.finalize(self, shutil.rmtree, self.root, True)
-        self.where, self.version = where, 0
+        self.where, self.version, self.digest = where, 0, None
 
     def save(self, model) -> tuple[str, int, Path]:
+        """(name, version, path) of an adapter version holding the policy's current LoRA weights."""
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):
             raise ValueError(f"{self.where}: the engine serves the base model plus the policy's LoRA adapter, and this "
                              "policy has none (lora=none trains every weight); use lora=lora|qlora or generation=hf")
-        self.version += 1
-        name, path = f"stepdpo-v{self.version}", self.root / f"v{self.version}"
-        tmp = self.root / f".v{self.version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))  # peft: the adapter weights and adapter_config.json only
-        tmp.rename(path)
-        return name, self.version, path
+        digest = adapter_digest(model)
+        if digest != self.digest or not self.path(self.version).exists():  # unchanged weights: the same version
+            self.version += 1
+            tmp = self.root / f".v{self.version}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))  # peft: the adapter weights and adapter_config.json only
+            tmp.rename(self.path(self.version))
+            self.digest = digest
+        return f"stepdpo-v{self.version}", self.version, self.path(self.version)
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def prune(self) -> None:
+        """Remove every version older than the current one (call once the engine serves the current one)."""
+        for old in self.root.glob("v*"):
+            if old.name[1:].isdigit() and int(old.name[1:]) < self.version:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_digest(model) -> str:
+    """A hash of the policy's LoRA weights (what a saved version holds): equal digests, the same adapter."""
+    h = hashlib.sha256()
+    for name, t in sorted((n, p) for n, p in model.named_parameters() if "lora_" in n):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def base_model_of(model, base_model: str | None, where: str) -> str:
@@ -75,7 +116,7 @@ class VLLMBackend:
     """generation=vllm: vLLM's offline `LLM` with LoRA enabled, one engine per process (built on first use)."""
 
     def __init__(self, *, base_model: str | None = None, adapter_dir: str | None = None, max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.85, dtype: str = "auto", max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.4, dtype: str = "auto", max_model_len: int | None = None,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1):
         try:
             import vllm  # noqa: F401
@@ -100,10 +141,11 @@ class VLLMBackend:
         eos, stop = eos_ids(model, tokenizer), [s for s in (stop or []) if s]
         params = [SamplingParams(n=num_return_sequences, temperature=temperature if do_sample else 0.0,
                                  top_p=top_p if do_sample else 1.0, max_tokens=max_new_tokens, stop=stop or None,
-                                 stop_token_ids=eos, seed=seed + i)  # one seed per prompt: independent streams
+                                 stop_token_ids=eos, seed=prompt_seed(seed, i, num_return_sequences))
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params,
                                  lora_request=LoRARequest(name, version, str(path)), use_tqdm=False)
+        self.adapters.prune()  # served (vLLM keeps a loaded adapter in memory by its id)
         return [[completion_from(tokenizer, c.text, c.token_ids, c.finish_reason, set(eos), stop) for c in o.outputs]
                 for o in outs]
 
@@ -134,8 +176,9 @@ class ServerBackend:
         eos, stop = eos_ids(model, tokenizer), [s for s in (stop or []) if s]
         bodies = [{"model": name, "prompt": prompt_ids(tokenizer, p), "n": num_return_sequences,
                    "max_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0,
-                   "top_p": top_p if do_sample else 1.0, "seed": seed + i, "logprobs": None,
-                   "stop": stop or None, "stop_token_ids": eos, "return_token_ids": True}
+                   "top_p": top_p if do_sample else 1.0, "seed": prompt_seed(seed, i, num_return_sequences),
+                   "logprobs": None, "stop": stop or None, "stop_token_ids": eos, "return_token_ids": True,
+                   **NEUTRAL_SAMPLING}
                   for i, p in enumerate(prompts)]
         try:
             resps = run_sync(lambda: self._run(name, str(path), bodies))
@@ -159,13 +202,15 @@ class ServerBackend:
         async with eng._client() as client:  # the engine's client: its key handling, timeout, no SDK retries
             post = lambda route, body, cast=dict: eng._retrying(  # noqa: E731  (the engine's backoff policy)
                 lambda: client.post(route, body=body, cast_to=cast))
-            await post("/load_lora_adapter", {"lora_name": name, "lora_path": path}, str)
-            if self.loaded:  # the previous version is no longer needed; a server that can't unload is no error
-                try:
-                    await post("/unload_lora_adapter", {"lora_name": self.loaded}, str)
-                except Exception:
-                    pass
-            self.loaded = name
+            if name != self.loaded:  # unchanged weights keep their version, loaded already
+                await post("/load_lora_adapter", {"lora_name": name, "lora_path": path}, str)
+                if self.loaded:  # the previous version is no longer needed; a server that can't unload is no error
+                    try:
+                        await post("/unload_lora_adapter", {"lora_name": self.loaded}, str)
+                    except Exception:
+                        pass
+                self.loaded = name
+                self.adapters.prune()
             gate = asyncio.Semaphore(eng.concurrency)
 
             async def one(body):

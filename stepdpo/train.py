@@ -47,8 +47,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here: a GPU, or a CPU with AVX512-BF16 / AMX (oneDNN's check).
-    On other CPUs (e.g. AVX2 only) oneDNN emulates them: measured 0.5 against 82 GFLOP/s in fp32."""
+    """Whether bf16 matmuls run natively here: a CUDA GPU of compute capability 8.0 or later (Ampere; a T4 or V100
+    emulates them), a CPU with AVX512-BF16 / AMX (oneDNN's check). On other CPUs (e.g. AVX2 only) oneDNN emulates
+    them: measured 0.5 against 82 GFLOP/s in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -56,8 +59,12 @@ def autocast_for(precision: str, device: torch.device, prefix: str = "train"):
     """The autocast context of `trainer.precision` (bf16: autocast; fp32: off), with a warning when
     bf16 would be emulated on this CPU."""
     if precision == "bf16" and not native_bf16(device):
-        log.warning("%s: trainer.precision=bf16 on a CPU without native bf16 matmuls (no AVX512-BF16/AMX): "
-                    "they run in emulation, about 100x slower than fp32 here; set trainer.precision=fp32", prefix)
+        if device.type == "cuda":
+            log.warning("%s: trainer.precision=bf16 on a GPU without native bf16 (compute capability < 8.0, e.g. T4, "
+                        "V100): it is emulated, slowly; set trainer.precision=fp32", prefix)
+        else:
+            log.warning("%s: trainer.precision=bf16 on a CPU without native bf16 matmuls (no AVX512-BF16/AMX): "
+                        "they run in emulation, about 100x slower than fp32 here; set trainer.precision=fp32", prefix)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

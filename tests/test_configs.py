@@ -273,3 +273,10 @@ def test_weighting_options_are_checked_with_the_config(overrides, match):
         validate_targets(compose_config("trainer=stepdpo", *overrides))
     validate_targets(compose_config("trainer=stepdpo", "trainer.weighting=advantage",
                                     "trainer.weighting_kwargs.signed=true"))  # fine on its own
+
+
+def test_vllm_max_lora_rank_is_checked_against_the_adapter_with_the_config():
+    with pytest.raises(ValueError, match=r"generation\.max_lora_rank=16 is below lora\.r=32"):
+        validate_targets(compose_config("generation=vllm", "generation.max_lora_rank=16", "lora.r=32"))
+    validate_targets(compose_config("generation=vllm", "lora.r=64"))  # the default 64 serves it
+    validate_targets(compose_config("generation=vllm", "generation.max_lora_rank=8", "lora=none"))  # refused elsewhere

@@ -18,7 +18,7 @@ import torch
 from stepdpo import generation
 from stepdpo.data import Problem, format_prompt, prompt_ids
 from stepdpo.generation import Completion, eos_ids
-from stepdpo.inference import ServerBackend, VLLMBackend
+from stepdpo.inference import NEUTRAL_SAMPLING, ServerBackend, VLLMBackend, prompt_seed
 from stepdpo.model import tiny_llama
 
 
@@ -130,7 +130,10 @@ def test_server_loads_the_adapter_and_samples_with_the_requested_parameters(poli
             assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["stop"] == ["\n\nQuestion:"]
             assert body["logprobs"] is None and body["stop_token_ids"] == eos_ids(model, tok)
             assert body["prompt"] == prompt_ids(tok, p)  # token ids, exactly as in training (one BOS)
-        assert sorted(b["seed"] for b in fake.completions) == [11, 12]  # a seed per prompt, not one stream for all
+            assert all(body[k] == v for k, v in NEUTRAL_SAMPLING.items())  # not the model's generation_config
+        # a seed per prompt, each prompt's n samples (vLLM: seed + j) clear of the other's
+        seeds = sorted(b["seed"] for b in fake.completions)
+        assert seeds == sorted(prompt_seed(11, i, 3) for i in range(2)) and seeds[0] + 3 <= seeds[1]
         for p, o in zip(PROMPTS, outs):
             n = len(prompt_ids(tok, p))
             assert o == [Completion(f"{i} {n}\n#### 7", tuple(tok(f"{i} {n}\n#### 7", add_special_tokens=False)["input_ids"]),
@@ -147,6 +150,19 @@ def test_server_loads_the_adapter_and_samples_with_the_requested_parameters(poli
         assert all(b["temperature"] == 0.0 and b["n"] == 1 and b["model"] == "stepdpo-v2" for b in fake.completions[2:])
         assert [[c.finish_reason for c in o] for o in outs] == [["length"], ["length"]]
         assert [len(o[0].token_ids) for o in outs] == [4, 4] and outs[0][0].text == "0 " + str(len(prompt_ids(tok, PROMPTS[0])))[:2]
+        # v1 is gone once v2 is served; unchanged weights keep v2: no new version, no reload
+        assert sorted(p.name for p in backend.adapters.root.iterdir()) == ["v2"]
+        backend.generate(model, tok, PROMPTS, max_new_tokens=4, batch_size=8)
+        assert len(fake.loads) == 2 and len(fake.completions) == 7 and fake.completions[-1]["model"] == "stepdpo-v2"
+
+
+def test_prompt_seeds_keep_every_sample_stream_apart():
+    """vLLM seeds sample j of a request seeded s with s + j: across the prompts of one call, and across calls whose
+    seeds differ by 1 (the rollout scorer's), no two requests' [s, s + n) overlap."""
+    for n in (1, 4, 16):
+        starts = sorted(prompt_seed(seed, i, n) for seed in range(40) for i in range(64))
+        assert all(0 <= a and a + n <= b for a, b in zip(starts, starts[1:])) and starts[-1] + n <= 2**31
+    assert prompt_seed(3, 5, 4) == prompt_seed(3, 5, 4)  # deterministic
 
 
 def test_server_without_token_ids_and_a_final_failure(policy):
@@ -209,3 +225,49 @@ def test_adapter_versions_in_a_temporary_dir_are_removed_with_their_owner(policy
     del kept
     gc.collect()
     assert (tmp_path / "adapters" / "v1" / "adapter_config.json").exists()
+
+
+def test_vllm_backend_seeds_serves_and_prunes_adapter_versions(policy, monkeypatch, tmp_path):
+    """generation=vllm's calls into vLLM's offline API, against a stand-in `vllm` module that records them: one
+    SamplingParams per prompt with prompt_seed's seeds, the model's EOS ids, the current adapter by path (a new
+    LoRARequest id only when the weights changed), and older adapter versions deleted once a newer one is served."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, model, seed, **kw):
+            calls.append(("init", model, kw))
+
+        def generate(self, prompts, params, lora_request, use_tqdm):
+            assert Path(lora_request.lora_path, "adapter_config.json").exists()  # readable when served
+            calls.append(("generate", [p["prompt_token_ids"] for p in prompts], params, lora_request))
+            return [NS(outputs=[NS(text=f"s{j}", token_ids=[], finish_reason="stop") for j in range(prm.n)])
+                    for prm in params]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, lambda **kw: NS(**kw)
+    lora_req = types.ModuleType("vllm.lora.request")
+    lora_req.LoRARequest = lambda name, id_, path: NS(lora_name=name, lora_int_id=id_, lora_path=path)
+    for name, mod in (("vllm", vllm), ("vllm.lora", types.ModuleType("vllm.lora")), ("vllm.lora.request", lora_req)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    model, tok = policy
+    backend = VLLMBackend(base_model="base-dir", adapter_dir=str(tmp_path / "ad"))
+    outs = backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=4, do_sample=True, temperature=0.7,
+                            num_return_sequences=3, seed=5, stop=["\n\nQuestion:"])
+    assert [[c.text for c in o] for o in outs] == [["s0", "s1", "s2"]] * 2
+    (_, base, kw), (_, ids, params, req) = calls
+    assert base == "base-dir" and kw["enable_lora"] and kw["gpu_memory_utilization"] == 0.4
+    assert ids == [prompt_ids(tok, p) for p in PROMPTS]
+    assert [p.seed for p in params] == [prompt_seed(5, i, 3) for i in range(2)]
+    assert all(p.n == 3 and p.temperature == 0.7 and p.stop_token_ids == eos_ids(model, tok) for p in params)
+    assert (req.lora_name, req.lora_int_id) == ("stepdpo-v1", 1)
+    backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=4)  # same weights: the same version
+    assert calls[-1][3].lora_int_id == 1 and calls[-1][2][0].temperature == 0.0
+    with torch.no_grad():
+        next(p for n_, p in model.named_parameters() if "lora_B" in n_).add_(1.0)
+    backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=4)
+    assert calls[-1][3].lora_int_id == 2 and sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["v2"]

@@ -236,6 +236,16 @@ def test_native_bf16_is_onednns_check_on_cpu():
     assert native_bf16(torch.device("meta")) is True  # not a CPU: autocast's own business
 
 
+@pytest.mark.parametrize("ampere", [True, False])
+def test_native_bf16_on_cuda_is_torchs_check_without_emulation(monkeypatch, ampere):
+    """A T4 or V100 runs bf16 in emulation: precision=auto takes fp32 there, bf16 warns (no GPU here: torch's own
+    check, as asked, stands in)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or ampere)
+    assert native_bf16(torch.device("cuda", 0)) is ampere and asked == [False]
+
+
 def test_sft_stage_runs_on_the_same_loop():
     torch.manual_seed(0)
     model, tok = tiny_llama(**TINY)
