@@ -15,6 +15,10 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .cache import cache_dir, register_resolver
+
+register_resolver()  # ${stepdpo_cache:...} in the YAML (stepdpo/cache.py): wherever a config is composed
+
 TARGET_GROUPS = ("dataset", "pairs", "reward", "model", "lora", "logger", "generation")
 ALLOWED_PREFIXES = ("stepdpo.", "peft.", "torch.optim.")
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults"}
@@ -58,7 +62,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>; trainer.resume drives every stage
     precompute_ref: bool = False  # reference log-probs computed once before training, cached on disk
     pack: bool = True  # one run row per pair: prompt and shared tokens computed once (sdpa/eager attention)
-    ref_cache_dir: str = "~/.cache/stepdpo"  # where precomputed reference log-probs are cached (ref_logps/<hash>.pt)
+    ref_cache_dir: str = field(default_factory=cache_dir)  # precomputed reference log-probs (ref_logps/<hash>.pt)
     pad_to_multiple_of: Optional[int] = None  # run rows' length rounded up to this (None: 32 for bf16 on CPU, else 1)
     cpu_primitive_cache: int = 128  # CPU: oneDNN primitives kept (its default 1024: one per GEMM shape); 0 = as is
     cpu_mmap_threshold_mb: float = 0.0  # CPU: glibc mmaps blocks of at least this size (0 = glibc's moving default)

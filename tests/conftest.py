@@ -70,21 +70,28 @@ def run_cli(tmp_path: Path, *overrides: str, fast: bool = True, multirun: bool =
     else:
         args += [f"hydra.run.dir={run_dir}"]
     args += (FAST if fast else []) + list(overrides)
-    env = test_env()  # caches (rollout values, reference log-probs) stay in the test's dir unless the test shares one
-    env.setdefault("STEPDPO_CACHE_DIR", str(tmp_path / "cache"))
+    env = test_env()  # caches (rollout values, reference log-probs) stay in the run's dir unless the test shares one
+    if env.get("STEPDPO_CACHE_DIR") in (None, _PER_TEST_CACHE.get("dir")):
+        env["STEPDPO_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"stepdpo.run failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc, (tmp_path / "sweep" if multirun else run_dir)
 
 
+_PER_TEST_CACHE: dict = {}  # the cache dir _offline gave the current test (run_cli gives each run dir its own)
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, tmp_path_factory):
     for k, v in test_env().items():
         if k.startswith(("WANDB", "HF_", "TRANSFORMERS", "TOKENIZERS")):
             monkeypatch.setenv(k, v)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("STEPDPO_CACHE_DIR", raising=False)  # a developer's sweep cache never reaches a test
+    # every cache (stepdpo/cache.py) in a fresh dir per test: a developer's sweep cache never reaches a test, and no
+    # test writes into the repo's .cache or another test's
+    _PER_TEST_CACHE["dir"] = str(tmp_path_factory.mktemp("cache"))
+    monkeypatch.setenv("STEPDPO_CACHE_DIR", _PER_TEST_CACHE["dir"])
 
 
 @pytest.fixture(scope="module")

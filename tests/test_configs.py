@@ -280,3 +280,28 @@ def test_vllm_max_lora_rank_is_checked_against_the_adapter_with_the_config():
         validate_targets(compose_config("generation=vllm", "generation.max_lora_rank=16", "lora.r=32"))
     validate_targets(compose_config("generation=vllm", "lora.r=64"))  # the default 64 serves it
     validate_targets(compose_config("generation=vllm", "generation.max_lora_rank=8", "lora=none"))  # refused elsewhere
+
+
+def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
+    """SFT warm-ups, reference log-probs, judge answers and rollout values: $STEPDPO_CACHE_DIR, else ./.cache of the
+    launch directory (stepdpo/cache.py), whichever config or Python default names them; no YAML spells the rule."""
+    from omegaconf import OmegaConf
+
+    from stepdpo.config import TrainerConfig
+    from stepdpo.rewards.llm_engine import EngineConfig
+
+    def paths():
+        a = compose_config("experiment=credit_arith", "+arm=stepdpo_rollout")
+        b = compose_config("reward=openai")
+        return [OmegaConf.select(a, "sft_cache_dir"), OmegaConf.select(a, "trainer.ref_cache_dir"),
+                OmegaConf.select(a, "reward.cache_path"), OmegaConf.select(b, "reward.engine.cache_path"),
+                TrainerConfig().ref_cache_dir, str(EngineConfig(model="m").cache_path)]
+
+    monkeypatch.setenv("STEPDPO_CACHE_DIR", str(tmp_path / "c"))
+    root = str(tmp_path / "c")
+    assert paths() == [f"{root}/sft", root, f"{root}/rollout.sqlite", f"{root}/judge.sqlite", root,
+                       f"{root}/judge.sqlite"]
+    monkeypatch.delenv("STEPDPO_CACHE_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert all(p.startswith(str(tmp_path / ".cache")) for p in paths())
+    assert not [f for f in CONF.rglob("*.yaml") if "STEPDPO_CACHE_DIR" in f.read_text()]

@@ -258,7 +258,11 @@ class _Failure(Exception):
         self.reason, self.snippet = reason, snippet
 
 
-DEFAULT_CACHE = "~/.cache/stepdpo/judge.sqlite"
+def default_cache() -> str:
+    """The judge cache outside a config (conf/engine/openai.yaml names the same file): stepdpo/cache.py's root."""
+    from ..cache import cache_dir
+
+    return cache_dir("judge.sqlite")
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,7 @@ class EngineConfig:
     parse_retries: int = 2  # re-asks when `job.parse` rejects the answer
     backoff_base: float = 1.0  # seconds; the n-th retry waits ~backoff_base * 2^n
     backoff_max: float = 60.0  # seconds; cap on one wait
-    cache_path: str | os.PathLike | None = DEFAULT_CACHE  # SQLite cache; None = in memory only
+    cache_path: str | os.PathLike | None = dataclasses.field(default_factory=default_cache)  # None = in memory only
     mode: str = "online"  # online | batch (OpenAI Batch API)
     poll_interval: float = 30.0  # batch mode: seconds between status checks
     batch_max_wait: float | None = None  # batch mode: give up waiting after this many seconds; None = until done
