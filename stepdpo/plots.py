@@ -78,7 +78,7 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path | None:
 def plot_accuracy(results: dict[str, dict], rows: list[dict], path: Path) -> Path | None:
     """Bars: before vs after (acc and any maj@k); line: acc at every evaluation over training steps."""
     evals = sorted((r["step"], k.split("/")[1], r[k]) for r in rows for k in r
-                   if k.startswith("eval/") and k.endswith("/acc") and k.count("/") == 2 and k != "eval/during/acc")
+                   if k.startswith("eval/") and k.endswith("/acc") and k.count("/") == 2)
     if not results and not evals:
         return None
     stages = list(results)

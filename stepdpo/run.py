@@ -179,8 +179,8 @@ def open_tracker(s: Run) -> None:
 
     if s.rank == 0:
         atomic_write_text(s.out / "config_resolved.yaml", OmegaConf.to_yaml(s.cfg, resolve=True))
-    s.tracker = (build(s.cfg.logger, "logger", out_dir=str(s.out), run_config=to_container(s.cfg)) if s.rank == 0
-                 else NullTracker())
+    s.tracker = (build(s.cfg.logger, "logger", out_dir=str(s.out), run_config=to_container(s.cfg),
+                       resume_dir=str(s.resume.run_dir) if s.resume else None) if s.rank == 0 else NullTracker())
 
 
 def load_model(s: Run):
@@ -378,9 +378,10 @@ def preference_stage(s: Run, policy, ref, tok, examples: list) -> None:
     t = time.perf_counter()
     stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
 
-    def eval_fn(step: int) -> dict:
-        m = evaluate_stage(f"step{step}", policy, tok, s.eval_problems, cfg, s.tracker, offset + step, s.out)
-        return {f"eval/during/{k}": v for k, v in m.items()}
+    def eval_fn(step: int) -> dict:  # logged as eval/during/* (one series, not a key per step); samples_step<N>.jsonl
+        evaluate_stage(f"step{step}", policy, tok, s.eval_problems, cfg, s.tracker, offset + step, s.out,
+                       log_as="during")
+        return {}
 
     def refresh(r: int, at_step: int) -> list:  # trainer.rounds: round r's pairs, sampled from the current policy
         t_r = time.perf_counter()
@@ -419,6 +420,7 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float, c
     summary["time/total_s"] = time.perf_counter() - t_start
     summary["time/cpu_s"] = time.process_time() - cpu_start  # all threads; ~ the wall time of threads=1 on an idle core
     summary["eval"] = results
+    summary["gain"] = gain(results)  # W&B: gain/acc, gain/acc_se beside eval/before/acc, eval/after/acc(_se)
     if hasattr(s.scorer, "summary"):  # again: eval samples were scored too
         summary["judge"] = s.scorer.summary()
     write_json(out / "eval.json", results)
@@ -432,7 +434,10 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float, c
 # ----------------------------------------------------------------------------- helpers
 
 
-def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None) -> dict:
+def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None,
+                   log_as: str | None = None) -> dict:
+    """Accuracy on `problems`: samples_<name>.jsonl, metrics eval/<log_as or name>/* and eval/acc (one series over
+    before, during and after), returned. The metrics include acc_se, the standard error of acc (`acc_se`)."""
     from .data import write_jsonl
     from .evaluate import math_accuracy, stop_from_config
     from .pairs import request_for
@@ -448,8 +453,11 @@ def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Pa
             r["step_scores"] = res.scores
     write_jsonl(out / f"samples_{name}.jsonl", keep)
     metrics["seconds"] = time.perf_counter() - t
-    tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items()}, step=step)
-    tracker.log_table(f"samples/{name}", [{k: r.get(k) for k in ("question", "output", "pred", "gold", "correct", "step_scores")} for r in keep])
+    if "acc" in metrics and "n" in metrics:
+        metrics["acc_se"] = acc_se(metrics)
+    key = log_as or name
+    tracker.log({**{f"eval/{key}/{k}": v for k, v in metrics.items()}, "eval/acc": metrics["acc"]}, step=step)
+    tracker.log_table(f"samples/{key}", [{k: r.get(k) for k in ("question", "output", "pred", "gold", "correct", "step_scores")} for r in keep])
     log.info("eval %s: acc=%.4f (n=%d, %.1fs)", name, metrics["acc"], metrics["n"], metrics["seconds"])
     return metrics
 
@@ -531,20 +539,18 @@ def format_table(results: dict, name: str, seconds: float, out: Path | None = No
     sqrt(p(1-p)/n), the gain in points with the standard error of a difference of two independent
     proportions (the same problems are scored twice, so this is an upper bound), the wall time (and
     CPU time: on a shared machine, what threads=1 would take alone) and the run directory."""
-    import math
 
     def se(m: dict) -> float:
-        return 100 * math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
+        return 100 * acc_se(m)
 
     w = max(28, len(name) + 10)
     lines = ["", f"{'held-out accuracy':<{w}}{'%':>8}{'± s.e.':>9}{'n':>6}"]
     for stage, m in results.items():
         label = "before" if stage == "before" else f"after ({name})"
         lines.append(f"{label:<{w}}{100 * m['acc']:>8.1f}{se(m):>9.1f}{m['n']:>6}")
-    if "before" in results and "after" in results:
-        b, a = results["before"], results["after"]
-        gain, gse = 100 * (a["acc"] - b["acc"]), math.hypot(se(a), se(b))
-        lines.append(f"{'gain (points)':<{w}}{gain:>+8.1f}{gse:>9.1f}")
+    g = gain(results)
+    if g:
+        lines.append(f"{'gain (points)':<{w}}{100 * g['acc']:>+8.1f}{100 * g['acc_se']:>9.1f}")
     lines.append(f"wall time {fmt_seconds(seconds)}" + (f", CPU time {cpu_seconds:.0f} s (all threads)"
                                                         if cpu_seconds is not None else ""))
     if out is not None:
@@ -554,6 +560,24 @@ def format_table(results: dict, name: str, seconds: float, out: Path | None = No
             shown = Path(out).resolve()
         lines.append(f"run dir   {shown}  (eval.json, summary.json, samples_*.jsonl, *.png)")
     return "\n".join(lines)
+
+
+def acc_se(m: dict) -> float:
+    """Standard error of an accuracy over m["n"] problems: sqrt(p(1-p)/n)."""
+    import math
+
+    return math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
+
+
+def gain(results: dict) -> dict:
+    """{"acc": after - before, "acc_se": the standard error of a difference of two independent proportions (the same
+    problems are scored twice, so an upper bound)}, or {} without both stages."""
+    import math
+
+    if "before" not in results or "after" not in results:
+        return {}
+    b, a = results["before"], results["after"]
+    return {"acc": a["acc"] - b["acc"], "acc_se": math.hypot(acc_se(a), acc_se(b))}
 
 
 def fmt_seconds(s: float) -> str:

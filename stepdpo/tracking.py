@@ -25,6 +25,10 @@ REDACTED = "<redacted>"
 # client_secret, authorization... but not max_new_tokens or token_weights
 SECRET_KEY = re.compile(r"api[_-]?key|access[_-]?key|private[_-]?key|secret|passw(or)?d|credential|authori[sz]ation"
                         r"|(^|[_.-])(token|auth|key)$", re.IGNORECASE)
+# names of that shape that are stepdpo's own settings, not credentials (a PRM's label tokens, the rollout cache's
+# name) and tokenizer special tokens: shown as they are
+NOT_SECRET_KEY = re.compile(r"positive_token|negative_token|cache_key|(pad|bos|eos|unk|sep|cls|mask)_token(_id)?",
+                            re.IGNORECASE)
 # values that are credentials whatever their key is called
 SECRET_VALUE = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}|\bBearer\s+\S+|\bhf_[A-Za-z0-9]{16,}|\bgh[pousr]_[A-Za-z0-9]{16,}"
                           r"|\bxox[abprs]-\S+|://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
@@ -36,7 +40,7 @@ def is_secret(key: Any, value: Any) -> bool:
     if isinstance(value, str) and SECRET_VALUE.search(value):
         return True
     k = str(key)
-    if re.fullmatch(r"(pad|bos|eos|unk|sep|cls|mask)_token(_id)?", k, re.IGNORECASE):  # tokenizer special tokens
+    if NOT_SECRET_KEY.fullmatch(k):
         return False
     return bool(SECRET_KEY.search(k)) and not k.endswith("_env") and value not in (None, "") \
         and not isinstance(value, (dict, list))
@@ -80,7 +84,9 @@ def _git(*args: str) -> str | None:
 
 
 def hydra_job() -> dict[str, Any] | None:
-    """The running Hydra job: {'multirun', 'sweep_dir', 'overrides', 'num'}; None outside Hydra."""
+    """The running Hydra job: {'multirun', 'sweep_dir', 'overrides' (the command-line overrides, secrets redacted,
+    comma-joined: a sweep job's name), 'choices' (every config group's option, e.g. {'trainer': 'stepdpo', 'arm':
+    'dpo'}), 'num'}; None outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -89,7 +95,8 @@ def hydra_job() -> dict[str, Any] | None:
             return None
         h = HydraConfig.get()
         return {"multirun": h.mode == RunMode.MULTIRUN, "sweep_dir": h.sweep.dir,
-                "overrides": h.job.override_dirname, "num": h.job.get("num")}
+                "overrides": ",".join(redact_argv(list(h.overrides.task))), "num": h.job.get("num"),
+                "choices": {k: v for k, v in dict(h.runtime.choices).items() if not k.startswith("hydra/")}}
     except Exception:  # no Hydra, or a config without hydra.* (tests building trackers directly)
         return None
 
@@ -98,6 +105,15 @@ def sweep_group(sweep_dir: str) -> str:
     """W&B group of a sweep: its directory name; the default `<date>/<time>` layout gives `<date>_<time>`."""
     p = Path(sweep_dir)
     return f"{p.parent.name}_{p.name}" if re.fullmatch(r"[\d_.:-]+", p.name) and p.parent.name else p.name
+
+
+RUN_ID_FILE = "wandb_run_id"  # in the run dir: the W&B run a resume continues
+
+
+def read_run_id(run_dir: str | os.PathLike | None) -> str | None:
+    """The W&B run id a run directory recorded, or None (no directory, no W&B run, or logger=jsonl)."""
+    p = Path(run_dir) / RUN_ID_FILE if run_dir else None
+    return (p.read_text().strip() or None) if p is not None and p.exists() else None
 
 
 class NullTracker:
@@ -178,11 +194,14 @@ class WandbTracker(JsonlTracker):
 
     group: explicit `logger.group`, else (in a Hydra multirun) the sweep directory's name.
     name: explicit `logger.name`, else (in a multirun) the job's overrides, e.g. `seed=1,trainer.beta=0.3`.
+    The config carries `hydra.choices` (each group's option: group runs by `+arm`, `trainer`, ...) and
+    `hydra.overrides`. `resume_dir`: a run being resumed (trainer.resume); its W&B run (`wandb_run_id` in its
+    directory) is continued, not a new one started.
     """
 
     def __init__(self, out_dir: str, run_config: dict | None = None, *, project: str = "stepdpo", entity: str | None = None,
                  mode: str = "offline", group: str | None = None, name: str | None = None, tags: list | None = None,
-                 job_type: str | None = None, log_model: bool = True, **_):
+                 job_type: str | None = None, log_model: bool = True, resume_dir: str | None = None, **_):
         if mode not in ("online", "offline", "disabled"):
             raise ValueError(f"logger.mode: {mode!r} is not one of online, offline, disabled")
         super().__init__(out_dir, run_config)
@@ -195,10 +214,18 @@ class WandbTracker(JsonlTracker):
             name = name or job["overrides"] or f"job{job['num']}"
         cfg = redact(run_config or {})
         cfg["git_commit"], cfg["git_dirty"] = self.summary_data["git_commit"], self.summary_data["git_dirty"]
+        if job:
+            cfg["hydra"] = {"choices": job["choices"], "overrides": job["overrides"]}
+        run_id = read_run_id(resume_dir)  # None: a new run
         with _argv(redact_argv(sys.argv)):  # W&B records the command line; keep secrets given as overrides out
             self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, job_type=job_type,
-                                  tags=list(tags or []), config=cfg, dir=str(self.out_dir), reinit="finish_previous")
+                                  tags=list(tags or []), config=cfg, dir=str(self.out_dir), reinit="finish_previous",
+                                  id=run_id, resume="allow" if run_id else None)
         self._wandb = wandb
+        if not self.run.disabled:
+            from .data import atomic_write_text
+
+            atomic_write_text(self.out_dir / RUN_ID_FILE, self.run.id + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         super().log(metrics, step)  # histograms of array values are sent from there
@@ -224,7 +251,7 @@ class WandbTracker(JsonlTracker):
             self.run.log({name: self._wandb.Histogram(v, num_bins=bins)}, step=step)
 
     def log_artifact(self, path: str, name: str, type: str) -> None:
-        if not self.log_model:
+        if not self.log_model or self.run.disabled:  # a disabled run would copy the files for nothing
             return
         run_id = getattr(self.run, "id", None)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{run_id}" if run_id else name)  # one artifact per run

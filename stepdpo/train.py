@@ -467,7 +467,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             tracker.log(last, step=step_offset + step)
             window = LogWindow()
         if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            tracker.log(eval_fn(step), step=step_offset + step)
+            extra = eval_fn(step)  # metrics it returns are logged here (run.py's logs its own)
+            if extra:
+                tracker.log(extra, step=step_offset + step)
             model.train()
         if ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0:
             state.save(ckpt_dir, rank, keep=cfg.keep_checkpoints)

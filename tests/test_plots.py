@@ -19,7 +19,6 @@ def _fake_run(d):
     for s in (11, 12, 13):
         t.log({"dpo/loss": 0.7 - s / 100, "dpo/loss/preference": 0.6, "dpo/rewards/margin": s / 100,
                "dpo/rewards/accuracy": 0.5}, step=s)
-    t.log({"eval/step2/acc": 0.2}, step=12)
     t.log({"eval/during/acc": 0.2}, step=12)
     t.log({"eval/after/acc": 0.25, "eval/after/maj@4": 0.375}, step=13)
     t.close()

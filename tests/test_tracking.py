@@ -50,6 +50,8 @@ def test_redact_keys_and_values():
     assert r["eval"] == {"max_new_tokens": 96, "token_weights": [1, 2]}  # 'token' in a name is not a secret
     assert r["model"] == {"hf_token": "<redacted>", "pad_token": "<pad>", "openaiApiKey": "<redacted>", "path": None}
     assert r["logger"] == {"password": "", "db": "<redacted>"}
+    shown = {"positive_token": "+", "negative_token": "-", "cache_key": "run-a"}  # stepdpo's own settings
+    assert redact({"reward": shown}) == {"reward": shown}
     assert r["notes"] == "<redacted>"
     assert SECRET not in json.dumps(r)
     assert cfg["reward"]["api_key"] == SECRET  # a copy: the run's own config is untouched
@@ -130,9 +132,31 @@ def test_disabled_mode_and_bad_mode(tmp_path):
         WandbTracker(str(tmp_path / "e"), {}, mode="onlin")
 
 
+def test_a_resumed_run_continues_its_wandb_run_and_a_disabled_one_records_none(tmp_path):
+    first = WandbTracker(str(tmp_path / "a"), {"seed": 0})
+    first.log({"dpo/loss": 0.5}, step=3)
+    first.close(exit_code=1)  # preempted
+    run_id = (tmp_path / "a" / "wandb_run_id").read_text().strip()
+    assert finished_run(tmp_path / "a")["id"] == run_id
+    again = WandbTracker(str(tmp_path / "b"), {"seed": 0}, resume_dir=str(tmp_path / "a"))  # trainer.resume=<a>
+    again.log({"dpo/loss": 0.4}, step=4)
+    again.close()
+    assert finished_run(tmp_path / "b")["id"] == run_id == (tmp_path / "b" / "wandb_run_id").read_text().strip()
+    fresh = WandbTracker(str(tmp_path / "c"), {"seed": 0}, resume_dir=str(tmp_path / "nothing-there"))
+    fresh.close()
+    assert finished_run(tmp_path / "c")["id"] != run_id
+    off = WandbTracker(str(tmp_path / "d"), {}, mode="disabled")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "w.bin").write_bytes(b"x" * 10)
+    off.log_artifact(str(tmp_path / "adapter"), name="adapter-d", type="model")  # nothing copied, nothing kept
+    off.close()
+    assert not (tmp_path / "d" / "wandb_run_id").exists()
+
+
 @pytest.mark.slow
 def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
-    _, run_dir = run_cli(tmp_path, "logger=wandb", "sft.max_steps=4", "sft.log_every=2", f"+model.tiny.hf_token={SECRET}")
+    _, run_dir = run_cli(tmp_path, "logger=wandb", "sft.max_steps=4", "sft.log_every=2", f"+model.tiny.hf_token={SECRET}",
+                         "trainer.max_steps=4", "trainer.eval_every=2")
     run = finished_run(run_dir)
     assert run["exit_code"] == 0
     assert run["config"]["model"]["tiny"]["hf_token"] == "<redacted>"
@@ -142,11 +166,21 @@ def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     keys = set().union(*run["history"])
     assert {"sft/loss", "dpo/loss", "dpo/rewards/margin", "dpo/rewards/accuracy", "eval/before/acc", "eval/after/acc",
             "pairs/token_weights", "samples/before", "samples/after", "dpo/margins/pair",
-            "dpo/margins/first_error_step"} <= keys
+            "dpo/margins/first_error_step", "eval/during/acc", "samples/during", "eval/acc"} <= keys
+    assert not [k for k in keys if k.startswith(("eval/step", "samples/step"))]  # one series, not a key per eval
+    accs = [(h["_step"], h["eval/acc"]) for h in run["history"] if "eval/acc" in h]
+    assert len(accs) == 3 and [a for _, a in accs][::2] == [summary_acc for summary_acc in (
+        json.loads((run_dir / "eval.json").read_text())[s]["acc"] for s in ("before", "after"))]
+    assert (run_dir / "samples_step2.jsonl").exists()
+    assert run["config"]["hydra"]["choices"]["trainer"] == "stepdpo_token"
+    assert f"+model.tiny.hf_token=<redacted>" in run["config"]["hydra"]["overrides"]
     margins = [h["dpo/margins/pair"] for h in run["history"] if "dpo/margins/pair" in h]
     assert margins and all(m["_type"] == "histogram" for m in margins)
     s = run["summary"]
-    assert {"eval/before/acc", "eval/after/acc", "time/total_s"} <= set(s)
+    assert {"eval/before/acc", "eval/after/acc", "time/total_s", "eval/after/acc_se", "gain/acc", "gain/acc_se"} <= set(s)
+    b, a = s["eval/before/acc"], s["eval/after/acc"]
+    assert s["gain/acc"] == pytest.approx(a - b)
+    assert s["eval/after/acc_se"] == pytest.approx((a * (1 - a) / s["eval/after/n"]) ** 0.5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert s["eval/after/acc"] == summary["eval"]["after"]["acc"]
     assert any(a["type"] == "model" and "adapter_model.safetensors" in a["files"] for a in run["artifacts"])
@@ -165,3 +199,14 @@ def test_multirun_groups_runs_and_closes_failed_job(tmp_path, one_thread):
     assert "model.tiny.num_attention_heads=4" in runs["0"]["name"]  # named after its overrides
     assert "model.tiny.num_attention_heads=3" in runs["1"]["name"]
     assert (sweep / "0" / "eval.json").exists() and not (sweep / "1" / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_resume_auto_continues_the_wandb_run(tmp_path, one_thread):
+    """`trainer.resume=auto` on the same run directory (a restart) logs to the first start's W&B run."""
+    _, run_dir = run_cli(tmp_path, "logger=wandb", "sft.max_steps=4", "trainer.save_every=1")
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    run_cli(tmp_path, "logger=wandb", "sft.max_steps=4", "trainer.save_every=1", "trainer.resume=auto")
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
