@@ -222,6 +222,7 @@ class WandbTracker(JsonlTracker):
                                   tags=list(tags or []), config=cfg, dir=str(self.out_dir), reinit="finish_previous",
                                   id=run_id, resume="allow" if run_id else None)
         self._wandb = wandb
+        self._stage_axes: set[str] = set()
         if not self.run.disabled:
             from .data import atomic_write_text
 
@@ -229,6 +230,11 @@ class WandbTracker(JsonlTracker):
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         super().log(metrics, step)  # histograms of array values are sent from there
+        for k in metrics:  # a stage's own step (train.py logs <stage>/step): its metrics' x-axis in the W&B UI
+            stage = k[: -len("/step")]
+            if k.endswith("/step") and "/" not in stage and stage not in self._stage_axes:
+                self.run.define_metric(f"{stage}/*", step_metric=k)
+                self._stage_axes.add(stage)
         self.run.log(_split(metrics)[0], step=step)
 
     def summary(self, data: dict[str, Any]) -> None:

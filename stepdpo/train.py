@@ -463,7 +463,9 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
         state.step = step
         prog.update(loss=sums["loss"], tokens=sums["tokens/pairs"])  # this rank's pairs' tokens
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last = window_metrics(s, state, sums, gnorm, window, prefix=prefix)
+            # logged at the run's step (stages share one axis), with the stage's own step beside it (W&B plots a
+            # stage against it: runs with different warm-up lengths line up)
+            last = {**window_metrics(s, state, sums, gnorm, window, prefix=prefix), f"{prefix}/step": step}
             tracker.log(last, step=step_offset + step)
             window = LogWindow()
         if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:

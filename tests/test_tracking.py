@@ -172,6 +172,9 @@ def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     assert len(accs) == 3 and [a for _, a in accs][::2] == [summary_acc for summary_acc in (
         json.loads((run_dir / "eval.json").read_text())[s]["acc"] for s in ("before", "after"))]
     assert (run_dir / "samples_step2.jsonl").exists()
+    # each stage's own step beside the run's (W&B's x-axis for dpo/* via define_metric): after the 4-step warm-up
+    dpo_steps = [(h["_step"], h["dpo/step"]) for h in run["history"] if "dpo/step" in h]
+    assert dpo_steps == [(4 + i, i) for i in range(1, 5)]
     assert run["config"]["hydra"]["choices"]["trainer"] == "stepdpo_token"
     assert f"+model.tiny.hf_token=<redacted>" in run["config"]["hydra"]["overrides"]
     margins = [h["dpo/margins/pair"] for h in run["history"] if "dpo/margins/pair" in h]
