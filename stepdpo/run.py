@@ -83,6 +83,7 @@ def run(cfg: DictConfig, out: Path) -> float:
         pairs, s.summary["pairs"] = build_pairs(s, policy, tok, 0, s.step) if s.uses_pairs else (None, {"pairs": 0})
         examples = encode(s, pairs, tok, report=s.summary["pairs"])
         s.summary["time/pairs_s"] = time.perf_counter() - t
+        log_pair_report(s, s.summary["pairs"], s.step)
         if cfg.validate_only:  # the first round's pairs only (later rounds need training)
             return report_validation(s)
         preference_stage(s, policy, ref, tok, examples)
@@ -390,7 +391,7 @@ def preference_stage(s: Run, policy, ref, tok, examples: list) -> None:
             report["seconds"] = time.perf_counter() - t_r
             log.info("pairs round %d (step %d): %s", r, at_step, report)
             s.summary.setdefault("pairs_rounds", []).append({"round": r, "step": at_step, **report})
-            s.tracker.log({f"pairs/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, at_step)
+            log_pair_report(s, report, at_step)
         return encode(s, pairs, tok)
 
     train(cfg.trainer, policy, tok, examples, s.tracker, ref_model=ref, seed=cfg.seed, prefix=stage,
@@ -425,7 +426,9 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float, c
         summary["judge"] = s.scorer.summary()
     write_json(out / "eval.json", results)
     write_json(out / "summary.json", {**s.tracker.summary_data, **summary})
-    s.tracker.summary({k: v for k, v in _flat(summary).items()})
+    # the numeric pairs/* stay the last round's (history: every round at its step; summary.json "pairs": round 0)
+    s.tracker.summary({k: v for k, v in _flat(summary).items()
+                       if not (k.startswith("pairs/") and isinstance(v, (int, float)))})
     print_table(results, cfg.trainer, summary["time/total_s"], s.out, cpu_seconds=summary["time/cpu_s"])
     plot_run(out)  # training_curves.png, accuracy.png, histograms.png in the run dir
     return float(results["after"]["acc"])
@@ -460,6 +463,11 @@ def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Pa
     tracker.log_table(f"samples/{key}", [{k: r.get(k) for k in ("question", "output", "pred", "gold", "correct", "step_scores")} for r in keep])
     log.info("eval %s: acc=%.4f (n=%d, %.1fs)", name, metrics["acc"], metrics["n"], metrics["seconds"])
     return metrics
+
+
+def log_pair_report(s: Run, report: dict, step: int) -> None:
+    """A round's pair report (counts, seconds) as pairs/* at the step its pairs were built."""
+    s.tracker.log({f"pairs/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, step)
 
 
 def cost_since(before: dict, after: dict) -> dict:

@@ -186,6 +186,9 @@ def test_cli_run_logs_everything_to_offline_wandb(tmp_path, one_thread):
     assert s["eval/after/acc_se"] == pytest.approx((a * (1 - a) / s["eval/after/n"]) ** 0.5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert s["eval/after/acc"] == summary["eval"]["after"]["acc"]
+    # the pair report is history too (every round at the step its pairs were built), the summary its last value
+    assert [(h["_step"], h["pairs/pairs"]) for h in run["history"] if "pairs/pairs" in h] == [(4, summary["pairs"]["pairs"])]
+    assert s["pairs/pairs"] == summary["pairs"]["pairs"]
     assert any(a["type"] == "model" and "adapter_model.safetensors" in a["files"] for a in run["artifacts"])
     assert no_secret_below(run_dir / "wandb") == []
 
