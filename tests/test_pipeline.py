@@ -191,7 +191,7 @@ def test_rounds_resample_pairs_from_the_trained_policy(tmp_path):
     (r1,) = summary["pairs_rounds"]
     assert r1["round"] == 1 and r1["step"] == 20 + 2 and r1["pairs"] == len(second) and r1["samples"] == 16 * 4
     logged = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "pairs/pairs" in m]
-    assert [(m["step"], m["pairs/pairs"]) for m in logged] == [(22, len(second))]
+    assert [(m["step"], m["pairs/pairs"]) for m in logged] == [(20, len(first)), (22, len(second))]  # each round
     dpo_steps = [m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl") if "dpo/loss" in m]
     assert dpo_steps == [21, 22, 23, 24]
 
