@@ -219,7 +219,8 @@ def check_target(node: Any, group: str) -> Any:
 
 def validate_pairs_settings(node: Any) -> None:
     """The `pairs` group's choices, checked by the same functions the builders call (pairs.py owns them)."""
-    from .pairs import SAMPLING_FLAGS, SAMPLING_RULES, check_chosen, check_from_split, check_reject, check_resample, check_sampling
+    from .pairs import (SAMPLING_FLAGS, SAMPLING_RULES, check_chosen, check_from_split, check_reject, check_resample,
+                        check_sampling)
 
     check_from_split(node.get("from_split", "train"))
     if str(node.get("_target_", "")).rsplit(".", 1)[-1] in ("build_on_policy_pairs", "build_outcome_pairs"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -379,10 +380,9 @@ def preference_stage(s: Run, policy, ref, tok, examples: list) -> None:
     t = time.perf_counter()
     stage = "dpo" if cfg.trainer.loss != "sft" else "train_sft"
 
-    def eval_fn(step: int) -> dict:  # logged as eval/during/* (one series, not a key per step); samples_step<N>.jsonl
+    def eval_fn(step: int) -> None:  # logged as eval/during/* (one series, not a key per step); samples_step<N>.jsonl
         evaluate_stage(f"step{step}", policy, tok, s.eval_problems, cfg, s.tracker, offset + step, s.out,
                        log_as="during")
-        return {}
 
     def refresh(r: int, at_step: int) -> list:  # trainer.rounds: round r's pairs, sampled from the current policy
         t_r = time.perf_counter()
@@ -439,8 +439,8 @@ def finish(s: Run, policy, tok, base_path: str, results: dict, t_start: float, c
 
 def evaluate_stage(name, model, tokenizer, problems, cfg, tracker, step, out: Path, scorer=None,
                    log_as: str | None = None) -> dict:
-    """Accuracy on `problems`: samples_<name>.jsonl, metrics eval/<log_as or name>/* and eval/acc (one series over
-    before, during and after), returned. The metrics include acc_se, the standard error of acc (`acc_se`)."""
+    """Accuracy on `problems` (with its standard error, acc_se): samples_<name>.jsonl, metrics eval/<log_as or
+    name>/* and eval/acc (one series over before, during and after), returned."""
     from .data import write_jsonl
     from .evaluate import math_accuracy, stop_from_config
     from .pairs import request_for
@@ -572,16 +572,12 @@ def format_table(results: dict, name: str, seconds: float, out: Path | None = No
 
 def acc_se(m: dict) -> float:
     """Standard error of an accuracy over m["n"] problems: sqrt(p(1-p)/n)."""
-    import math
-
     return math.sqrt(m["acc"] * (1 - m["acc"]) / max(1, m["n"]))
 
 
 def gain(results: dict) -> dict:
     """{"acc": after - before, "acc_se": the standard error of a difference of two independent proportions (the same
     problems are scored twice, so an upper bound)}, or {} without both stages."""
-    import math
-
     if "before" not in results or "after" not in results:
         return {}
     b, a = results["before"], results["after"]

@@ -390,7 +390,7 @@ def window_metrics(s: Setup, state: TrainState, sums: dict[str, float], gnorm, w
 
 
 def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tracker, *, ref_model=None,
-          seed: int = 0, prefix: str = "train", eval_fn: Callable[[int], dict] | None = None,
+          seed: int = 0, prefix: str = "train", eval_fn: Callable[[int], None] | None = None,
           step_offset: int = 0, ckpt_dir=None, resume_from=None,
           refresh: Callable[[int, int], Sequence[Example]] | None = None) -> dict[str, float]:
     """Train `model` in place up to cfg.max_steps optimizer steps. Returns the last logged metrics.
@@ -469,9 +469,7 @@ def train(cfg: TrainerConfig, model, tokenizer, examples: Sequence[Example], tra
             tracker.log(last, step=step_offset + step)
             window = LogWindow()
         if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            extra = eval_fn(step)  # metrics it returns are logged here (run.py's logs its own)
-            if extra:
-                tracker.log(extra, step=step_offset + step)
+            eval_fn(step)  # evaluates and logs (run.py: eval/during/*)
             model.train()
         if ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0:
             state.save(ckpt_dir, rank, keep=cfg.keep_checkpoints)
