@@ -1,6 +1,6 @@
-"""Where stepdpo keeps what runs share: SFT warm-ups (`sft_cache_dir`), reference log-probs
-(`trainer.ref_cache_dir`), LLM-judge answers (`reward.engine.cache_path`) and Monte-Carlo rollout values
-(`reward.cache_path`). One root for all of them: `$STEPDPO_CACHE_DIR`, else `.cache` in the directory the run was
+"""Where stepdpo keeps what runs share: SFT warm-ups (`sft_cache_dir`), built pairs (`pairs_cache_dir`),
+reference log-probs (`trainer.ref_cache_dir`), LLM-judge answers (`reward.engine.cache_path`) and Monte-Carlo rollout
+values (`reward.cache_path`). One root for all of them: `$STEPDPO_CACHE_DIR`, else `.cache` in the directory the run was
 launched from (Hydra's `runtime.cwd`, also in sweep jobs on other nodes). The configs name it `${stepdpo_cache:...}`.
 """
 

@@ -85,6 +85,7 @@ class Config:
     seed: int = 0
     validate_only: bool = False  # build and validate pairs, report, exit without training
     sft_cache_dir: Optional[str] = None  # share SFT warm-ups between runs (keyed by model, data, sft, seed)
+    pairs_cache_dir: Optional[str] = None  # share built pairs between runs (keyed by config, data, policy, seed)
     threads: Optional[int] = None  # torch CPU threads for this job (null = torch's default: one per core)
     dataset: Any = MISSING
     pairs: Any = MISSING

@@ -52,7 +52,7 @@ def shared_steps(a: Sequence[str], b: Sequence[str]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x.strip() != y.strip()), min(len(a), len(b)))
 
 
-def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, scorer=None, seed: int = 0,
+def build_outcome_pairs(problems: Sequence[Problem], *, model, tokenizer, seed: int = 0,
                         n_problems: int = 256, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, batch_size: int = 64, max_pairs_per_problem: int = 2,
                         use_gold: bool = True, from_split: str = "train", align: str = "shared",

@@ -296,7 +296,6 @@ def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list
     run reads the pairs it saved. No usable pair is an error naming the source and how to fix it."""
     from . import distributed
     from .data import StepPair, read_jsonl
-    from .pairs import call_builder
 
     path = s.out / ("pairs.jsonl" if r == 0 else f"pairs_round{r}.jsonl")
     saved = s.resume.artifact(path.name) if s.resume else None  # scored + validated by the resumed run
@@ -305,8 +304,7 @@ def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list
             if s.bundle.pairs is not None:
                 pairs, report = list(s.bundle.pairs), {"source": "dataset"}
             else:
-                pairs, report = call_builder(s.pair_fn, s.bundle.train, pool=s.bundle.pool, model=policy,
-                                             tokenizer=tok, scorer=s.scorer, seed=s.cfg.seed + r)
+                pairs, report = built_pairs(s, policy, tok, r)
             before = s.scorer.summary() if hasattr(s.scorer, "summary") else None
             pairs, report = finish_pairs(pairs, report, s.scorer, tok, s.cfg, path)
             if before is not None:
@@ -325,6 +323,26 @@ def build_pairs(s: Run, policy, tok, r: int = 0, at_step: int = 0) -> tuple[list
     report = {"source": str(saved), "pairs": len(pairs)}
     require_pairs(s.cfg, s.bundle.pairs is not None, pairs, report)
     return pairs, report
+
+
+def built_pairs(s: Run, policy, tok, r: int) -> tuple[list, dict]:
+    """The `pairs` builder's pairs (unscored) and report from the current policy, seed + r; with `pairs_cache_dir`,
+    those of an earlier run with the same inputs (stepdpo/pairs_cache.py), or built once here and kept there."""
+    from . import pairs_cache
+    from .pairs import call_builder
+
+    seed = s.cfg.seed + r
+    cached = pairs_cache.path(s.cfg, s.pair_fn, s.bundle.train, s.bundle.pool or (), policy, tok, seed)
+    with pairs_cache.lock(cached):
+        if pairs_cache.is_ready(cached):
+            log.info("pairs: reusing the pairs built at %s", cached)
+            s.summary.setdefault("pairs_cached", []).append(str(cached))
+            return pairs_cache.load(cached)
+        pairs, report = call_builder(s.pair_fn, s.bundle.train, pool=s.bundle.pool, model=policy, tokenizer=tok,
+                                     scorer=s.scorer, seed=seed)
+        if cached is not None:
+            pairs_cache.save(cached, pairs, report)
+        return pairs, report
 
 
 def encode(s: Run, pairs: list | None, tok, report: dict | None = None) -> list:

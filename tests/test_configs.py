@@ -4,6 +4,7 @@ import re
 import shlex
 
 import pytest
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -178,6 +179,46 @@ def test_sft_cache_key_follows_the_training_data(tmp_path):
     assert sft_cache_path(cfg, edited) != sft_cache_path(cfg, train)
 
 
+def test_pairs_cache_key_follows_what_changes_the_built_pairs(tmp_path):
+    """Arms that only score or train differently share an entry; anything the sampled pairs depend on (their
+    config, the problems, the seed, the sampling policy's weights, the engine) gives another. A builder that grades
+    with the reward (pairs=on_policy) is keyed by it too; pairs=outcome is not."""
+    import dataclasses
+
+    from stepdpo.arith import load
+    from stepdpo.config import build
+    from stepdpo.model import tiny_llama
+    from stepdpo.pairs_cache import path as pairs_cache_path
+
+    data = load(n_train=20, n_eval=5, max_operand=9, max_value=30, ops="-")
+    torch.manual_seed(0)
+    policy, tok = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+
+    def key(*overrides, train=data.train, model=policy, seed=0):
+        cfg = compose_config(f"pairs_cache_dir={tmp_path}", *overrides)
+        return pairs_cache_path(cfg, build(cfg.pairs, "pairs"), train, (), model, tok, seed)
+
+    assert pairs_cache_path(compose_config(), build(compose_config().pairs, "pairs"), data.train, (), policy, tok, 0) is None
+    for pairs in ("on_policy", "outcome"):
+        base = key(f"pairs={pairs}")
+        assert base.parent == tmp_path
+        for same in ("trainer=dpo", "trainer=sft_control", "trainer.lr=0.5", "eval.n=3", "logger=wandb", "threads=1"):
+            assert key(f"pairs={pairs}", same) == base, same
+        for other in ("pairs.k=3", "pairs.temperature=0.9", "eval.max_new_tokens=17", "generation=vllm",
+                      "model.prompt_format=chat", "dataset.n_train=10"):
+            assert key(f"pairs={pairs}", other) != base, other
+        assert key(f"pairs={pairs}", seed=1) != base
+        edited = [*data.train[:-1], dataclasses.replace(data.train[-1], answer="0")]
+        assert key(f"pairs={pairs}", train=edited) != base
+        trained = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)[0]
+        with torch.no_grad():
+            trained.load_state_dict(policy.state_dict())
+            next(trained.parameters()).add_(1e-3)  # one step of training moves the weights
+        assert key(f"pairs={pairs}", model=trained) != base
+    assert key("pairs=on_policy", "reward=rollout") != key("pairs=on_policy")  # it grades with the reward
+    assert key("pairs=outcome", "reward=rollout") == key("pairs=outcome")  # it only hands its pairs to it
+
+
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_arm_composes_validates_and_has_equal_compute(experiment):
     # each arm of a saved sweep (the trainer options its sweeper lists), with the overlay applied
@@ -283,7 +324,7 @@ def test_vllm_max_lora_rank_is_checked_against_the_adapter_with_the_config():
 
 
 def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
-    """SFT warm-ups, reference log-probs, judge answers and rollout values: $STEPDPO_CACHE_DIR, else ./.cache of the
+    """SFT warm-ups, built pairs, reference log-probs, judge answers and rollout values: $STEPDPO_CACHE_DIR, else ./.cache of the
     launch directory (stepdpo/cache.py), whichever config or Python default names them; no YAML spells the rule."""
     from omegaconf import OmegaConf
 
@@ -293,13 +334,14 @@ def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
     def paths():
         a = compose_config("experiment=credit_arith", "+arm=stepdpo_rollout")
         b = compose_config("reward=openai")
-        return [OmegaConf.select(a, "sft_cache_dir"), OmegaConf.select(a, "trainer.ref_cache_dir"),
+        return [OmegaConf.select(a, "sft_cache_dir"), OmegaConf.select(a, "pairs_cache_dir"),
+                OmegaConf.select(a, "trainer.ref_cache_dir"),
                 OmegaConf.select(a, "reward.cache_path"), OmegaConf.select(b, "reward.engine.cache_path"),
                 TrainerConfig().ref_cache_dir, str(EngineConfig(model="m").cache_path)]
 
     monkeypatch.setenv("STEPDPO_CACHE_DIR", str(tmp_path / "c"))
     root = str(tmp_path / "c")
-    assert paths() == [f"{root}/sft", root, f"{root}/rollout.sqlite", f"{root}/judge.sqlite", root,
+    assert paths() == [f"{root}/sft", f"{root}/pairs", root, f"{root}/rollout.sqlite", f"{root}/judge.sqlite", root,
                        f"{root}/judge.sqlite"]
     monkeypatch.delenv("STEPDPO_CACHE_DIR")
     monkeypatch.chdir(tmp_path)

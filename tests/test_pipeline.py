@@ -220,6 +220,32 @@ def test_sft_control_on_the_chosen_sides_of_the_same_pairs(tmp_path):
 
 
 @pytest.mark.slow
+def test_arms_train_on_the_pairs_in_the_cache(tmp_path):
+    """pairs_cache_dir: a second arm (another trainer) reads the pairs the first one built instead of sampling its
+    own (the entry is edited in between, so only a run that read it trains on one pair fewer); a later round, from the
+    policy that has trained, is built and kept as a new entry."""
+    cache, pcache = tmp_path / "cache", tmp_path / "pairs"
+    _, dpo = run_cli(tmp_path / "dpo", f"sft_cache_dir={cache}", f"pairs_cache_dir={pcache}", "trainer=dpo")
+    (entry,) = [p for p in pcache.iterdir() if p.is_dir()]
+    built = _read_jsonl(entry / "pairs.jsonl")
+    dpo_pairs = _read_jsonl(dpo / "pairs.jsonl")
+    unscored = lambda rows: [(r["id"], r["prefix"], r["chosen"], r["rejected"]) for r in rows]  # noqa: E731
+    assert len(built) >= 2 and unscored(built) == unscored(dpo_pairs)
+    assert "pairs_cached" not in json.loads((dpo / "summary.json").read_text())
+    (entry / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in built[:-1]))
+    _, sft = run_cli(tmp_path / "sft", f"sft_cache_dir={cache}", f"pairs_cache_dir={pcache}", "trainer=sft_control",
+                     "trainer.sft_data=chosen", "trainer.max_steps=4", "trainer.rounds=2", "trainer.batch_size=4")
+    summary = json.loads((sft / "summary.json").read_text())
+    assert summary["pairs_cached"] == [str(entry)]  # round 0 only
+    assert unscored(_read_jsonl(sft / "pairs.jsonl")) == unscored(dpo_pairs)[:-1]
+    assert summary["pairs"]["samples"] == json.loads((dpo / "summary.json").read_text())["pairs"]["samples"]
+    entries = sorted(p.name for p in pcache.iterdir() if p.is_dir())
+    assert len(entries) == 2 and entry.name in entries  # round 1's pairs, from the trained policy: a new entry
+    (r1,) = [p for p in pcache.iterdir() if p.is_dir() and p != entry]
+    assert unscored(_read_jsonl(r1 / "pairs.jsonl")) == unscored(_read_jsonl(sft / "pairs_round1.jsonl"))
+
+
+@pytest.mark.slow
 def test_rounds_need_pairs_built_by_the_run(tmp_path):
     proc, _ = run_cli(tmp_path, "dataset=pairs", "dataset.path=tests/fixtures/pairs/pairs.jsonl", "trainer.rounds=2",
                       check=False)
