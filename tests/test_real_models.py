@@ -530,3 +530,35 @@ def test_e2e_rollout_values_on_gsm8k_with_the_chat_template(model_dirs, tmp_path
         assert all(v in (0.0, 0.5, 1.0) for v in p["chosen_scores"] + p["rejected_scores"])
     steps = _train_steps(run_dir)
     assert len(steps) == 2 and all(s["dpo/tokens/weighted_chosen"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+def test_e2e_credit_gsm8k_experiment_on_the_cpu_path(model_dirs, tmp_path):
+    """experiment=credit_gsm8k (issue 31's arms on a pretrained instruct model, for a GPU) as its sweep composes it,
+    with the model swapped for a random Qwen2 with the real tokenizer and vLLM for the local engine: the (a') and (d)
+    arms of a seed train on the same pairs (built by the first job, read by the second from pairs_cache_dir), (d)
+    weighs them by rollout values, and each arm runs the recipe's steps. The speaking model's answers ("7") are
+    almost never right, so the gold solutions stand in for the chosen sides here (pairs.use_gold=true)."""
+    proc, sweep = run_cli(tmp_path, "experiment=credit_gsm8k", "model=local", f"model.path={model_dirs['qwen2_speaks']}",
+                          "model.prompt_format=chat", "model_recipe=qwen", "generation=hf", "seed=0",
+                          "+arm=sft_chosen_pairs_batch,stepdpo_rollout", "pairs.use_gold=true", "dataset.n_train=16",
+                          "pairs.n_problems=12", "pairs.k=2", "eval.n=2", "eval.max_new_tokens=16",
+                          "eval.n_samples_saved=2", "trainer.max_steps=2", "trainer.grad_accum=1", "trainer.log_every=1",
+                          "threads=2", fast=False, multirun=True)
+    from omegaconf import OmegaConf
+
+    sft, d = sweep / "0", sweep / "1"
+    cfg = {j: OmegaConf.load(j / "config_resolved.yaml") for j in (sft, d)}
+    assert cfg[d].trainer.weighting == "advantage" and cfg[d].reward.k == 4 and cfg[sft].trainer.loss == "sft"
+    assert cfg[sft].trainer.batch_size == 2 * cfg[d].trainer.batch_size == 8  # equal sequences per step
+    assert cfg[d].trainer.precision == "bf16" and cfg[d].sft.max_steps == 0 and cfg[d].pairs.chosen == "answer"
+    summaries = {j: json.loads((j / "summary.json").read_text()) for j in (sft, d)}
+    assert "pairs_cached" not in summaries[sft]
+    (entry,) = summaries[d]["pairs_cached"]
+    assert Path(entry).parent == tmp_path / "cache" / "pairs"
+    rows = {j: [json.loads(x) for x in (j / "pairs.jsonl").read_text().splitlines() if x.strip()] for j in (sft, d)}
+    unscored = lambda rs: [(r["id"], r["prefix"], r["chosen"], r["rejected"]) for r in rs]  # noqa: E731
+    assert rows[sft] and unscored(rows[sft]) == unscored(rows[d])
+    assert all(r["meta"]["scored_by"] == "rollout" for r in rows[d]) and summaries[d]["judge"]["samples"] > 0
+    assert len(_train_steps(d)) == 2 and all(s["dpo/tokens/weighted_chosen"] > 0 for s in _train_steps(d))
+    assert len([m for m in _metrics(sft) if "train_sft/loss" in m]) == 2
