@@ -20,6 +20,8 @@ Two different checks, on purpose:
 - `solvable(numbers, target)` (what a Monte-Carlo value estimates): can the target still be made
   from what is available. A valid line can make it unreachable (`doomed_steps`); the rule checker
   scores that line 1 and only the final answer line 0, so credit assignment has something to find.
+  `exact_values` are the solver's step values (`reward=solver`): exact credit, the bound on what any
+  estimate of it can do.
 
 Deterministic by seed. Every problem is generated from a random walk (its gold solution) and checked
 with the exhaustive solver `solve`; train, eval and pool questions are disjoint. Difficulty knobs: how
@@ -154,6 +156,22 @@ def doomed_steps(meta: dict, steps: list[str]) -> list[bool]:
         rest = remaining_after(meta["numbers"], steps[:i + 1], meta["ops"])
         out.append(rest is not None and not solvable(rest, meta["target"], meta["ops"]))
     return out
+
+
+def exact_values(meta: dict, steps: list[str]) -> list[float]:
+    """The solver's step values (what `reward=rollout`'s Monte-Carlo values estimate for a policy that plays
+    perfectly from each prefix): V_i = 1.0 while every line so far is valid and the target can still be made from
+    what is left (`solvable`), else 0.0, and 0.0 from then on; the answer line keeps 1.0 only when `check_steps`
+    finds it right. So the first 0 is the critical line: the first invalid line or the valid line that dooms."""
+    rule = check_steps(meta, steps)
+    values, alive = [], True
+    for i, s in enumerate(steps):
+        alive = alive and rule[i] == 1.0
+        if alive and STEP_RE.match(s):
+            rest = remaining_after(meta["numbers"], steps[:i + 1], meta["ops"])
+            alive = rest is not None and solvable(rest, meta["target"], meta["ops"])
+        values.append(1.0 if alive else 0.0)
+    return values
 
 
 def question_text(numbers: Sequence[int], target: int, ops: str) -> str:

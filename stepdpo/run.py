@@ -133,6 +133,9 @@ def setup(cfg: DictConfig, out: Path) -> Run:
     if cfg.trainer.rounds > 1 and uses_pairs and bundle.pairs is not None:
         raise ValueError(f"trainer.rounds={cfg.trainer.rounds}: rounds re-build pairs from the current policy, "
                          f"but dataset={cfg.dataset._target_} brings its own pairs; set trainer.rounds=1")
+    if hasattr(scorer, "check_problems"):  # a scorer that knows only some tasks (reward=solver: countdown)
+        scorer.check_problems([*bundle.train, *(bundle.pool or [])] if bundle.pairs is None else bundle.pairs,
+                              where=str(cfg.dataset.get("path") or f"dataset={cfg.dataset._target_}"))
     split = cfg.pairs.get("from_split", "train")
     if bundle.pairs is None:
         check_from_split(split, bundle.pool, dataset=cfg.dataset._target_.rsplit(".", 2)[-2])

@@ -91,6 +91,32 @@ def test_rule_flags_invalid_lines_but_not_dooming_ones():
     assert doomed_steps(meta, ["7 * 3 = 21", "21 + 25 = 46"]) == [False, False]
 
 
+def test_solver_values_drop_at_the_first_invalid_or_dooming_line():
+    """reward=solver: V_i = 1 while the lines so far are valid and the target reachable, then 0 for good; the
+    first 0 is the line a perfect critic blames (the rule checker blames the answer line of a doomed solution).
+    Checked against an independent brute force over what the lines leave."""
+    from stepdpo.arith import load as load_arith
+    from stepdpo.countdown import exact_values
+    from stepdpo.rewards.solver import SolverScorer
+
+    meta = {"kind": "countdown", "numbers": [3, 7, 25], "target": 46, "ops": "+-*"}
+    assert exact_values(meta, ["7 * 3 = 21", "21 + 25 = 46", "The answer is 46"]) == [1, 1, 1]
+    assert exact_values(meta, ["25 - 7 = 18", "18 * 3 = 54", "The answer is 54"]) == [0, 0, 0]  # doomed at line 1
+    assert exact_values(meta, ["7 * 3 = 21", "21 - 25 = 4"]) == [1, 0]  # below zero: invalid
+    assert exact_values(meta, ["7 * 3 = 22", "22 + 25 = 47"]) == [0, 0]  # wrong product
+    assert exact_values(meta, ["7 * 3 = 21", "21 + 25 = 46", "The answer is 45"]) == [1, 1, 0]
+    assert exact_values(meta, ["25 + 3 = 28", "28 + 7 = 35"]) == [0, 0]  # 28, 7 can't make 46
+    assert 46 not in brute_force_targets([28, 7], "+-*") and 46 in brute_force_targets([21, 25], "+-*")
+    scorer = SolverScorer()
+    (r,) = scorer.score([ScoreRequest("q", ("25 - 7 = 18", "18 * 3 = 54"), "46", tuple(meta.items()))])
+    assert r.scores == [0.0, 0.0] and r.prompt_value == 1.0 and r.first_error == 0
+    (bad,) = scorer.score([ScoreRequest("q", ("1 - 1 = 0",), "0", (("kind", "arith"),))])
+    assert bad.scores is None and "countdown" in bad.error
+    with pytest.raises(ValueError, match=r"dataset=x: reward=solver .* countdown problems only.*use dataset=countdown"):
+        scorer.check_problems(load_arith(n_train=3, n_eval=1).train, where="dataset=x")
+    scorer.check_problems(load(n_train=5, n_eval=1).train, where="dataset=countdown")
+
+
 def test_generated_problems_have_a_valid_step_that_dooms_them():
     b = load(n_train=100, n_eval=10, seed=5)
     found = 0
@@ -253,3 +279,13 @@ def test_maj_at_k_on_countdown_needs_a_valid_solution_behind_the_majority(monkey
     metrics, records = ev.math_accuracy(None, None, b.eval, maj_k=3)
     assert [r["maj_pred"] for r in records] == [p.answer, q.answer]
     assert [r["maj_correct"] for r in records] == [True, False] and metrics["maj@3"] == 0.5
+
+
+@pytest.mark.slow
+def test_solver_reward_is_refused_on_another_task_before_any_work(tmp_path):
+    from conftest import run_cli
+
+    proc, run_dir = run_cli(tmp_path, "reward=solver", "trainer=stepdpo", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "reward=solver knows exact step values for countdown problems only" in proc.stderr
+    assert not (run_dir / "base_model").exists() and not (run_dir / "eval_before.json").exists()
