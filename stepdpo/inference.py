@@ -198,6 +198,8 @@ class ServerBackend:
         return out
 
     async def _run(self, name: str, path: str, bodies: list[dict]) -> list[dict]:
+        from .rewards.llm_engine import FatalAPIError
+
         eng = self.engine
         async with eng._client() as client:  # the engine's client: its key handling, timeout, no SDK retries
             post = lambda route, body, cast=dict: eng._retrying(  # noqa: E731  (the engine's backoff policy)
@@ -211,10 +213,22 @@ class ServerBackend:
                         pass
                 self.loaded = name
                 self.adapters.prune()
-            gate = asyncio.Semaphore(eng.concurrency)
+            gate, reload = asyncio.Semaphore(eng.concurrency), asyncio.Lock()
+            reloaded = False
 
             async def one(body):
+                nonlocal reloaded
                 async with gate:
-                    return await post("/completions", body)
+                    try:
+                        return await post("/completions", body)
+                    except FatalAPIError as e:  # 404: the server forgot the adapter (restarted since it loaded it)
+                        if e.status != 404:
+                            raise
+                async with reload:  # load it again, once for every request that found it gone
+                    if not reloaded:
+                        await post("/load_lora_adapter", {"lora_name": name, "lora_path": path}, str)
+                        reloaded = True
+                async with gate:
+                    return await post("/completions", body)  # a second 404 is the server's answer: fatal
 
             return await asyncio.gather(*(one(b) for b in bodies))

@@ -156,6 +156,27 @@ def test_server_loads_the_adapter_and_samples_with_the_requested_parameters(poli
         assert len(fake.loads) == 2 and len(fake.completions) == 7 and fake.completions[-1]["model"] == "stepdpo-v2"
 
 
+def test_server_that_restarted_gets_the_adapter_again(policy):
+    """A server restarted mid-run has forgotten the adapter version the backend loaded (its weights unchanged, so the
+    backend would not load it again): its 404 for that model loads it once more, for all the requests that found
+    it gone, and they are answered. A model still unknown after the reload is fatal, as any 404."""
+    from stepdpo.rewards.llm_engine import FatalAPIError
+
+    model, tok = policy
+    with FakeLoraServer(tok, tok.eos_token_id) as fake:
+        backend = ServerBackend(base_url=fake.base_url, backoff_base=0.0, concurrency=1)
+        first = backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=8)
+        fake.adapters.clear()  # the restart
+        again = backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=8)
+        assert again == first and [b["lora_name"] for b in fake.loads] == ["stepdpo-v1", "stepdpo-v1"]
+        # 2, then 2 answered after one 404 (or two, when the second request got in before the reload)
+        assert len(fake.completions) in (5, 6) and {b["model"] for b in fake.completions} == {"stepdpo-v1"}
+        fake.faults += [404, 404]  # the model is unknown even after loading it again
+        with pytest.raises(FatalAPIError, match="HTTP 404"):
+            backend.generate(model, tok, PROMPTS[:1], max_new_tokens=8, batch_size=8)
+        assert len(fake.loads) == 3
+
+
 def test_prompt_seeds_keep_every_sample_stream_apart():
     """vLLM seeds sample j of a request seeded s with s + j: across the prompts of one call, and across calls whose
     seeds differ by 1 (the rollout scorer's), no two requests' [s, s + n) overlap."""

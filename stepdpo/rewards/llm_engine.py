@@ -76,6 +76,10 @@ class ParseError(ValueError):
 class FatalAPIError(ValueError):
     """A configuration error every request would hit (bad key, URL or model): stop the run."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status (401, 403, 404)
+
 
 @dataclass
 class LLMJob:
@@ -494,7 +498,7 @@ class LLMEngine:
                     raise FatalAPIError(
                         f"{self.base_url or 'api.openai.com'} answered HTTP {status} for model {self.model!r}: "
                         f"{FATAL_STATUS[status]} (key from {self._key_source}, variable {self.api_key_env}); "
-                        f"server said: {_snippet(e.message)}") from None
+                        f"server said: {_snippet(e.message)}", status) from None
                 reason = f"http_{status}"
                 if status not in RETRY_STATUS and status < 500:
                     raise _Failure(reason, _snippet(e.message)) from None
