@@ -117,7 +117,7 @@ class VLLMBackend:
 
     def __init__(self, *, base_model: str | None = None, adapter_dir: str | None = None, max_lora_rank: int = 64,
                  gpu_memory_utilization: float = 0.4, dtype: str = "auto", max_model_len: int | None = None,
-                 enforce_eager: bool = False, tensor_parallel_size: int = 1):
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, sleep: bool = False):
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -127,7 +127,9 @@ class VLLMBackend:
         self.adapters = AdapterVersions(adapter_dir, "generation")
         self.engine_kwargs = dict(enable_lora=True, max_lora_rank=max_lora_rank, dtype=dtype,
                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                  enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
+                                  enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                                  enable_sleep_mode=sleep)
+        self.sleep = sleep  # between calls the engine sleeps (level 1): training gets the GPU memory it held
         self.llm = None
 
     def generate(self, model, tokenizer, prompts, *, max_new_tokens, batch_size, do_sample=False, temperature=1.0,
@@ -137,6 +139,12 @@ class VLLMBackend:
 
         if self.llm is None:
             self.llm = LLM(model=base_model_of(model, self.base_model, "generation"), seed=seed, **self.engine_kwargs)
+        elif self.sleep:  # asleep since the last call: its weights come back from CPU RAM, its KV cache is re-made
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # blocks training freed but torch's allocator still holds
+            self.llm.wake_up()
         name, version, path = self.adapters.save(model)
         eos, stop = eos_ids(model, tokenizer), [s for s in (stop or []) if s]
         params = [SamplingParams(n=num_return_sequences, temperature=temperature if do_sample else 0.0,
@@ -146,6 +154,8 @@ class VLLMBackend:
         outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params,
                                  lora_request=LoRARequest(name, version, str(path)), use_tqdm=False)
         self.adapters.prune()  # served (vLLM keeps a loaded adapter in memory by its id)
+        if self.sleep:  # level 1: weights (LoRA slots too, allocated with them) to CPU RAM, the KV cache dropped
+            self.llm.sleep(level=1)
         return [[completion_from(tokenizer, c.text, c.token_ids, c.finish_reason, set(eos), stop) for c in o.outputs]
                 for o in outs]
 

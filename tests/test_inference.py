@@ -261,12 +261,24 @@ def test_vllm_backend_seeds_serves_and_prunes_adapter_versions(policy, monkeypat
     class FakeLLM:
         def __init__(self, model, seed, **kw):
             calls.append(("init", model, kw))
+            self.asleep = False
 
         def generate(self, prompts, params, lora_request, use_tqdm):
             assert Path(lora_request.lora_path, "adapter_config.json").exists()  # readable when served
+            assert not self.asleep, "generate() on a sleeping engine"
             calls.append(("generate", [p["prompt_token_ids"] for p in prompts], params, lora_request))
             return [NS(outputs=[NS(text=f"s{j}", token_ids=[], finish_reason="stop") for j in range(prm.n)])
                     for prm in params]
+
+        def sleep(self, level):
+            assert not self.asleep and level == 1  # level 2 would drop the weights (and the LoRA slots)
+            calls.append(("sleep",))
+            self.asleep = True
+
+        def wake_up(self):
+            assert self.asleep
+            calls.append(("wake_up",))
+            self.asleep = False
 
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = FakeLLM, lambda **kw: NS(**kw)
@@ -292,3 +304,12 @@ def test_vllm_backend_seeds_serves_and_prunes_adapter_versions(policy, monkeypat
         next(p for n_, p in model.named_parameters() if "lora_B" in n_).add_(1.0)
     backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=4)
     assert calls[-1][3].lora_int_id == 2 and sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["v2"]
+    assert not kw["enable_sleep_mode"] and not [c for c in calls if c[0] in ("sleep", "wake_up")]
+
+    # generation.sleep=true: the engine sleeps after every call and wakes before the next (training in between)
+    calls.clear()
+    backend = VLLMBackend(base_model="base-dir", adapter_dir=str(tmp_path / "ad2"), sleep=True)
+    for _ in range(3):
+        assert backend.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=4)[0][0].text == "s0"
+    assert calls[0][2]["enable_sleep_mode"] is True
+    assert [c[0] for c in calls[1:]] == ["generate", "sleep"] + ["wake_up", "generate", "sleep"] * 2
