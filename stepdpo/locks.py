@@ -1,6 +1,6 @@
 """Exclusive file locks, so that parallel sweep jobs that would compute the same cached file take turns.
 
-Used for the SFT warm-up cache and the reference log-prob cache. POSIX `flock`: the kernel drops the
+Used for the SFT warm-up cache, the pair cache and the reference log-prob cache. POSIX `flock`: the kernel drops the
 lock when its process dies, so a killed job never leaves a stale one.
 """
 
