@@ -7,7 +7,8 @@
     sft_warmup      full fine-tune on gold solutions (or a resumed / cached warm-up), saved as base_model
     attach_adapter  (re)load the base through 4-bit if asked, add LoRA: (policy, reference)
     evaluate        accuracy before training
-    build_pairs     one round of pairs: built (or the dataset's), validated, scored, written; every round
+    build_pairs     one round of pairs: built (or the dataset's, or pairs_cache_dir's), validated, scored,
+                    written; every round
     encode          pairs -> token-weighted examples (or SFT examples)
     preference_stage  the training loop (and later rounds' pairs, through build_pairs)
     finish          adapter, accuracy after, summary.json, table, plots
