@@ -18,23 +18,22 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from stepdpo.countdown import ANSWER_RE, check_steps, doomed_steps
+from stepdpo.countdown import ANSWER_RE, check_steps, exact_values
 from stepdpo.weights import advantage
 
 
 def classify(meta: dict, steps: list[str]) -> tuple[str, int | None]:
-    """("correct" | "invalid" | "doomed" | "other", the critical line): "doomed" when a valid line made the
-    target unreachable before any invalid line (reward=rule flags a later line, or only the answer line);
-    "invalid" when the first invalid line comes while the target is still reachable."""
-    scores = check_steps(meta, steps)
-    ops = steps[:-1] if steps and ANSWER_RE.match(steps[-1]) else steps
-    bad = next((i for i, s in enumerate(scores[:len(ops)]) if s < 1), None)
-    doom = next((i for i, d in enumerate(doomed_steps(meta, ops)) if d), None)  # None after an invalid line
-    if doom is not None:
-        return "doomed", doom
-    if bad is not None:
-        return "invalid", bad
-    return ("correct", None) if scores and all(s == 1 for s in scores) else ("other", None)
+    """("correct" | "invalid" | "doomed" | "other", the critical line): the first line whose exact value
+    (`countdown.exact_values`, reward=solver) is 0. "doomed" when that line is valid arithmetic that made the
+    target unreachable (reward=rule flags a later line, or only the answer line); "invalid" when it is an invalid
+    line while the target was still reachable; "other" when only the answer line is wrong."""
+    scores, values = check_steps(meta, steps), exact_values(meta, steps)
+    at = next((i for i, v in enumerate(values) if v < 1), None)
+    if at is None:
+        return ("correct", None) if scores else ("other", None)
+    if at == len(steps) - 1 and ANSWER_RE.match(steps[at]):
+        return "other", None
+    return ("doomed" if scores[at] == 1 else "invalid"), at
 
 
 def rollout_critical(value_before: float, rejected_scores: list[float]) -> int | None:
