@@ -151,11 +151,13 @@ class VLLMBackend:
                                  top_p=top_p if do_sample else 1.0, max_tokens=max_new_tokens, stop=stop or None,
                                  stop_token_ids=eos, seed=prompt_seed(seed, i, num_return_sequences))
                   for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params,
-                                 lora_request=LoRARequest(name, version, str(path)), use_tqdm=False)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params,
+                                     lora_request=LoRARequest(name, version, str(path)), use_tqdm=False)
+        finally:
+            if self.sleep:  # level 1: weights (LoRA slots too, allocated with them) to CPU RAM, the KV cache dropped
+                self.llm.sleep(level=1)
         self.adapters.prune()  # served (vLLM keeps a loaded adapter in memory by its id)
-        if self.sleep:  # level 1: weights (LoRA slots too, allocated with them) to CPU RAM, the KV cache dropped
-            self.llm.sleep(level=1)
         return [[completion_from(tokenizer, c.text, c.token_ids, c.finish_reason, set(eos), stop) for c in o.outputs]
                 for o in outs]
 
